@@ -1,0 +1,304 @@
+"""Typed settings, parsed once from ``params.yaml``.
+
+Every stage receives one of these frozen dataclasses and nothing reads YAML or the
+environment for settings anywhere else. The parser is strict on purpose: an unknown
+key, a wrong type or an out-of-range value is a ``DatasetDMError`` naming the file and
+the dotted key, because a silently ignored setting is worse than a crash.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from datasetdm.errors import DatasetDMError
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon")
+COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    """The procedural shapes world: what can appear in an image."""
+
+    image_size: int = 64
+    classes: tuple[str, ...] = ("circle", "square", "triangle", "star")
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+    max_objects: int = 3
+    min_size: float = 0.16  # object radius as a fraction of the image side
+    max_size: float = 0.28
+
+
+@dataclass(frozen=True)
+class RealConfig:
+    """The labelled "real" sets: K few-shot training images and a held-out test set."""
+
+    dir: str = "data/real"
+    num_train: int = 20
+    num_test: int = 200
+    train_seed: int = 1000
+    test_seed: int = 900000
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Which text-to-image model generates images and provides features."""
+
+    kind: Literal["toy"] = "toy"
+    path: str = "datasetdm/assets/toy-backbone"
+    steps: int = 20
+    guidance_scale: float = 3.0
+    feature_timestep: int = 100  # t at which features are read, for real and generated images
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Training the embedded toy backbone on the shapes world (``make pretrain``)."""
+
+    out: str = "models/toy-backbone"
+    # The backbone learns every shape the world can draw, including ones the labelled
+    # set never shows (open-vocabulary annotation needs the generator to know them).
+    classes: tuple[str, ...] = SHAPES
+    pool_size: int = 16000
+    # A step count, not a time budget, so the shipped checkpoint is reproducible
+    # (~15 min on 2 idle cores at batch 32).
+    steps: int = 1300
+    batch_size: int = 32
+    lr: float = 1e-3
+    ema_decay: float = 0.995
+    caption_dropout: float = 0.1
+    seed: int = 0
+    # architecture
+    patch_size: int = 4
+    block_out_channels: tuple[int, ...] = (64, 64, 64)
+    layers_per_block: int = 1
+    text_dim: int = 64
+    text_layers: int = 2
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """The perception decoder (P-Decoder) trained on K labelled real images."""
+
+    out: str = "models/decoder"
+    heads: tuple[str, ...] = ("semantic",)
+    channels: int = 64
+    image_skip: bool = True
+    steps: int = 400
+    batch_size: int = 8
+    lr: float = 2e-3
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PromptsConfig:
+    """Prompt expansion: classes x colours x counts x templates."""
+
+    out: str = "data/prompts.json"
+    num_prompts: int = 200
+    max_objects: int = 2
+    # "{objects}" is replaced by the caption; the toy backbone knows only world words.
+    templates: tuple[str, ...] = ("{objects}",)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    out: str = "data/generated"
+    num_samples: int = 300
+    batch_size: int = 16
+    shard_size: int = 64
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FilterConfig:
+    out: str = "data/filtered.json"
+    min_score: float = 0.5
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    out: str = "data/export"
+    grid_samples: int = 16
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    out: str = "metrics/decoder.json"
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    out: str = "reports/report.md"
+
+
+@dataclass(frozen=True)
+class Params:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    real: RealConfig = field(default_factory=RealConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    source: str = "params.yaml"  # where these were read from, for error messages
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("source")
+        return d
+
+
+# Range checks: dotted key -> (predicate, what it must be).
+_POSITIVE = (lambda v: v > 0, "must be > 0")
+_NON_NEGATIVE = (lambda v: v >= 0, "must be >= 0")
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "world.image_size": (lambda v: v >= 16 and v % 16 == 0, "must be a multiple of 16, at least 16"),
+    "world.max_objects": (lambda v: 1 <= v <= 6, "must be between 1 and 6"),
+    "world.min_size": (lambda v: 0.02 <= v <= 0.5, "must be between 0.02 and 0.5"),
+    "world.max_size": (lambda v: 0.02 <= v <= 0.5, "must be between 0.02 and 0.5"),
+    "world.classes": (lambda v: len(v) > 0 and len(set(v)) == len(v), "must be a non-empty list without repeats"),
+    "world.colours": (lambda v: len(v) > 0 and len(set(v)) == len(v), "must be a non-empty list without repeats"),
+    "real.num_train": _POSITIVE,
+    "real.num_test": _POSITIVE,
+    "backbone.steps": _POSITIVE,
+    "backbone.guidance_scale": _NON_NEGATIVE,
+    "backbone.feature_timestep": (lambda v: 0 <= v < 1000, "must be in [0, 1000)"),
+    "pretrain.steps": _POSITIVE,
+    "pretrain.batch_size": _POSITIVE,
+    "pretrain.lr": _POSITIVE,
+    "pretrain.caption_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "pretrain.pool_size": _POSITIVE,
+    "pretrain.ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "pretrain.patch_size": (lambda v: v in (1, 2, 4, 8), "must be 1, 2, 4 or 8"),
+    "pretrain.layers_per_block": _POSITIVE,
+    "pretrain.text_dim": _POSITIVE,
+    "pretrain.text_layers": _POSITIVE,
+    "decoder.heads": (lambda v: len(v) > 0 and set(v) <= {"semantic"}, "must be a non-empty list from [semantic]"),
+    "decoder.channels": _POSITIVE,
+    "decoder.steps": _POSITIVE,
+    "decoder.batch_size": _POSITIVE,
+    "decoder.lr": _POSITIVE,
+    "prompts.num_prompts": _POSITIVE,
+    "prompts.max_objects": (lambda v: 1 <= v <= 6, "must be between 1 and 6"),
+    "generate.num_samples": _POSITIVE,
+    "generate.batch_size": _POSITIVE,
+    "generate.shard_size": _POSITIVE,
+    "filter.min_score": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "export.grid_samples": _NON_NEGATIVE,
+}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; raise ``DatasetDMError`` on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetDMError(path, None, "file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark is not None else None
+        raise DatasetDMError(path, where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise DatasetDMError(path, None, "not UTF-8 text") from None
+    return params_from_dict(raw if raw is not None else {}, source=str(path))
+
+
+def params_from_dict(raw: Any, source: str = "params.yaml") -> Params:
+    """Build ``Params`` from a plain mapping (as parsed YAML), validating every key."""
+    params = _build(Params, raw, prefix="", source=source)
+    params = dataclasses.replace(params, source=source)
+    _check_cross_fields(params)
+    return params
+
+
+def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise DatasetDMError(source, prefix.rstrip(".") or "(top level)", f"must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = [k for k in raw if k not in fields]
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise DatasetDMError(source, key, f"unknown key (expected one of: {', '.join(fields)})")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{prefix}{name}"
+        values[name] = _coerce(hints[name], value, key, source)
+        if key in _CHECKS:
+            ok, what = _CHECKS[key]
+            if not ok(values[name]):
+                raise DatasetDMError(source, key, f"{what}, got {value!r}")
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=f"{key}.", source=source)
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise DatasetDMError(source, key, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(hint) if a is not Ellipsis}
+        if not isinstance(value, list):
+            raise DatasetDMError(source, key, f"must be a list, got {type(value).__name__}")
+        return tuple(_coerce(item, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        raise TypeError(f"unsupported config type {hint}")
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise DatasetDMError(source, key, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DatasetDMError(source, key, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DatasetDMError(source, key, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise DatasetDMError(source, key, f"must be a non-empty string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint}")
+
+
+def _check_cross_fields(p: Params) -> None:
+    s = p.source
+    for i, c in enumerate(p.world.classes):
+        if c not in SHAPES:
+            raise DatasetDMError(s, f"world.classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")
+    for i, c in enumerate(p.world.colours):
+        if c not in COLOURS:
+            raise DatasetDMError(s, f"world.colours[{i}]", f"unknown colour {c!r} (known: {', '.join(COLOURS)})")
+    for i, c in enumerate(p.pretrain.classes):
+        if c not in SHAPES:
+            raise DatasetDMError(s, f"pretrain.classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")
+    latent_channels = 3 * p.pretrain.patch_size**2
+    if p.pretrain.block_out_channels and p.pretrain.block_out_channels[0] < latent_channels:
+        # Narrower than the latent, the UNet cannot carry the noise through to predict it.
+        raise DatasetDMError(s, "pretrain.block_out_channels[0]", f"must be >= {latent_channels} (3 x patch_size^2 latent channels)")
+    if p.world.min_size > p.world.max_size:
+        raise DatasetDMError(s, "world.min_size", "must not exceed world.max_size")
+    for i, t in enumerate(p.prompts.templates):
+        if "{objects}" not in t:
+            raise DatasetDMError(s, f"prompts.templates[{i}]", "must contain {objects}")
+    if p.prompts.max_objects > p.world.max_objects:
+        raise DatasetDMError(s, "prompts.max_objects", "must not exceed world.max_objects")
