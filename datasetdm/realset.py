@@ -1,0 +1,400 @@
+"""Labelled "real" image sets in COCO layout: the K-shot training set and the test set.
+
+DatasetDM trains its perception decoder on a handful of labelled images and scores it
+on a held-out set. Here both are rendered from the shapes world, but users may bring
+their own labelled set instead, so the layout is plain COCO that other tools read::
+
+    <set>/annotations.json   COCO: images, categories, annotations (RLE, keypoints)
+    <set>/images/000000.png  RGB
+    <set>/masks/000000.png   semantic mask, VOC-style palette PNG (for people and tools)
+    <set>/depth/000000.png   16-bit greyscale, millimetres (``info.depth_scale``)
+
+The reader is therefore a boundary: every problem in a set is raised once as a
+one-line ``DatasetDMError`` naming the file and the field, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycocotools.mask as mask_util
+from PIL import Image
+
+from datasetdm.config import WorldConfig
+from datasetdm.errors import DatasetDMError
+from datasetdm.export.voc import voc_palette
+from datasetdm.io import atomic_path
+from datasetdm.worlds.shapes import KEYPOINT_NAMES, render_scene
+
+DEPTH_SCALE = 1000  # depth PNGs are uint16 millimetres; also recorded as info.depth_scale
+ANNOTATIONS = "annotations.json"
+# COCO's compressed RLE alphabet. pycocotools reads outside it without bounds checks
+# (a non-ASCII character corrupts the heap), so strings are checked before decoding.
+_RLE_ALPHABET = frozenset(chr(c) for c in range(48, 112))
+
+
+@dataclass
+class LabelledImage:
+    """One labelled image, as the decoder's training and evaluation code consume it."""
+
+    id: int
+    file_name: str  # relative to the set dir, e.g. "images/000000.png"
+    image: np.ndarray  # uint8 (H, W, 3)
+    caption: str
+    semantic: np.ndarray  # uint8 (H, W): 0 background, 1 + classes.index(name)
+    instance_masks: np.ndarray  # bool (N, H, W)
+    instance_classes: list[str]  # category name per instance
+    depth: np.ndarray | None  # float32 metres (H, W), None if the set has no depth
+    keypoints: list[np.ndarray]  # per instance (K, 3) float32 x, y, v (COCO visibility)
+
+
+def real_set_split_dirs(real_dir: str | Path) -> tuple[Path, Path]:
+    """The (train, test) set directories under ``real.dir``; one place decides the names."""
+    real_dir = Path(real_dir)
+    return real_dir / "train", real_dir / "test"
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+def write_real_set(world: WorldConfig, out_dir: str | Path, num: int, seed: int) -> None:
+    """Render ``num`` scenes (seeds ``seed .. seed+num-1``) and write them as one COCO set.
+
+    The whole directory is built beside ``out_dir`` and renamed over it at the end, so a
+    crash leaves the previous set (or nothing) in place, never a half-written one.
+    Instances that are fully occluded have no pixels to annotate and are left out of
+    ``annotations``; the caption still names them, because it describes the scene.
+    """
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    categories = [
+        {
+            "id": 1 + k,
+            "name": name,
+            "supercategory": "shape",
+            "keypoints": list(KEYPOINT_NAMES[name]),
+            # Star-shaped: every keypoint hangs off the centre (1-based, as COCO wants).
+            "skeleton": [[1, j] for j in range(2, len(KEYPOINT_NAMES[name]) + 1)],
+        }
+        for k, name in enumerate(world.classes)
+    ]
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
+    palette = voc_palette()
+    with atomic_path(out_dir) as tmp:
+        for sub in ("images", "masks", "depth"):
+            (tmp / sub).mkdir(parents=True)
+        for i in range(num):
+            scene = render_scene(world, seed + i)
+            name = f"{i:06d}.png"
+            height, width = scene.semantic.shape
+            # Files go straight into the temporary directory: its rename is the atomic step.
+            Image.fromarray(scene.image).save(tmp / "images" / name)
+            mask = Image.frombytes("P", (width, height), np.ascontiguousarray(scene.semantic).tobytes())
+            mask.putpalette(palette)
+            mask.save(tmp / "masks" / name)
+            depth_mm = np.clip(np.round(scene.depth.astype(np.float64) * DEPTH_SCALE), 0, 65535)
+            Image.frombytes("I;16", (width, height), depth_mm.astype("<u2").tobytes()).save(tmp / "depth" / name)
+            images.append({
+                "id": i,
+                "file_name": f"images/{name}",
+                "width": width,
+                "height": height,
+                "caption": scene.caption,
+                "depth_file": f"depth/{name}",
+            })
+            for obj, visible, kps in zip(scene.objects, scene.instances, scene.keypoints):
+                if not visible.any():
+                    continue
+                rle = mask_util.encode(np.asfortranarray(visible.astype(np.uint8)))
+                annotations.append({
+                    "id": len(annotations) + 1,  # COCOeval treats id 0 as "unmatched"
+                    "image_id": i,
+                    "category_id": 1 + world.classes.index(obj.shape),
+                    "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+                    "area": float(mask_util.area(rle)),
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                    "iscrowd": 0,
+                    "keypoints": [float(v) for v in kps.reshape(-1)],
+                    "num_keypoints": int((kps[:, 2] > 0).sum()),
+                    "depth": float(obj.depth),
+                })
+        coco = {
+            "info": {
+                "description": "datasetdm labelled set rendered from the shapes world",
+                "depth_scale": DEPTH_SCALE,
+                "world": dataclasses.asdict(world),
+                "seed": seed,
+                "num_images": num,
+            },
+            "images": images,
+            "categories": categories,
+            "annotations": annotations,
+        }
+        (tmp / ANNOTATIONS).write_text(json.dumps(coco, indent=1) + "\n", encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def load_real_set(set_dir: str | Path, classes: tuple[str, ...]) -> list[LabelledImage]:
+    """Read and validate a COCO-layout labelled set; raise ``DatasetDMError`` on any problem.
+
+    ``classes`` fixes the semantic ids (``1 + classes.index(name)``), whatever category
+    ids the file uses, so a user's set lines up with the world the decoder was built
+    for. Semantic masks are composed from the instance masks in annotation order (later
+    instances win where they overlap). ``iscrowd`` is not interpreted.
+    """
+    set_dir = Path(set_dir)
+    if not set_dir.is_dir():
+        raise DatasetDMError(set_dir, None, "labelled set directory not found")
+    src = set_dir / ANNOTATIONS
+    coco = _read_json(src)
+    images, categories, annotations = _check_structure(src, coco)
+    cat_by_id = _check_categories(src, categories, classes)
+    anns_by_image = _check_references(src, annotations, images, cat_by_id)
+
+    pixels = [_read_image(src, set_dir, i, entry) for i, entry in enumerate(images)]
+    for i, entry in enumerate(images):
+        if "caption" not in entry:
+            raise DatasetDMError(src, f"images[{i}].caption", "missing (every image needs its caption)")
+        if not isinstance(entry["caption"], str):
+            raise DatasetDMError(src, f"images[{i}].caption", f"must be a string, got {type(entry['caption']).__name__}")
+    masks: dict[int, np.ndarray] = {}
+    for i, entry in enumerate(images):
+        height, width = pixels[i].shape[:2]
+        for j in anns_by_image[entry["id"]]:
+            masks[j] = _decode_segmentation(src, f"annotations[{j}].segmentation", annotations[j]["segmentation"], height, width)
+    for i, entry in enumerate(images):
+        height, width = pixels[i].shape[:2]
+        for key, actual in (("width", width), ("height", height)):
+            if entry[key] != actual:
+                raise DatasetDMError(src, f"images[{i}].{key}",
+                                     f"is {entry[key]} but {entry['file_name']} is {width}x{height} (WxH)")
+    if not images:
+        raise DatasetDMError(src, "images", "empty: the set has no images")
+
+    depth_scale = _depth_scale(src, coco)
+    out = []
+    for i, entry in enumerate(images):
+        height, width = pixels[i].shape[:2]
+        ids = anns_by_image[entry["id"]]
+        inst = np.stack([masks[j] for j in ids]) if ids else np.zeros((0, height, width), dtype=bool)
+        names = [cat_by_id[annotations[j]["category_id"]]["name"] for j in ids]
+        semantic = np.zeros((height, width), dtype=np.uint8)
+        for mask, name in zip(inst, names):
+            semantic[mask] = 1 + classes.index(name)
+        out.append(LabelledImage(
+            id=entry["id"],
+            file_name=entry["file_name"],
+            image=pixels[i],
+            caption=entry["caption"],
+            semantic=semantic,
+            instance_masks=inst,
+            instance_classes=names,
+            depth=_read_depth(src, set_dir, i, entry, height, width, depth_scale),
+            keypoints=[_keypoints(annotations[j], cat_by_id[annotations[j]["category_id"]]) for j in ids],
+        ))
+    return out
+
+
+def _read_json(src: Path) -> Any:
+    if not src.is_file():
+        raise DatasetDMError(src, None, "file not found")
+    try:
+        return json.loads(src.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DatasetDMError(src, None, "not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise DatasetDMError(src, f"line {e.lineno}", f"not valid JSON ({e.msg}, column {e.colno})") from None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(src: Path, obj: dict[str, Any], key: str, where: str, check: Any, what: str) -> Any:
+    if key not in obj:
+        raise DatasetDMError(src, f"{where}.{key}", "missing")
+    if not check(obj[key]):
+        raise DatasetDMError(src, f"{where}.{key}", f"must be {what}, got {obj[key]!r}")
+    return obj[key]
+
+
+def _check_structure(src: Path, coco: Any) -> tuple[list[dict], list[dict], list[dict]]:
+    """Check that the file is a COCO dict whose entries have the fields we rely on."""
+    if not isinstance(coco, dict):
+        raise DatasetDMError(src, "(top level)",
+                             f"must be a COCO object with images, annotations and categories, got a JSON {type(coco).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if key not in coco:
+            raise DatasetDMError(src, key, "missing (a COCO file needs images, annotations and categories)")
+        if not isinstance(coco[key], list):
+            raise DatasetDMError(src, key, f"must be a list, got {type(coco[key]).__name__}")
+    positive = lambda v: _is_int(v) and v > 0  # noqa: E731
+    non_empty_str = lambda v: isinstance(v, str) and bool(v)  # noqa: E731
+    seen: set[int] = set()
+    for i, entry in enumerate(coco["images"]):
+        where = f"images[{i}]"
+        if not isinstance(entry, dict):
+            raise DatasetDMError(src, where, f"must be an object, got {type(entry).__name__}")
+        image_id = _require(src, entry, "id", where, _is_int, "an integer")
+        if image_id in seen:
+            raise DatasetDMError(src, f"{where}.id", f"duplicate image id {image_id}")
+        seen.add(image_id)
+        _require(src, entry, "file_name", where, non_empty_str, "a non-empty string")
+        _require(src, entry, "width", where, positive, "a positive integer")
+        _require(src, entry, "height", where, positive, "a positive integer")
+    seen = set()
+    for i, cat in enumerate(coco["categories"]):
+        where = f"categories[{i}]"
+        if not isinstance(cat, dict):
+            raise DatasetDMError(src, where, f"must be an object, got {type(cat).__name__}")
+        cat_id = _require(src, cat, "id", where, _is_int, "an integer")
+        if cat_id in seen:
+            raise DatasetDMError(src, f"{where}.id", f"duplicate category id {cat_id}")
+        seen.add(cat_id)
+        _require(src, cat, "name", where, non_empty_str, "a non-empty string")
+        if "keypoints" in cat:
+            _require(src, cat, "keypoints", where, lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                     "a list of names")
+    seen = set()
+    for i, ann in enumerate(coco["annotations"]):
+        where = f"annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise DatasetDMError(src, where, f"must be an object, got {type(ann).__name__}")
+        ann_id = _require(src, ann, "id", where, _is_int, "an integer")
+        if ann_id in seen:
+            raise DatasetDMError(src, f"{where}.id", f"duplicate annotation id {ann_id}")
+        seen.add(ann_id)
+        _require(src, ann, "image_id", where, _is_int, "an integer")
+        _require(src, ann, "category_id", where, _is_int, "an integer")
+        _require(src, ann, "segmentation", where, lambda v: isinstance(v, (dict, list)), "an RLE object or a list of polygons")
+        if "keypoints" in ann:
+            _require(src, ann, "keypoints", where, lambda v: isinstance(v, list) and len(v) % 3 == 0 and all(map(_is_number, v)),
+                     "a flat list of numbers x, y, v")
+    return coco["images"], coco["categories"], coco["annotations"]
+
+
+def _check_categories(src: Path, categories: list[dict], classes: tuple[str, ...]) -> dict[int, dict]:
+    for i, cat in enumerate(categories):
+        if cat["name"] not in classes:
+            raise DatasetDMError(src, f"categories[{i}].name", f"unknown category {cat['name']!r} (known: {', '.join(classes)})")
+    return {cat["id"]: cat for cat in categories}
+
+
+def _check_references(src: Path, annotations: list[dict], images: list[dict], cat_by_id: dict[int, dict]) -> dict[int, list[int]]:
+    """Check every annotation points at a real category and image; group them by image."""
+    by_image: dict[int, list[int]] = {entry["id"]: [] for entry in images}
+    for j, ann in enumerate(annotations):
+        cat = cat_by_id.get(ann["category_id"])
+        if cat is None:
+            raise DatasetDMError(src, f"annotations[{j}].category_id", f"unknown category id {ann['category_id']}")
+        if ann["image_id"] not in by_image:
+            raise DatasetDMError(src, f"annotations[{j}].image_id", f"unknown image id {ann['image_id']}")
+        if "keypoints" in ann and "keypoints" in cat and len(ann["keypoints"]) != 3 * len(cat["keypoints"]):
+            raise DatasetDMError(src, f"annotations[{j}].keypoints", f"has {len(ann['keypoints']) // 3} points "
+                                 f"but category {cat['name']!r} declares {len(cat['keypoints'])}")
+        by_image[ann["image_id"]].append(j)
+    return by_image
+
+
+def _read_image(src: Path, set_dir: Path, i: int, entry: dict[str, Any]) -> np.ndarray:
+    field = f"images[{i}].file_name"
+    path = set_dir / entry["file_name"]
+    if not path.is_file():
+        raise DatasetDMError(src, field, f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            try:
+                rgb = im.convert("RGB")
+            except (OSError, ValueError) as e:
+                raise DatasetDMError(src, field, f"{entry['file_name']} (mode {mode}) cannot be converted to RGB ({e})") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+        raise DatasetDMError(src, field, f"{entry['file_name']} is not a readable image ({e})") from None
+    return np.asarray(rgb, dtype=np.uint8).copy()
+
+
+def _decode_segmentation(src: Path, field: str, seg: Any, height: int, width: int) -> np.ndarray:
+    """Decode an RLE (compressed or not) or polygon segmentation to a bool (H, W) mask."""
+    if isinstance(seg, list):
+        if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_is_number, p)) for p in seg):
+            raise DatasetDMError(src, field,
+                                 "polygons must be a non-empty list of [x1, y1, x2, y2, ...] lists with at least 3 points")
+        return mask_util.decode(mask_util.merge(mask_util.frPyObjects(seg, height, width))).astype(bool)
+    size, counts = seg.get("size"), seg.get("counts")
+    if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s >= 0 for s in size)):
+        raise DatasetDMError(src, field, f"RLE size must be [height, width], got {size!r}")
+    if size != [height, width]:
+        raise DatasetDMError(src, field, f"mask size {size[0]}x{size[1]} differs from image size {height}x{width} (HxW)")
+    if isinstance(counts, list):
+        if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
+            raise DatasetDMError(src, field, f"uncompressed RLE counts must be non-negative integers summing to {height * width}")
+        rle = mask_util.frPyObjects({"size": size, "counts": counts}, height, width)
+    elif isinstance(counts, str):
+        if not set(counts) <= _RLE_ALPHABET:
+            raise DatasetDMError(src, field, "RLE counts contain characters outside COCO's RLE alphabet")
+        rle = {"size": size, "counts": counts.encode("ascii")}
+    else:
+        raise DatasetDMError(src, field, f"RLE counts must be a string or a list of integers, got {type(counts).__name__}")
+    try:
+        mask = mask_util.decode(rle)
+    except ValueError as e:
+        raise DatasetDMError(src, field, f"invalid RLE ({e})") from None
+    # pycocotools leaves pixels past a too-short RLE uninitialised: catch that here.
+    if mask.max(initial=0) > 1 or int(mask.sum()) != int(mask_util.area(rle)):
+        raise DatasetDMError(src, field, f"invalid RLE (counts do not cover {height}x{width} pixels)")
+    return mask.astype(bool)
+
+
+def _depth_scale(src: Path, coco: dict[str, Any]) -> float:
+    info = coco.get("info", {})
+    if not isinstance(info, dict):
+        raise DatasetDMError(src, "info", f"must be an object, got {type(info).__name__}")
+    scale = info.get("depth_scale", DEPTH_SCALE)
+    if not _is_number(scale) or scale <= 0:
+        raise DatasetDMError(src, "info.depth_scale", f"must be a positive number, got {scale!r}")
+    return float(scale)
+
+
+def _read_depth(src: Path, set_dir: Path, i: int, entry: dict[str, Any], height: int, width: int,
+                scale: float) -> np.ndarray | None:
+    if entry.get("depth_file") is None:
+        return None
+    field = f"images[{i}].depth_file"
+    if not isinstance(entry["depth_file"], str) or not entry["depth_file"]:
+        raise DatasetDMError(src, field, f"must be a non-empty string, got {entry['depth_file']!r}")
+    path = set_dir / entry["depth_file"]
+    if not path.is_file():
+        raise DatasetDMError(src, field, f"depth file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode, size, raw = im.mode, im.size, np.asarray(im)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DatasetDMError(src, field, f"{entry['depth_file']} is not a readable image ({e})") from None
+    # Older Pillows open 16-bit greyscale PNGs as "I". 8-bit depth is refused on purpose.
+    if mode not in ("I;16", "I;16B", "I"):
+        raise DatasetDMError(src, field, f"{entry['depth_file']} must be a 16-bit greyscale PNG, got mode {mode}")
+    if size != (width, height):
+        raise DatasetDMError(src, field, f"depth size {size[0]}x{size[1]} differs from image size {width}x{height} (WxH)")
+    return (raw.astype(np.float32) / np.float32(scale)).astype(np.float32)
+
+
+def _keypoints(ann: dict[str, Any], cat: dict[str, Any]) -> np.ndarray:
+    """(K, 3) float32; an annotation without keypoints gets all-unlabelled (v=0) points."""
+    if "keypoints" in ann:
+        return np.asarray(ann["keypoints"], dtype=np.float32).reshape(-1, 3)
+    return np.zeros((len(cat.get("keypoints", [])), 3), dtype=np.float32)
