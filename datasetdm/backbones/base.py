@@ -1,0 +1,67 @@
+"""The contract every backbone (toy, Stable Diffusion) fulfils.
+
+The decoder, generation, filtering and export code only ever see this interface, so
+swapping the embedded toy model for real Stable Diffusion is a params change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Features:
+    """What a backbone hands the P-Decoder for a batch of B images.
+
+    ``maps``: multi-scale UNet decoder-block features, coarse to fine, each (B, C_i, h_i, w_i).
+    ``attention``: cross-attention probability per prompt token, averaged over heads,
+    layers and resolutions, (B, T, h, w) at the finest attention resolution.
+    ``prompts``: the prompt of each image (to find which token is which word).
+    """
+
+    maps: list[torch.Tensor]
+    attention: torch.Tensor
+    prompts: list[str]
+
+    def select(self, index: slice | list[int]) -> "Features":
+        idx = list(range(len(self.prompts)))[index] if isinstance(index, slice) else index
+        return Features([m[idx] for m in self.maps], self.attention[idx], [self.prompts[i] for i in idx])
+
+    def to(self, device: torch.device | str) -> "Features":
+        return Features([m.to(device) for m in self.maps], self.attention.to(device), self.prompts)
+
+
+class Backbone(Protocol):
+    """A text-to-image diffusion model that can report where things are."""
+
+    name: str
+    image_size: int
+
+    def fingerprint(self) -> str:
+        """Content hash of the weights and config: recorded with every sample."""
+
+    def token_positions(self, prompt: str, word: str) -> list[int]:
+        """Token indices of ``word`` in ``prompt`` (to read its attention map)."""
+
+    def validate_prompt(self, prompt: str) -> None:
+        """Raise ``DatasetDMError`` if the prompt cannot be encoded."""
+
+    def sample(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int,
+        guidance_scale: float,
+        capture_timestep: int | None,
+    ) -> tuple[torch.Tensor, Features | None]:
+        """Generate images (B, 3, H, W) in [0, 1]; capture features at ``capture_timestep``.
+
+        Each image's initial noise comes from its own seed, so a sample does not depend
+        on which batch it was generated in.
+        """
+
+    def extract_features(self, images: torch.Tensor, prompts: list[str], timestep: int, seeds: list[int]) -> Features:
+        """Features of real images: encode, noise to ``timestep``, one UNet pass."""

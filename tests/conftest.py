@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny real components built from config (no trained weights needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from datasetdm.backbones.toy import ToyBackbone, toy_config
+from datasetdm.config import Params, params_from_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
+    """A params mapping that runs the whole factory in seconds."""
+    return {
+        "world": {"image_size": 32, "classes": ["circle", "square"], "colours": ["red", "blue"], "max_objects": 2},
+        "real": {"dir": str(tmp / "data/real"), "num_train": 4, "num_test": 4},
+        "backbone": {"path": str(backbone_path), "steps": 3, "guidance_scale": 2.0},
+        "decoder": {"out": str(tmp / "models/decoder"), "channels": 16, "steps": 6, "batch_size": 4},
+        "prompts": {"out": str(tmp / "data/prompts.json"), "num_prompts": 6},
+        "generate": {"out": str(tmp / "data/generated"), "num_samples": 6, "batch_size": 4, "shard_size": 4},
+        "filter": {"out": str(tmp / "data/filtered.json"), "min_score": 0.0},
+        "export": {"out": str(tmp / "data/export"), "grid_samples": 4},
+        "evaluate": {"out": str(tmp / "metrics/decoder.json")},
+        "report": {"out": str(tmp / "reports/report.md")},
+    }
+
+
+def build_tiny_backbone(image_size: int = 32) -> ToyBackbone:
+    torch.manual_seed(0)
+    return ToyBackbone.from_config(toy_config(image_size=image_size, patch_size=4, block_out_channels=(16, 32), text_dim=16, text_layers=1))
+
+
+@pytest.fixture(scope="session")
+def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("backbone") / "toy"
+    build_tiny_backbone().save(path)
+    return path
+
+
+@pytest.fixture
+def tiny_backbone(tiny_backbone_dir: Path) -> ToyBackbone:
+    return ToyBackbone.load(tiny_backbone_dir)
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path, tiny_backbone_dir: Path) -> Params:
+    return params_from_dict(tiny_raw(tmp_path, tiny_backbone_dir), source=str(tmp_path / "params.yaml"))
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path: Path, tiny_backbone_dir: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_raw(tmp_path, tiny_backbone_dir)))
+    return path
