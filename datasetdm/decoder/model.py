@@ -1,0 +1,106 @@
+"""The perception decoder (P-Decoder): one trunk over captured features, many heads.
+
+Trunk: an FPN over the UNet decoder maps (coarse to fine), the per-class attention
+maps joined at the finest feature resolution, then upsampling to image resolution.
+The generated image itself can be joined at full resolution (``image_skip``): UNet
+features live on a grid 4-8x coarser than the pixels, and the image supplies the
+exact edges a mask needs. Built from a plain config dict; saved as safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from datasetdm.decoder.heads import HEADS
+from datasetdm.errors import DatasetDMError
+from datasetdm.io import atomic_path
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "decoder.safetensors"
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(8, cout), nn.GELU())
+
+
+class PDecoder(nn.Module):
+    """config keys: map_channels (list, coarse->fine), classes (list), channels, image_skip, heads, image_size."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = dict(config)
+        d = int(config["channels"])
+        num_classes = len(config["classes"])
+        self.lateral = nn.ModuleList(nn.Conv2d(c, d, 1) for c in config["map_channels"])
+        self.smooth = nn.ModuleList(_block(d, d) for _ in config["map_channels"])
+        self.fuse = _block(d + num_classes, d)
+        self.up1 = _block(d, d // 2)
+        skip = 16 if config["image_skip"] else 0
+        self.stem = _block(3, skip) if skip else None
+        self.up2 = _block(d // 2 + skip, d // 2)
+        self.heads = nn.ModuleDict({name: HEADS[name](d // 2, num_classes) for name in config["heads"]})
+
+    def trunk(self, maps: list[torch.Tensor], attention: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = None
+        for lat, smooth, m in zip(self.lateral, self.smooth, maps):
+            y = lat(m)
+            if x is not None:
+                y = y + F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=False)
+            x = smooth(y)
+        assert x is not None
+        att = F.interpolate(attention, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.fuse(torch.cat([x, att], 1))
+        size = image.shape[-2:]
+        x = self.up1(F.interpolate(x, size=(size[0] // 2, size[1] // 2), mode="bilinear", align_corners=False))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        if self.stem is not None:
+            x = torch.cat([x, self.stem(image * 2 - 1)], 1)
+        return self.up2(x)
+
+    def forward(self, maps: list[torch.Tensor], attention: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        """maps: backbone features coarse->fine; attention: (B, C, h, w) per class; image: (B, 3, H, W) in [0, 1]."""
+        x = self.trunk(maps, attention, image)
+        return {name: head(x) for name, head in self.heads.items()}
+
+    # -- persistence ------------------------------------------------------------------
+    def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        with atomic_path(path) as tmp:
+            tmp.mkdir()
+            (tmp / CONFIG_FILE).write_text(json.dumps({**self.config, **(extra or {})}, indent=2) + "\n")
+            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp / WEIGHTS_FILE)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PDecoder":
+        path = Path(path)
+        cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not cfg_file.is_file() or not weights.is_file():
+            raise DatasetDMError(path, "decoder.out", f"no trained decoder here (need {CONFIG_FILE} and {WEIGHTS_FILE}); run the train-decoder stage")
+        try:
+            config = json.loads(cfg_file.read_text())
+            model = cls(config)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DatasetDMError(cfg_file, None, f"not a decoder config ({e})") from None
+        try:
+            state = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DatasetDMError(weights, None, f"not a readable safetensors file ({e})") from None
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise DatasetDMError(weights, None, f"weights do not match {CONFIG_FILE} (wrong architecture: {str(e).splitlines()[0]})") from None
+        return model.eval()
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.config, sort_keys=True).encode())
+        for k, v in sorted(self.state_dict().items()):
+            digest.update(k.encode())
+            digest.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()

@@ -1,0 +1,63 @@
+"""The P-Decoder: inputs, training, persistence, evaluation."""
+
+import numpy as np
+import pytest
+import torch
+
+from datasetdm.backbones.base import Features
+from datasetdm.decoder.inputs import class_attention, prompt_classes
+from datasetdm.decoder.model import PDecoder
+from datasetdm.decoder.train import predict_semantic, train_decoder
+from datasetdm.errors import DatasetDMError
+from datasetdm.evaluate.semantic import confusion_matrix, evaluate_semantic, iou_from_confusion
+from datasetdm.realset import load_real_set, write_real_set
+
+
+@pytest.fixture
+def labelled(tiny_params, tmp_path):
+    write_real_set(tiny_params.world, tmp_path / "set", 4, seed=7)
+    return load_real_set(tmp_path / "set", tiny_params.world.classes)
+
+
+def test_class_attention_picks_named_classes(tiny_backbone):
+    classes = ("circle", "square", "star")
+    att = torch.rand(2, 16, 4, 4)
+    feats = Features([], att, ["two red circles", "a blue square and a red circle"])
+    out = class_attention(feats, tiny_backbone, classes)
+    assert out.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(out[0, 0], att[0, 3] / att[0, 3].max())  # "circles" is token 3
+    assert out[0, 1].abs().sum() == 0 and out[0, 2].abs().sum() == 0
+    assert prompt_classes("a blue square and a red circle", tiny_backbone, classes) == ["circle", "square"]
+
+
+def test_training_lowers_the_loss_and_roundtrips(tiny_backbone, tiny_params, labelled, tmp_path):
+    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 25})
+    decoder, stats = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    assert np.isfinite(stats["final_loss"]) and stats["final_loss"] < stats["first_loss"]
+    decoder.save(tmp_path / "dec")
+    loaded = PDecoder.load(tmp_path / "dec")
+    assert loaded.fingerprint() == decoder.fingerprint()
+    images = torch.rand(2, 3, 32, 32)
+    feats = tiny_backbone.extract_features(images, ["a red circle", "a blue square"], 100, [1, 2])
+    probs = predict_semantic(loaded, tiny_backbone, feats, images, tiny_params.world.classes)
+    assert probs.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 32, 32))
+    metrics = evaluate_semantic(tiny_backbone, loaded, labelled, tiny_params.backbone)
+    assert 0 <= metrics["mIoU"] <= 1 and set(metrics["per_class_iou"]) == {"background", "circle", "square"}
+
+
+def test_miou_arithmetic():
+    target = np.array([[0, 1], [1, 2]])
+    pred = np.array([[0, 1], [2, 2]])
+    iou = iou_from_confusion(confusion_matrix(pred, target, 3))
+    np.testing.assert_allclose(iou, [1.0, 0.5, 0.5])
+
+
+def test_corrupt_decoder_checkpoint(tmp_path):
+    dec = PDecoder({"map_channels": [8], "classes": ["circle"], "channels": 16, "image_skip": False, "heads": ["semantic"], "image_size": 32})
+    dec.save(tmp_path / "dec")
+    (tmp_path / "dec" / "decoder.safetensors").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(DatasetDMError, match="decoder.safetensors: not a readable safetensors file"):
+        PDecoder.load(tmp_path / "dec")
+    with pytest.raises(DatasetDMError, match="decoder.out: no trained decoder here"):
+        PDecoder.load(tmp_path / "missing")
