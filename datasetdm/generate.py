@@ -1,0 +1,173 @@
+"""Annotated generation: images from prompts, labelled by the P-Decoder on the fly.
+
+Samples are planned up front (sample i gets prompt ``i mod P`` and its own seed), then
+generated in batches and written in shards. Each shard directory is written to a
+temporary name and renamed when complete, and a shard already on disk with the same
+plan is reused, so an interrupted run resumes where it stopped and never leaves a
+half-written shard. The manifest, written last, lists every shard with its hash.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from datasetdm.backbones.base import Backbone
+from datasetdm.config import BackboneConfig, GenerateConfig
+from datasetdm.decoder.inputs import class_attention, prompt_classes
+from datasetdm.decoder.model import PDecoder
+from datasetdm.decoder.train import predict_semantic
+from datasetdm.errors import DatasetDMError
+from datasetdm.filtering import quality_components
+from datasetdm.io import atomic_path, save_png, sha256_dir, write_json
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class PlannedSample:
+    index: int
+    prompt: str
+    seed: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.index:06d}"
+
+
+def plan_samples(prompts: list[str], cfg: GenerateConfig) -> list[PlannedSample]:
+    """Sample i: prompt i mod P, seed derived from (generate.seed, i) only."""
+    if not prompts:
+        raise DatasetDMError(None, "prompts", "no prompts to generate from")
+    return [PlannedSample(i, prompts[i % len(prompts)], cfg.seed * 1_000_003 + i) for i in range(cfg.num_samples)]
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetDMError(path, None, "prompts file not found; run the expand-prompts stage")
+    try:
+        data = json.loads(path.read_text())
+        prompts = [str(r["prompt"]) for r in data["prompts"]]
+    except json.JSONDecodeError as e:
+        raise DatasetDMError(path, f"line {e.lineno}", f"not valid JSON ({e.msg})") from None
+    except (KeyError, TypeError):
+        raise DatasetDMError(path, "prompts", "expected {\"prompts\": [{\"prompt\": ...}, ...]}") from None
+    return prompts
+
+
+def check_prompts(prompts: list[str], backbone: Backbone, classes: tuple[str, ...], source: str) -> None:
+    """Every prompt must encode and name at least one class the decoder labels."""
+    for i, p in enumerate(prompts):
+        try:
+            backbone.validate_prompt(p)
+        except DatasetDMError as e:
+            raise DatasetDMError(source, f"prompts[{i}]", e.message) from None
+        if not prompt_classes(p, backbone, classes):
+            raise DatasetDMError(source, f"prompts[{i}]", f"{p!r} names no class the decoder labels (classes: {', '.join(classes)})")
+
+
+def generate(backbone: Backbone, decoder: PDecoder, prompts: list[str], gen: GenerateConfig, bb: BackboneConfig,
+             out_dir: str | Path, prompts_source: str = "prompts") -> dict:
+    """Generate ``gen.num_samples`` annotated samples into ``out_dir``; return the manifest."""
+    out_dir = Path(out_dir)
+    classes = tuple(decoder.config["classes"])
+    check_prompts(prompts, backbone, classes, prompts_source)
+    plan = plan_samples(prompts, gen)
+    shards = [plan[i:i + gen.shard_size] for i in range(0, len(plan), gen.shard_size)]
+    provenance = {"backbone": backbone.fingerprint(), "decoder": decoder.fingerprint(), "scheduler": "DDIMScheduler",
+                  "steps": bb.steps, "guidance_scale": bb.guidance_scale, "feature_timestep": bb.feature_timestep}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = []
+    bar = tqdm(total=len(plan), desc="generate", unit="img", mininterval=2)
+    for k, shard in enumerate(shards):
+        name = f"shard-{k:05d}"
+        shard_dir = out_dir / name
+        if not _shard_matches(shard_dir, shard, provenance):
+            _write_shard(shard_dir, name, shard, backbone, decoder, classes, gen, bb, provenance)
+        bar.update(len(shard))
+        entries.append({"name": name, "sha256": sha256_dir(shard_dir), "num_samples": len(shard)})
+    bar.close()
+    for stale in out_dir.glob("shard-*"):
+        if stale.name not in {e["name"] for e in entries}:
+            shutil.rmtree(stale)
+    manifest = {"classes": list(classes), "image_size": backbone.image_size, **provenance, "num_samples": len(plan), "shards": entries}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _shard_matches(shard_dir: Path, shard: list[PlannedSample], provenance: dict) -> bool:
+    records_file = shard_dir / "records.json"
+    if not records_file.is_file():
+        return False
+    try:
+        records = json.loads(records_file.read_text())
+    except json.JSONDecodeError:
+        return False
+    want = [(s.id, s.prompt, s.seed) for s in shard]
+    have = [(r.get("id"), r.get("prompt"), r.get("seed")) for r in records]
+    same_models = all(r.get(k) == v for r in records for k, v in provenance.items())
+    return want == have and same_models and all((shard_dir / r["image"]).is_file() and (shard_dir / r["semantic"]).is_file() for r in records)
+
+
+def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], seeds: list[int], classes: tuple[str, ...],
+                   bb: BackboneConfig) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
+    """Generate one batch and annotate it: uint8 images (B, H, W, 3), labels (B, H, W), quality components.
+
+    This is all the work per sample that the factory adds to plain sampling; the
+    capture-overhead benchmark times exactly this function.
+    """
+    images, features = backbone.sample(prompts, seeds, bb.steps, bb.guidance_scale, capture_timestep=bb.feature_timestep)
+    assert features is not None
+    probs = predict_semantic(decoder, backbone, features, images, classes)
+    named = [[classes.index(c) for c in prompt_classes(p, backbone, classes)] for p in prompts]
+    quality = quality_components(probs, class_attention(features, backbone, classes), named)
+    labels = probs.argmax(1).to(torch.uint8).cpu().numpy()
+    pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return pixels, labels, quality
+
+
+def _write_shard(shard_dir: Path, name: str, shard: list[PlannedSample], backbone: Backbone, decoder: PDecoder,
+                 classes: tuple[str, ...], gen: GenerateConfig, bb: BackboneConfig, provenance: dict) -> None:
+    records = []
+    with atomic_path(shard_dir) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "semantic").mkdir()
+        for start in range(0, len(shard), gen.batch_size):
+            batch = shard[start:start + gen.batch_size]
+            pixels, labels, quality = annotate_batch(backbone, decoder, [s.prompt for s in batch], [s.seed for s in batch], classes, bb)
+            for s, img, lab, q in zip(batch, pixels, labels, quality):
+                save_png(tmp / "images" / f"{s.id}.png", img)
+                save_png(tmp / "semantic" / f"{s.id}.png", lab)
+                records.append({"id": s.id, "shard": name, "prompt": s.prompt, "seed": s.seed,
+                                "image": f"images/{s.id}.png", "semantic": f"semantic/{s.id}.png",
+                                **provenance, "quality": {k: round(v, 6) for k, v in q.items()}})
+        write_json(tmp / "records.json", records)
+
+
+def read_records(gen_dir: str | Path) -> list[dict]:
+    """All sample records of a generated set, in sample order (filtering reads these)."""
+    gen_dir = Path(gen_dir)
+    manifest_file = gen_dir / MANIFEST
+    if not manifest_file.is_file():
+        raise DatasetDMError(manifest_file, None, "not found; run the generate stage")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        records = []
+        for i, shard in enumerate(manifest["shards"]):
+            file = gen_dir / shard["name"] / "records.json"
+            try:
+                records += json.loads(file.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise DatasetDMError(file, None, f"unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise DatasetDMError(manifest_file, f"line {e.lineno}", f"not valid JSON ({e.msg})") from None
+    except (KeyError, TypeError):
+        raise DatasetDMError(manifest_file, "shards", "malformed manifest") from None
+    return records

@@ -1,0 +1,73 @@
+"""Generation in shards, resume, filtering and export on a tiny real backbone + decoder."""
+
+import json
+
+import pytest
+from pycocotools.coco import COCO
+
+from datasetdm import stages
+from datasetdm.errors import DatasetDMError
+from datasetdm.filtering import filter_samples, quality_score
+from datasetdm.generate import generate, plan_samples, read_records
+
+
+@pytest.fixture
+def trained(tiny_params):
+    stages.make_real_sets(tiny_params)
+    stages.train_decoder_stage(tiny_params)
+    stages.expand_prompts_stage(tiny_params)
+    return tiny_params
+
+
+def test_plan_is_per_sample(tiny_params):
+    plan = plan_samples(["a", "b"], tiny_params.generate)
+    assert [p.prompt for p in plan] == ["a", "b", "a", "b", "a", "b"]
+    assert len({p.seed for p in plan}) == 6
+
+
+def test_generate_filter_export(trained):
+    p = trained
+    out = stages.generate_stage(p)
+    assert out == {"num_samples": 6, "shards": 2}
+    records = read_records(p.generate.out)
+    assert [r["id"] for r in records] == [f"{i:06d}" for i in range(6)]
+    r = records[0]
+    for key in ("prompt", "seed", "backbone", "decoder", "scheduler", "steps", "guidance_scale", "quality"):
+        assert key in r
+    assert set(r["quality"]) == {"confidence", "classes", "agreement"}
+    assert all(0 <= v <= 1 for rec in records for v in rec["quality"].values())
+
+    stages.filter_stage(p)
+    stages.export_stage(p)
+    coco = COCO(f"{p.export.out}/annotations.json")
+    assert len(coco.getImgIds()) == 6
+    card = json.loads(open(f"{p.export.out}/dataset.json").read())
+    assert card["counts"]["kept"] == 6
+
+
+def test_resume_reuses_finished_shards(trained):
+    from pathlib import Path
+
+    p = trained
+    stages.generate_stage(p)
+    shard = Path(p.generate.out) / "shard-00000" / "records.json"
+    first = shard.stat().st_mtime_ns
+    stages.generate_stage(p)
+    assert shard.stat().st_mtime_ns == first
+
+
+def test_filter_threshold():
+    recs = [{"id": str(i), "shard": "s", "quality": {"confidence": q, "classes": q, "agreement": q}} for i, q in enumerate([0.2, 0.9])]
+    out = filter_samples(recs, 0.5)
+    assert [s["kept"] for s in out["samples"]] == [False, True]
+    assert out["kept"] == 1 and quality_score(recs[1]["quality"]) == pytest.approx(0.9)
+
+
+def test_prompt_with_unknown_word_names_the_file_and_index(trained, tiny_backbone):
+    from datasetdm.decoder.model import PDecoder
+    decoder = PDecoder.load(trained.decoder.out)
+    with pytest.raises(DatasetDMError, match=r"prompts.json: prompts\[1\]: unknown word 'dragon'"):
+        generate(tiny_backbone, decoder, ["a red circle", "a red dragon"], trained.generate, trained.backbone,
+                 trained.generate.out, prompts_source="prompts.json")
+    with pytest.raises(DatasetDMError, match=r"prompts\[0\]: .* names no class"):
+        generate(tiny_backbone, decoder, ["a red star"], trained.generate, trained.backbone, trained.generate.out, prompts_source="prompts.json")
