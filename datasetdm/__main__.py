@@ -1,0 +1,5 @@
+import sys
+
+from datasetdm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,40 @@
+"""``python -m datasetdm <stage> [--params params.yaml]``: one stage, one line of error.
+
+This is what ``dvc.yaml`` runs. User errors (``DatasetDMError``) print as a single
+line on stderr with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from datasetdm.config import load_params
+from datasetdm.errors import DatasetDMError
+
+
+def main(argv: list[str] | None = None) -> int:
+    from datasetdm import stages
+
+    commands = [*stages.STAGES, "pretrain"]
+    parser = argparse.ArgumentParser(prog="datasetdm", description="DatasetDM synthetic dataset factory")
+    parser.add_argument("stage", choices=commands)
+    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        if args.stage == "pretrain":
+            from datasetdm.backbones.pretrain import pretrain
+
+            result = pretrain(params)
+        else:
+            result = stages.STAGES[args.stage](params)
+    except DatasetDMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.stage}: {stages.summary(result)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The factory's stages as plain functions of ``Params``.
+
+One function per stage, each reading and writing the paths ``params.yaml`` names.
+The CLI (and so ``dvc.yaml``) and the Prefect tasks both call these, so the two
+ways of running the factory cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from datasetdm.backbones.base import Backbone
+from datasetdm.backbones.toy import ToyBackbone
+from datasetdm.config import Params
+from datasetdm.decoder.model import PDecoder
+from datasetdm.decoder.train import train_decoder
+from datasetdm.errors import DatasetDMError
+from datasetdm.evaluate.semantic import evaluate_semantic
+from datasetdm.export.dataset import export_dataset
+from datasetdm.filtering import filter_samples
+from datasetdm.generate import generate, load_prompts, read_records
+from datasetdm.io import write_json, write_text
+from datasetdm.report import render_report
+from datasetdm.prompts import expand_prompts
+from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
+
+
+def load_backbone(params: Params) -> Backbone:
+    """The backbone ``params.backbone`` names (only the embedded toy model so far)."""
+    torch.manual_seed(0)
+    return ToyBackbone.load(params.backbone.path, device=params.backbone.device)
+
+
+def make_real_sets(params: Params) -> dict:
+    """Render the labelled few-shot training set and the held-out test set."""
+    train_dir, test_dir = real_set_split_dirs(params.real.dir)
+    write_real_set(params.world, train_dir, params.real.num_train, params.real.train_seed)
+    write_real_set(params.world, test_dir, params.real.num_test, params.real.test_seed)
+    return {"train": params.real.num_train, "test": params.real.num_test}
+
+
+def train_decoder_stage(params: Params) -> dict:
+    backbone = load_backbone(params)
+    train_dir, _ = real_set_split_dirs(params.real.dir)
+    labelled = load_real_set(train_dir, params.world.classes)
+    decoder, stats = train_decoder(backbone, labelled, params.world.classes, params.decoder, params.backbone)
+    decoder.save(params.decoder.out, extra={"backbone": backbone.fingerprint(), "trained_on": len(labelled)})
+    return stats
+
+
+def expand_prompts_stage(params: Params) -> dict:
+    prompts = expand_prompts(params.world, params.prompts)
+    write_json(params.prompts.out, {"num_prompts": len(prompts), "prompts": prompts})
+    return {"num_prompts": len(prompts)}
+
+
+def load_decoder(params: Params, backbone: Backbone) -> PDecoder:
+    decoder = PDecoder.load(params.decoder.out)
+    trained_for = decoder.config.get("backbone")
+    if trained_for and trained_for != backbone.fingerprint():
+        raise DatasetDMError(Path(params.decoder.out) / "config.json", "backbone",
+                             "decoder was trained on features of a different backbone; re-run the train-decoder stage")
+    if tuple(decoder.config["classes"]) != params.world.classes:
+        raise DatasetDMError(Path(params.decoder.out) / "config.json", "classes",
+                             f"decoder labels {decoder.config['classes']} but world.classes is {list(params.world.classes)}; re-run train-decoder")
+    return decoder
+
+
+def generate_stage(params: Params) -> dict:
+    backbone = load_backbone(params)
+    decoder = load_decoder(params, backbone)
+    prompts = load_prompts(params.prompts.out)
+    manifest = generate(backbone, decoder, prompts, params.generate, params.backbone, params.generate.out, prompts_source=params.prompts.out)
+    return {"num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}
+
+
+def filter_stage(params: Params) -> dict:
+    result = filter_samples(read_records(params.generate.out), params.filter.min_score)
+    write_json(params.filter.out, result)
+    return {"kept": result["kept"], "dropped": result["dropped"]}
+
+
+def export_stage(params: Params) -> dict:
+    card = export_dataset(params.generate.out, params.filter.out, params.export.out, params.to_dict(), params.export.grid_samples)
+    return card["counts"]
+
+
+def evaluate_stage(params: Params) -> dict:
+    backbone = load_backbone(params)
+    decoder = load_decoder(params, backbone)
+    _, test_dir = real_set_split_dirs(params.real.dir)
+    metrics = {"semantic": evaluate_semantic(backbone, decoder, load_real_set(test_dir, params.world.classes), params.backbone)}
+    write_json(params.evaluate.out, metrics)
+    return metrics
+
+
+def report_stage(params: Params) -> dict:
+    """A markdown run report: what was made, how good the annotator is, where things are."""
+    card = _read_json(Path(params.export.out) / "dataset.json")
+    metrics = _read_json(Path(params.evaluate.out))
+    text = render_report(card, metrics, params)
+    write_text(params.report.out, text)
+    return {"report": params.report.out}
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise DatasetDMError(path, None, "not found; run the stage that writes it first")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetDMError(path, f"line {e.lineno}", f"not valid JSON ({e.msg})") from None
+
+
+STAGES = {
+    "real-data": make_real_sets,
+    "train-decoder": train_decoder_stage,
+    "expand-prompts": expand_prompts_stage,
+    "generate": generate_stage,
+    "filter": filter_stage,
+    "export": export_stage,
+    "evaluate": evaluate_stage,
+    "report": report_stage,
+}
+
+
+def summary(result: dict) -> str:
+    return json.dumps(result, sort_keys=True)

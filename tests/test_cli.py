@@ -1,0 +1,77 @@
+"""The command line a user (and dvc.yaml) runs: stages chain, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "datasetdm", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda raw: raw["generate"].update(num_samples=-3), "generate.num_samples"),
+    (lambda raw: raw["world"].update(classes=["circle", "dodecahedron"]), "world.classes"),
+    (lambda raw: raw.update(genrate={"num_samples": 3}), "genrate"),
+    (lambda raw: raw["decoder"].update(lr="fast"), "decoder.lr"),
+])
+def test_bad_params_give_one_line_naming_the_key(tiny_params_file, edit, expected):
+    raw = yaml.safe_load(tiny_params_file.read_text())
+    edit(raw)
+    tiny_params_file.write_text(yaml.safe_dump(raw))
+    line = one_error_line(run_cli("expand-prompts", "--params", str(tiny_params_file)))
+    assert str(tiny_params_file) in line and expected in line
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("world: {image_size: 64\nreal: [")
+    line = one_error_line(run_cli("real-data", "--params", str(bad)))
+    assert str(bad) in line
+
+
+def test_missing_labelled_set_is_one_line_and_writes_nothing(tiny_params_file, tmp_path):
+    line = one_error_line(run_cli("train-decoder", "--params", str(tiny_params_file)))
+    assert "real" in line
+    assert not (tmp_path / "models").exists()
+
+
+def test_corrupt_labelled_set_keeps_the_old_decoder(tiny_params_file, tmp_path):
+    """A failed re-train must leave the decoder that was there untouched."""
+    for stage in ("real-data", "train-decoder"):
+        assert run_cli(stage, "--params", str(tiny_params_file)).returncode == 0
+    decoder_dir = tmp_path / "models/decoder"
+    before = {p.name: p.read_bytes() for p in decoder_dir.iterdir()}
+    annotations = tmp_path / "data/real/train/annotations.json"
+    annotations.write_text(annotations.read_text()[:200])  # truncated JSON
+    line = one_error_line(run_cli("train-decoder", "--params", str(tiny_params_file)))
+    assert "annotations.json" in line
+    assert {p.name: p.read_bytes() for p in decoder_dir.iterdir()} == before
+
+
+def test_unknown_class_in_a_prompt_names_the_prompt(tiny_params_file, tmp_path):
+    for stage in ("real-data", "train-decoder", "expand-prompts"):
+        assert run_cli(stage, "--params", str(tiny_params_file)).returncode == 0, stage
+    prompts_file = tmp_path / "data/prompts.json"
+    data = json.loads(prompts_file.read_text())
+    data["prompts"][1]["prompt"] = "a red dodecahedron"
+    prompts_file.write_text(json.dumps(data))
+    line = one_error_line(run_cli("generate", "--params", str(tiny_params_file)))
+    assert "prompts.json" in line and "dodecahedron" in line
+    assert not (tmp_path / "data/generated/manifest.json").exists()
