@@ -69,7 +69,7 @@ class PretrainConfig:
     pool_size: int = 16000
     # A step count, not a time budget, so the shipped checkpoint is reproducible
     # (~15 min on 2 idle cores at batch 32).
-    steps: int = 1300
+    steps: int = 3000
     batch_size: int = 32
     lr: float = 1e-3
     ema_decay: float = 0.995
