@@ -8,7 +8,14 @@ disagree when an annotation is likely wrong:
   classes the decoder finds (area >= ``MIN_AREA``): a named shape that is missing, or
   an unnamed one that appears, means the image or its mask is off;
 * ``agreement``   – mean IoU, over named classes, between the decoder's mask and the
-  class's cross-attention map thresholded at half its peak (DiffuMask-style mask).
+  class's cross-attention map thresholded at half its peak (DiffuMask-style mask);
+* ``area``        – mask-area sanity: for the smallest named class, its mask area over
+  ``OBJECT_AREA`` (capped at 1). A named object with (almost) no pixels is the one
+  failure the other three miss: a failed, noisy image gets a confident, all-background
+  mask, and a few stray pixels of the named class make ``classes`` look perfect.
+
+``area`` gates the score (multiplies the mean of the other three): seen in the
+first default run, where a pure-noise "a yellow triangle" scored 0.66 without it.
 
 The components are computed during generation (the probabilities are in memory
 there) and stored per sample; this module turns them into a score and a decision, so
@@ -22,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 MIN_AREA = 0.005  # fraction of pixels for a class to count as present
+OBJECT_AREA = 0.02  # a named object smaller than this fraction of the image is suspect
 ATTENTION_THRESHOLD = 0.5
 
 
@@ -43,6 +51,7 @@ def quality_components(probs: torch.Tensor, attention: torch.Tensor, named: list
         want = set(named[i])
         classes = len(found & want) / max(len(found | want), 1)
         ious = []
+        area = min((min(1.0, float(areas[c]) / OBJECT_AREA) for c in want), default=0.0)
         for c in want:
             pred = labels[i] == c + 1
             inter = (pred & att[i, c]).sum().item()
@@ -52,13 +61,15 @@ def quality_components(probs: torch.Tensor, attention: torch.Tensor, named: list
             "confidence": float(confidence[i]),
             "classes": float(classes),
             "agreement": float(np.mean(ious)) if ious else 0.0,
+            "area": area,
         })
     return out
 
 
 def quality_score(components: dict[str, float]) -> float:
-    """Mean of the components: each is in [0, 1] and none alone should veto a sample."""
-    return float(np.mean([components["confidence"], components["classes"], components["agreement"]]))
+    """Mean of confidence, classes and agreement (none alone vetoes), gated by area."""
+    mean = float(np.mean([components["confidence"], components["classes"], components["agreement"]]))
+    return mean * components.get("area", 1.0)
 
 
 def filter_samples(records: list[dict], min_score: float) -> dict:

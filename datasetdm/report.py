@@ -10,13 +10,14 @@ from datasetdm.config import Params
 
 def render_report(card: dict, metrics: dict, params: Params) -> str:
     counts = card.get("counts", {})
+    models = card.get("models", {})
     sem = metrics.get("semantic", {})
     here = Path(params.report.out).parent
     grid = os.path.relpath(Path(params.export.out) / "grid.png", here)
     lines = [
         "# datasetdm run report",
         "",
-        f"Backbone `{params.backbone.kind}` ({card.get('backbone', '?')[:12]}), decoder {card.get('decoder', '?')[:12]}, "
+        f"Backbone `{params.backbone.kind}` (sha256 {models.get('backbone', '?')[:12]}), decoder (sha256 {models.get('decoder', '?')[:12]}), "
         f"trained on K = {params.real.num_train} labelled real images.",
         "",
         "## Dataset",

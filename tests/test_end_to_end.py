@@ -33,7 +33,8 @@ def check_export(root: Path, num_samples: int) -> None:
     assert (export / "grid.png").stat().st_size > 0
     metrics = json.loads((root / "metrics/decoder.json").read_text())
     assert 0.0 <= metrics["semantic"]["mIoU"] <= 1.0
-    assert (root / "reports/report.md").read_text().startswith("#")
+    report = (root / "reports/report.md").read_text()
+    assert report.startswith("#") and card["models"]["backbone"][:12] in report and f"{metrics['semantic']['mIoU']:.3f}" in report
 
 
 def test_prefect_flow_runs_the_factory(tiny_params_file, tmp_path):

@@ -7,7 +7,9 @@ from pycocotools.coco import COCO
 
 from datasetdm import stages
 from datasetdm.errors import DatasetDMError
-from datasetdm.filtering import filter_samples, quality_score
+import torch
+
+from datasetdm.filtering import filter_samples, quality_components, quality_score
 from datasetdm.generate import generate, plan_samples, read_records
 
 
@@ -61,6 +63,20 @@ def test_filter_threshold():
     out = filter_samples(recs, 0.5)
     assert [s["kept"] for s in out["samples"]] == [False, True]
     assert out["kept"] == 1 and quality_score(recs[1]["quality"]) == pytest.approx(0.9)
+
+
+def test_a_missing_named_object_vetoes_the_sample():
+    """A confident all-background mask with a few stray pixels of the named class (a failed image)."""
+    probs = torch.zeros(2, 3, 64, 64)
+    probs[:, 0] = 0.99
+    probs[:, 1] = 0.01
+    probs[0, :, :5, :5] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # 25 px of class 0 = 0.6%
+    probs[1, :, :32, :32] = torch.tensor([0.0, 1.0, 0.0])[:, None, None]  # a quarter of the image
+    attention = torch.zeros(2, 2, 8, 8)
+    attention[:, 0, :4, :4] = 1.0
+    stray, real = quality_components(probs, attention, [[0], [0]])
+    assert stray["classes"] == 1.0 and stray["confidence"] > 0.9  # the signals that were fooled
+    assert quality_score(stray) < 0.5 <= quality_score(real)
 
 
 def test_prompt_with_unknown_word_names_the_file_and_index(trained, tiny_backbone):
