@@ -131,6 +131,17 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class CurateConfig:
+    """Curation in FiftyOne: tag low-quality and near-duplicate samples, export the rest."""
+
+    out: str = "data/curated"
+    min_quality: float = 0.55  # filter score below this: tagged "low_quality"
+    # Near duplicates: cosine distance between 16x16 thumbnails below this.
+    duplicate_threshold: float = 0.02
+    dataset_prefix: str = "datasetdm"  # FiftyOne dataset name: <prefix>-<card sha256[:12]>
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     out: str = "metrics/decoder.json"
 
@@ -151,6 +162,7 @@ class Params:
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     filter: FilterConfig = field(default_factory=FilterConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     source: str = "params.yaml"  # where these were read from, for error messages
@@ -198,6 +210,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "generate.shard_size": _POSITIVE,
     "filter.min_score": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "export.grid_samples": _NON_NEGATIVE,
+    "curate.min_quality": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "curate.duplicate_threshold": (lambda v: 0 <= v <= 2, "must be in [0, 2] (cosine distance)"),
 }
 
 
