@@ -36,7 +36,7 @@ def test_generate_filter_export(trained):
     r = records[0]
     for key in ("prompt", "seed", "backbone", "decoder", "scheduler", "steps", "guidance_scale", "quality"):
         assert key in r
-    assert set(r["quality"]) == {"confidence", "classes", "agreement"}
+    assert set(r["quality"]) == {"confidence", "classes", "agreement", "area"}
     assert all(0 <= v <= 1 for rec in records for v in rec["quality"].values())
 
     stages.filter_stage(p)
