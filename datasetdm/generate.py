@@ -171,3 +171,50 @@ def read_records(gen_dir: str | Path) -> list[dict]:
     except (KeyError, TypeError):
         raise DatasetDMError(manifest_file, "shards", "malformed manifest") from None
     return records
+
+
+# Sharded generation for orchestrators: each shard is an independent unit of work that
+# any worker can make (a sample's pixels depend only on its prompt and seed), and the
+# manifest is written once every shard exists. ``generate`` above is the same thing in
+# one process; both give byte-identical shards and manifests.
+
+def shard_plan(prompts: list[str], gen: GenerateConfig) -> list[list[PlannedSample]]:
+    """The plan cut into shards of ``gen.shard_size`` samples, in sample order."""
+    plan = plan_samples(prompts, gen)
+    return [plan[i:i + gen.shard_size] for i in range(0, len(plan), gen.shard_size)]
+
+
+def generation_provenance(backbone: Backbone, decoder: PDecoder, bb: BackboneConfig) -> dict:
+    """What every record and the manifest carry about the models and sampler."""
+    return {"backbone": backbone.fingerprint(), "decoder": decoder.fingerprint(), "scheduler": "DDIMScheduler",
+            "steps": bb.steps, "guidance_scale": bb.guidance_scale, "feature_timestep": bb.feature_timestep}
+
+
+def generate_shard(backbone: Backbone, decoder: PDecoder, prompts: list[str], gen: GenerateConfig, bb: BackboneConfig,
+                   out_dir: str | Path, k: int) -> dict:
+    """Make shard ``k`` of the plan in ``out_dir`` (reused if already complete); return its manifest entry."""
+    shards = shard_plan(prompts, gen)
+    if not 0 <= k < len(shards):
+        raise DatasetDMError(None, "shard", f"shard {k} does not exist (the plan has {len(shards)} shards)")
+    classes = tuple(decoder.config["classes"])
+    provenance = generation_provenance(backbone, decoder, bb)
+    name = f"shard-{k:05d}"
+    shard_dir = Path(out_dir) / name
+    if not _shard_matches(shard_dir, shards[k], provenance):
+        _write_shard(shard_dir, name, shards[k], backbone, decoder, classes, gen, bb, provenance)
+    return {"name": name, "sha256": sha256_dir(shard_dir), "num_samples": len(shards[k])}
+
+
+def write_manifest(out_dir: str | Path, entries: list[dict], classes: tuple[str, ...], image_size: int,
+                   provenance: dict) -> dict:
+    """Write the manifest over ``entries`` (in shard order) and drop shards not listed."""
+    out_dir = Path(out_dir)
+    names = {e["name"] for e in entries}
+    _discard_leftovers(out_dir)
+    for stale in out_dir.glob("shard-*"):
+        if stale.name not in names:
+            shutil.rmtree(stale)
+    manifest = {"classes": list(classes), "image_size": image_size, **provenance,
+                "num_samples": sum(e["num_samples"] for e in entries), "shards": entries}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest

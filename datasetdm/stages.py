@@ -88,6 +88,14 @@ def export_stage(params: Params) -> dict:
     return card["counts"]
 
 
+def curate_stage(params: Params) -> dict:
+    """Load the export into FiftyOne, tag low-quality and near-duplicate samples, export the rest."""
+    from datasetdm.curate import curate  # FiftyOne starts its database on import; only this stage needs it
+
+    summary = curate(params.export.out, params.curate)
+    return {"dataset": summary["fiftyone_dataset"], **summary["counts"]}
+
+
 def evaluate_stage(params: Params) -> dict:
     backbone = load_backbone(params)
     decoder = load_decoder(params, backbone)
@@ -122,6 +130,7 @@ STAGES = {
     "generate": generate_stage,
     "filter": filter_stage,
     "export": export_stage,
+    "curate": curate_stage,
     "evaluate": evaluate_stage,
     "report": report_stage,
 }

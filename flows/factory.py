@@ -1,8 +1,10 @@
-"""The factory flow: few-shot decoder -> prompts -> generation -> filter -> export.
+"""The factory flow: few-shot decoder -> prompts -> generation -> filter -> export -> curate.
 
 Run it in-process with ``python -m flows.factory [params.yaml]`` (Prefect starts a
-temporary local server) or as a deployment. ``params.yaml`` is parsed once, here,
-and the typed ``Params`` go to every task.
+temporary local server) or as the ``factory/default`` deployment (``prefect.yaml``).
+``params.yaml`` is parsed once, here, and the typed ``Params`` go to every task. Each
+stage task is cached on its params and input hashes, so a re-run skips finished work;
+the run ends with a markdown artifact holding the report and metrics.
 """
 
 from __future__ import annotations
@@ -24,10 +26,12 @@ def factory(params_path: str = "params.yaml") -> dict:
     generated = stages.generate(params, wait_for=[decoder, prompts])
     kept = stages.filter_samples(params, wait_for=[generated])
     exported = stages.export(params, wait_for=[kept])
+    curated = stages.curate(params, wait_for=[exported])
     metrics = stages.evaluate(params, wait_for=[decoder])
     stages.report(params, wait_for=[exported, metrics])
     summary = {"real": real, "decoder": decoder, "prompts": prompts, "generated": generated,
-               "filtered": kept, "exported": exported, "mIoU": metrics["semantic"]["mIoU"]}
+               "filtered": kept, "exported": exported, "curated": curated, "mIoU": metrics["semantic"]["mIoU"]}
+    stages.publish_report(params, summary)
     print(summary)
     return summary
 

@@ -25,6 +25,7 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
         "generate": {"out": str(tmp / "data/generated"), "num_samples": 6, "batch_size": 4, "shard_size": 4},
         "filter": {"out": str(tmp / "data/filtered.json"), "min_score": 0.0},
         "export": {"out": str(tmp / "data/export"), "grid_samples": 4},
+        "curate": {"out": str(tmp / "data/curated")},
         "evaluate": {"out": str(tmp / "metrics/decoder.json")},
         "report": {"out": str(tmp / "reports/report.md")},
     }

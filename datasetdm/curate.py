@@ -1,0 +1,153 @@
+"""Curation in FiftyOne: browse an export, tag what should not ship, export the rest.
+
+An exported dataset (``data/export``) is loaded into a *persistent* FiftyOne dataset,
+one per export version (named from the dataset card's hash, so two versions never
+overwrite each other and the app can show any of them), with
+
+* ``ground_truth``: the COCO annotations as detections with masks (FiftyOne's COCO
+  importer, RLE decoded by FiftyOne),
+* ``semantic``: the VOC mask as a FiftyOne segmentation (class ids, with mask targets),
+* ``quality``, ``prompt``, ``seed``, ``sample_id``: from the export's image entries,
+* ``uniqueness``: FiftyOne Brain's uniqueness over thumbnail embeddings.
+
+Samples whose filter score is below ``curate.min_quality`` are tagged ``low_quality``;
+FiftyOne Brain's near-duplicate search tags all but the first of each group
+``duplicate``. The curated export in ``curate.out`` has the export's layout
+(``images/``, ``masks/``, ``annotations.json``) without the tagged samples, plus
+``curation.json`` (counts, thresholds, the FiftyOne dataset name, what was dropped).
+
+Embeddings are 16x16 thumbnails, not a pretrained network: nothing can be downloaded
+here, and for 64x64 synthetic images pixel similarity is what "near duplicate" means.
+FiftyOne reads its database settings from its own ``FIFTYONE_*`` environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from datasetdm.config import CurateConfig
+from datasetdm.errors import DatasetDMError
+from datasetdm.io import atomic_path, sha256_file, write_json
+
+LOW_QUALITY = "low_quality"
+DUPLICATE = "duplicate"
+THUMBNAIL = 16
+
+
+def dataset_name(export_dir: str | Path, prefix: str) -> str:
+    """``<prefix>-<sha256 of dataset.json, 12 hex>``: one FiftyOne dataset per export version."""
+    card = Path(export_dir) / "dataset.json"
+    if not card.is_file():
+        raise DatasetDMError(card, None, "not found; run the export stage")
+    return f"{prefix}-{sha256_file(card)[:12]}"
+
+
+def thumbnail_embeddings(paths: list[str]) -> np.ndarray:
+    """(N, 3*16*16) float32, each row mean-centred and unit length (cosine-ready)."""
+    rows = []
+    for p in paths:
+        with Image.open(p) as im:
+            small = np.asarray(im.convert("RGB").resize((THUMBNAIL, THUMBNAIL), Image.Resampling.BILINEAR), np.float32)
+        v = small.ravel() / 255.0
+        v = v - v.mean()
+        rows.append(v / max(float(np.linalg.norm(v)), 1e-8))
+    return np.stack(rows) if rows else np.zeros((0, 3 * THUMBNAIL**2), np.float32)
+
+
+def load_export(export_dir: str | Path, name: str, overwrite: bool = True):
+    """Load ``export_dir`` into the persistent FiftyOne dataset ``name`` and return it."""
+    import fiftyone as fo
+
+    export_dir = Path(export_dir).resolve()
+    ann_file = export_dir / "annotations.json"
+    if not ann_file.is_file():
+        raise DatasetDMError(ann_file, None, "not found; run the export stage")
+    coco = json.loads(ann_file.read_text())
+    if name in fo.list_datasets():
+        if not overwrite:
+            return fo.load_dataset(name)
+        fo.delete_dataset(name)
+    ds = fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, data_path=str(export_dir),
+                             labels_path=str(ann_file), label_types=["segmentations"], label_field="ground_truth",
+                             name=name, progress=False)
+    ds.persistent = True
+    classes = [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
+    ds.default_mask_targets = {0: "background", **{i: c for i, c in enumerate(classes, start=1)}}
+    ds.info = {"source": str(export_dir), "classes": classes, **coco.get("info", {})}
+    ds.save()
+    entries = {str(export_dir / im["file_name"]): im for im in coco["images"]}
+    for sample in ds.iter_samples(autosave=True, progress=False):
+        im = entries[sample.filepath]
+        with Image.open(export_dir / "masks" / f"{im['sample_id']}.png") as m:
+            mask = np.asarray(m, dtype=np.uint8)  # palette PNG: the indices are the class ids
+        sample["semantic"] = fo.Segmentation(mask=mask)
+        sample["quality"] = float(im["score"]) if im.get("score") is not None else None
+        sample["prompt"] = im["prompt"]
+        sample["seed"] = int(im["seed"])
+        sample["sample_id"] = im["sample_id"]
+    return ds
+
+
+def tag_samples(ds, cfg: CurateConfig) -> dict[str, int]:
+    """Compute uniqueness and near duplicates; tag low-quality and duplicate samples."""
+    import fiftyone.brain as fob
+    from fiftyone import ViewField as F
+
+    ds.untag_samples([LOW_QUALITY, DUPLICATE])
+    if len(ds) == 0:
+        return {LOW_QUALITY: 0, DUPLICATE: 0}
+    ds = ds.sort_by("sample_id")
+    embeddings = thumbnail_embeddings(ds.values("filepath"))
+    if len(ds) > 1:
+        fob.compute_uniqueness(ds, embeddings=embeddings, progress=False)
+        index = fob.compute_near_duplicates(ds, embeddings=embeddings, threshold=cfg.duplicate_threshold, progress=False)
+        duplicate_ids = list(index.duplicate_ids)
+    else:
+        ds.set_values("uniqueness", [1.0])
+        duplicate_ids = []
+    ds.select(duplicate_ids).tag_samples(DUPLICATE)
+    ds.match(F("quality") < cfg.min_quality).tag_samples(LOW_QUALITY)
+    return ds.count_sample_tags()
+
+
+def write_curated(ds, export_dir: str | Path, out_dir: str | Path, cfg: CurateConfig) -> dict[str, Any]:
+    """Write the untagged samples of ``ds`` in the export's layout; return the summary."""
+    export_dir = Path(export_dir)
+    coco = json.loads((export_dir / "annotations.json").read_text())
+    tagged = ds.match_tags([LOW_QUALITY, DUPLICATE])
+    dropped = {sid: tags for sid, tags in zip(tagged.values("sample_id"), tagged.values("tags"))}
+    keep_images = [im for im in coco["images"] if im["sample_id"] not in dropped]
+    keep_ids = {im["id"] for im in keep_images}
+    summary = {
+        "fiftyone_dataset": ds.name,
+        "source": str(export_dir),
+        "thresholds": {"min_quality": cfg.min_quality, "duplicate_threshold": cfg.duplicate_threshold},
+        "counts": {"exported": len(coco["images"]), "curated": len(keep_images),
+                   LOW_QUALITY: sum(LOW_QUALITY in t for t in dropped.values()),
+                   DUPLICATE: sum(DUPLICATE in t for t in dropped.values())},
+        "dropped": {sid: sorted(t) for sid, t in sorted(dropped.items())},
+    }
+    with atomic_path(out_dir) as tmp:
+        (tmp / "images").mkdir(parents=True)
+        (tmp / "masks").mkdir()
+        for im in keep_images:
+            shutil.copyfile(export_dir / im["file_name"], tmp / im["file_name"])
+            mask = f"masks/{im['sample_id']}.png"
+            shutil.copyfile(export_dir / mask, tmp / mask)
+        write_json(tmp / "annotations.json", {**coco, "images": keep_images,
+                                              "annotations": [a for a in coco["annotations"] if a["image_id"] in keep_ids]})
+        write_json(tmp / "curation.json", summary)
+    return summary
+
+
+def curate(export_dir: str | Path, cfg: CurateConfig) -> dict[str, Any]:
+    """Load, tag and write the curated export; the stage function."""
+    ds = load_export(export_dir, dataset_name(export_dir, cfg.dataset_prefix))
+    tag_samples(ds, cfg)
+    return write_curated(ds, export_dir, cfg.out, cfg)

@@ -1,0 +1,77 @@
+"""Production orchestration with Prefect: a real server, work pool, deployments and worker.
+
+``scripts/prefect_up.sh`` is started exactly as ``make serve`` starts it, but with a
+temporary PREFECT_HOME (SQLite database, result storage) and a free port, and always
+stopped again by ``scripts/prefect_down.sh``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def prefect_stack(tmp_path):
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_PORT": str(port),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "FIFTYONE_DATABASE_DIR": str(tmp_path / "fiftyone-db"), "FIFTYONE_DO_NOT_TRACK": "true",
+           "FIFTYONE_DATABASE_VALIDATION": "false", "PYTHON": sys.executable,
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    try:
+        up = subprocess.run([str(REPO / "scripts/prefect_up.sh")], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=400)
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield env
+    finally:
+        down = subprocess.run([str(REPO / "scripts/prefect_down.sh")], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=120)
+        print(down.stdout, down.stderr)
+        for name in ("server", "worker"):
+            log = tmp_path / "prefect-home/run" / f"{name}.log"
+            if log.is_file():
+                print(f"--- {name}.log (tail)\n" + "\n".join(log.read_text().splitlines()[-30:]))
+
+
+def prefect(env: dict, *args: str, timeout: int = 120) -> str:
+    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env={**env, "COLUMNS": "250"}, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_deployment_runs_the_factory_through_a_worker(prefect_stack, tiny_params_file, tmp_path):
+    env = prefect_stack
+    deployments = prefect(env, "deployment", "ls")
+    for name in ("factory/default", "factory/nightly-regeneration", "train-decoder/default", "expand-prompts/default",
+                 "generate/default", "filter/default", "export/default", "curate/default"):
+        assert name in deployments, deployments
+
+    prefect(env, "deployment", "run", "factory/default", "--param", f"params_path={tiny_params_file}",
+            "--watch", "--watch-timeout", "900", timeout=960)
+    runs = prefect(env, "flow-run", "ls")
+    assert "COMPLETED" in runs.upper(), runs
+    card = json.loads((tmp_path / "data/export/dataset.json").read_text())
+    assert card["counts"]["generated"] == 6
+    assert (tmp_path / "data/curated/curation.json").is_file()
+
+    schedule = prefect(env, "deployment", "inspect", "factory/nightly-regeneration")
+    assert "0 3 * * *" in schedule and "UTC" in schedule, schedule
