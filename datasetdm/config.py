@@ -50,12 +50,16 @@ class RealConfig:
 class BackboneConfig:
     """Which text-to-image model generates images and provides features."""
 
-    kind: Literal["toy"] = "toy"
-    path: str = "datasetdm/assets/toy-backbone"
+    kind: Literal["toy", "stable-diffusion"] = "toy"
+    path: str = "datasetdm/assets/toy-backbone"  # the toy backbone's folder (kind: toy)
+    model: str = ""  # kind stable-diffusion: a local diffusers pipeline folder, or a hub id already in the HF cache
     steps: int = 20
     guidance_scale: float = 3.0
     feature_timestep: int = 100  # t at which features are read, for real and generated images
     device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # stable-diffusion only
+    channels_last: bool = False  # stable-diffusion only
+    compile: bool = False  # stable-diffusion only: torch.compile the UNet
 
 
 @dataclass(frozen=True)
@@ -316,3 +320,11 @@ def _check_cross_fields(p: Params) -> None:
             raise DatasetDMError(s, f"prompts.templates[{i}]", "must contain {objects}")
     if p.prompts.max_objects > p.world.max_objects:
         raise DatasetDMError(s, "prompts.max_objects", "must not exceed world.max_objects")
+    if p.backbone.kind == "stable-diffusion" and not p.backbone.model:
+        raise DatasetDMError(s, "backbone.model", "kind stable-diffusion needs a model: a local diffusers pipeline folder or a cached hub id")
+    if p.backbone.kind == "toy":  # a setting the toy backbone would silently ignore is an error
+        sd_only = {"model": p.backbone.model != "", "dtype": p.backbone.dtype != "float32",
+                   "channels_last": p.backbone.channels_last, "compile": p.backbone.compile}
+        for key, set_ in sd_only.items():
+            if set_:
+                raise DatasetDMError(s, f"backbone.{key}", "applies to kind stable-diffusion only (backbone.kind is toy)")

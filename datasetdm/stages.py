@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from datasetdm.backbones.base import Backbone
+from datasetdm.backbones.sd import StableDiffusionBackbone
 from datasetdm.backbones.toy import ToyBackbone
 from datasetdm.config import Params
 from datasetdm.decoder.model import PDecoder
@@ -29,9 +30,13 @@ from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
 
 
 def load_backbone(params: Params) -> Backbone:
-    """The backbone ``params.backbone`` names (only the embedded toy model so far)."""
+    """The backbone ``params.backbone`` names: the embedded toy model or a local Stable Diffusion folder."""
     torch.manual_seed(0)
-    return ToyBackbone.load(params.backbone.path, device=params.backbone.device)
+    bb = params.backbone
+    if bb.kind == "stable-diffusion":
+        return StableDiffusionBackbone.load(bb.model, dtype=bb.dtype, device=bb.device, channels_last=bb.channels_last,
+                                            compile=bb.compile, source=params.source)
+    return ToyBackbone.load(bb.path, device=bb.device)
 
 
 def make_real_sets(params: Params) -> dict:
