@@ -39,6 +39,29 @@ browser:
 	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } || true
 	@command -v chromium >/dev/null 2>&1 || echo "note: chromium not installed (needs root and apt); the app screenshot test is skipped"
 
+## run: the whole factory on the embedded toy backbone (dvc repro), then the report
+run: setup
+	dvc repro
+	@echo; echo "dataset: data/export (annotations.json, masks/, dataset.json, grid.png)"; echo "report:  reports/report.md"; echo "metrics:"; dvc metrics show
+
+## flow: the same stages as one Prefect flow run (temporary local Prefect server)
+flow: setup
+	python -m flows.factory params.yaml
+
+## test: the whole suite, end-to-end tests included
+test: setup
+	python -m pytest -q
+
+test-fast: setup
+	python -m pytest -q -m "not slow"
+
+## pretrain: retrain the embedded toy backbone into models/toy-backbone (~15 min on 2 cores)
+pretrain: setup
+	python -m datasetdm pretrain
+
+bench: setup
+	python benchmarks/capture_overhead.py
+
 ## serve: local Prefect server (127.0.0.1:$(PREFECT_PORT), SQLite in .prefect/) + work pool + deployments + worker
 serve: setup
 	PREFECT_PORT=$(PREFECT_PORT) scripts/prefect_up.sh
