@@ -30,6 +30,9 @@ def render_report(card: dict, metrics: dict, params: Params) -> str:
         "",
         f"![sample grid]({grid})",
         "",
+        "Plots (filter score distribution and any other DVC plots): `make plots` renders them offline to "
+        "[plots/index.md](plots/index.md).",
+        "",
         "## P-Decoder quality on the held-out real set",
         "",
         f"{sem.get('num_images', '?')} held-out images, features from noised real images.",

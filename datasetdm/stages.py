@@ -89,7 +89,11 @@ def filter_stage(params: Params) -> dict:
 
 
 def export_stage(params: Params) -> dict:
-    card = export_dataset(params.generate.out, params.filter.out, params.export.out, params.to_dict(), params.export.grid_samples)
+    from datasetdm.provenance import repo_provenance
+
+    provenance = repo_provenance(".", deps=(params.generate.out, params.filter.out))
+    card = export_dataset(params.generate.out, params.filter.out, params.export.out, params.to_dict(), params.export.grid_samples,
+                          provenance=provenance)
     return card["counts"]
 
 

@@ -36,7 +36,7 @@ def class_histogram(label_counts: Sequence[np.ndarray], classes: Sequence[str]) 
 
 def build_card(*, classes: Sequence[str], image_size: int, generated: Sequence[dict], kept: Sequence[dict],
                label_counts: Sequence[np.ndarray], min_score: float | None, params: dict[str, Any],
-               backbone: str, decoder: str, files: dict[str, str]) -> dict[str, Any]:
+               backbone: str, decoder: str, files: dict[str, str], provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Assemble the card.
 
     generated: every generation record (``id``, ``prompt``, ``seed``, ``scheduler``,
@@ -67,4 +67,6 @@ def build_card(*, classes: Sequence[str], image_size: int, generated: Sequence[d
             "prompts": len({r["prompt"] for r in generated}),
         },
         "params": params,
+        # git revision and DVC remote/hashes of the inputs (datasetdm.provenance), if known
+        **({"provenance": provenance} if provenance is not None else {}),
     }

@@ -64,7 +64,7 @@ class Sample:
 
 
 def export_dataset(gen_dir: str | Path, filtered_json: str | Path, out_dir: str | Path, params_dict: dict[str, Any],
-                   grid_samples: int) -> dict[str, Any]:
+                   grid_samples: int, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export the kept samples of ``gen_dir`` to ``out_dir``; return the dataset card."""
     if grid_samples < 0:
         raise ValueError(f"grid_samples must be >= 0, got {grid_samples}")
@@ -106,7 +106,7 @@ def export_dataset(gen_dir: str | Path, filtered_json: str | Path, out_dir: str 
         card = build_card(classes=classes, image_size=manifest["image_size"], generated=[s.record for s in samples],
                           kept=[{"id": s.id, "score": s.score} for s in kept], label_counts=label_counts,
                           min_score=min_score, params=params_dict, backbone=manifest["backbone"],
-                          decoder=manifest["decoder"], files=files)
+                          decoder=manifest["decoder"], files=files, provenance=provenance)
         write_json(tmp / "dataset.json", card)
     return card
 
