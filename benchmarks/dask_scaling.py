@@ -38,7 +38,10 @@ def main() -> int:
         for workers in (1, 2):
             gen = dataclasses.replace(params.generate, num_samples=args.samples, shard_size=args.shard_size,
                                       out=str(Path(tmp) / f"gen-{workers}"))
-            raw = dataclasses.replace(params, generate=gen).to_dict()
+            # The user's params file with only the generate section changed (validated on load).
+            raw = yaml.safe_load(Path(args.params).read_text())
+            raw["generate"] = {**raw.get("generate", {}), "num_samples": gen.num_samples, "shard_size": gen.shard_size,
+                               "out": gen.out}
             path = Path(tmp) / f"params-{workers}.yaml"
             path.write_text(yaml.safe_dump(raw))
             t0 = time.perf_counter()
