@@ -9,6 +9,7 @@ the dotted key, because a silently ignored setting is worse than a crash.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class DecoderConfig:
     heads: tuple[str, ...] = ("semantic",)
     channels: int = 64
     image_skip: bool = True
+    views: int = 8  # dihedral views of each labelled image: 1 (as is), 2 (+ flip) or 8 (+ rotations)
     steps: int = 400
     batch_size: int = 8
     lr: float = 2e-3
@@ -151,6 +153,20 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class DownstreamConfig:
+    """Downstream uplift: one small segmenter trained on (a) the K real images, (b) the
+    synthetic export, (c) both; all evaluated on the held-out real set."""
+
+    out: str = "metrics/downstream.json"
+    plot: str = "metrics/downstream_plot.json"
+    steps: int = 600
+    batch_size: int = 32
+    lr: float = 0.003
+    width: int = 24
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     out: str = "reports/report.md"
 
@@ -168,6 +184,7 @@ class Params:
     export: ExportConfig = field(default_factory=ExportConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     source: str = "params.yaml"  # where these were read from, for error messages
 
@@ -200,10 +217,17 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "pretrain.ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "pretrain.patch_size": (lambda v: v in (1, 2, 4, 8), "must be 1, 2, 4 or 8"),
     "pretrain.layers_per_block": _POSITIVE,
+    "pretrain.block_out_channels": (lambda v: len(v) > 0 and all(c > 0 for c in v), "must be a non-empty list of positive widths"),
     "pretrain.text_dim": _POSITIVE,
     "pretrain.text_layers": _POSITIVE,
-    "decoder.heads": (lambda v: len(v) > 0 and set(v) <= {"semantic"}, "must be a non-empty list from [semantic]"),
+    "decoder.heads": (lambda v: "semantic" in v and set(v) <= {"semantic", "depth"} and len(set(v)) == len(v),
+                      "must list semantic, optionally depth, without repeats"),
     "decoder.channels": _POSITIVE,
+    "downstream.steps": _POSITIVE,
+    "downstream.batch_size": (lambda v: v >= 3, "must be >= 3 (a batch mixes sources)"),
+    "downstream.lr": _POSITIVE,
+    "downstream.width": _POSITIVE,
+    "decoder.views": (lambda v: v in (1, 2, 8), "must be 1, 2 or 8"),
     "decoder.steps": _POSITIVE,
     "decoder.batch_size": _POSITIVE,
     "decoder.lr": _POSITIVE,
@@ -290,6 +314,8 @@ def _coerce(hint: Any, value: Any, key: str, source: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise DatasetDMError(source, key, f"must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .inf / .nan pass every range check written as a comparison
+            raise DatasetDMError(source, key, f"must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str) or not value:

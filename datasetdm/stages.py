@@ -18,8 +18,10 @@ from datasetdm.backbones.toy import ToyBackbone
 from datasetdm.config import Params
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import train_decoder
+from datasetdm.downstream.data import from_export, from_labelled
+from datasetdm.downstream.segmenter import evaluate_segmenter, train_segmenter
 from datasetdm.errors import DatasetDMError
-from datasetdm.evaluate.semantic import evaluate_semantic
+from datasetdm.evaluate.semantic import evaluate_decoder
 from datasetdm.export.dataset import export_dataset
 from datasetdm.filtering import filter_samples
 from datasetdm.generate import generate, load_prompts, read_records
@@ -109,8 +111,28 @@ def evaluate_stage(params: Params) -> dict:
     backbone = load_backbone(params)
     decoder = load_decoder(params, backbone)
     _, test_dir = real_set_split_dirs(params.real.dir)
-    metrics = {"semantic": evaluate_semantic(backbone, decoder, load_real_set(test_dir, params.world.classes), params.backbone)}
+    metrics = evaluate_decoder(backbone, decoder, load_real_set(test_dir, params.world.classes), params.backbone)
     write_json(params.evaluate.out, metrics)
+    return metrics
+
+
+def downstream_stage(params: Params) -> dict:
+    """Train the same small segmenter on real, synthetic and real + synthetic data."""
+    cfg = params.downstream
+    train_dir, test_dir = real_set_split_dirs(params.real.dir)
+    real = from_labelled(load_real_set(train_dir, params.world.classes))
+    synthetic = from_export(params.export.out)
+    test = from_labelled(load_real_set(test_dir, params.world.classes))
+    num_labels = 1 + len(params.world.classes)
+    results = {}
+    for name, sources in (("real", [real]), ("synthetic", [synthetic]), ("real+synthetic", [real, synthetic])):
+        model = train_segmenter(sources, num_labels, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, cfg.width, desc=f"segmenter ({name})")
+        results[name] = evaluate_segmenter(model, test, num_labels)
+    metrics = {"semantic": {"num_real": len(real), "num_synthetic": len(synthetic), "num_test": len(test),
+                            **{f"mIoU_{name}": r["mIoU"] for name, r in results.items()},
+                            "uplift": results["real+synthetic"]["mIoU"] - results["real"]["mIoU"]}}
+    write_json(cfg.out, metrics)
+    write_json(cfg.plot, [{"task": "semantic", "training data": name, "mIoU": round(r["mIoU"], 4)} for name, r in results.items()])
     return metrics
 
 
@@ -118,7 +140,8 @@ def report_stage(params: Params) -> dict:
     """A markdown run report: what was made, how good the annotator is, where things are."""
     card = _read_json(Path(params.export.out) / "dataset.json")
     metrics = _read_json(Path(params.evaluate.out))
-    text = render_report(card, metrics, params)
+    downstream = _read_json(Path(params.downstream.out)) if Path(params.downstream.out).is_file() else None
+    text = render_report(card, metrics, params, downstream)
     write_text(params.report.out, text)
     return {"report": params.report.out}
 
@@ -141,6 +164,7 @@ STAGES = {
     "export": export_stage,
     "curate": curate_stage,
     "evaluate": evaluate_stage,
+    "downstream": downstream_stage,
     "report": report_stage,
 }
 

@@ -26,6 +26,8 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
         "filter": {"out": str(tmp / "data/filtered.json"), "min_score": 0.0},
         "export": {"out": str(tmp / "data/export"), "grid_samples": 4},
         "curate": {"out": str(tmp / "data/curated")},
+        "downstream": {"out": str(tmp / "metrics/downstream.json"), "plot": str(tmp / "metrics/downstream_plot.json"),
+                       "steps": 4, "batch_size": 4, "width": 8},
         "evaluate": {"out": str(tmp / "metrics/decoder.json")},
         "report": {"out": str(tmp / "reports/report.md")},
     }

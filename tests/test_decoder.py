@@ -7,9 +7,9 @@ import torch
 from datasetdm.backbones.base import Features
 from datasetdm.decoder.inputs import class_attention, prompt_classes
 from datasetdm.decoder.model import PDecoder
-from datasetdm.decoder.train import predict_semantic, train_decoder
+from datasetdm.decoder.train import predict, predict_semantic, train_decoder
 from datasetdm.errors import DatasetDMError
-from datasetdm.evaluate.semantic import confusion_matrix, evaluate_semantic, iou_from_confusion
+from datasetdm.evaluate.semantic import confusion_matrix, evaluate_decoder, iou_from_confusion
 from datasetdm.realset import load_real_set, write_real_set
 
 
@@ -42,8 +42,24 @@ def test_training_lowers_the_loss_and_roundtrips(tiny_backbone, tiny_params, lab
     probs = predict_semantic(loaded, tiny_backbone, feats, images, tiny_params.world.classes)
     assert probs.shape == (2, 3, 32, 32)
     torch.testing.assert_close(probs.sum(1), torch.ones(2, 32, 32))
-    metrics = evaluate_semantic(tiny_backbone, loaded, labelled, tiny_params.backbone)
-    assert 0 <= metrics["mIoU"] <= 1 and set(metrics["per_class_iou"]) == {"background", "circle", "square"}
+    # Only the classes a prompt names can win: "a red circle" never gets square pixels.
+    assert probs[0, 2].max() < 1e-3 and probs[1, 1].max() < 1e-3
+    metrics = evaluate_decoder(tiny_backbone, loaded, labelled, tiny_params.backbone)
+    for key in ("semantic", "semantic_unrestricted", "attention_only"):
+        assert 0 <= metrics[key]["mIoU"] <= 1 and set(metrics[key]["per_class_iou"]) == {"background", "circle", "square"}
+    assert "depth" not in metrics
+
+
+def test_depth_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled):
+    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 25, "heads": ("semantic", "depth")})
+    decoder, stats = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    assert np.isfinite(stats["final_loss"]) and stats["final_loss"] < stats["first_loss"]
+    images = torch.rand(2, 3, 32, 32)
+    feats = tiny_backbone.extract_features(images, ["a red circle", "a blue square"], 100, [1, 2])
+    out = predict(decoder, tiny_backbone, feats, images, tiny_params.world.classes)
+    assert out["depth"].shape == (2, 32, 32) and bool((out["depth"] > 0).all())
+    depth = evaluate_decoder(tiny_backbone, decoder, labelled, tiny_params.backbone)["depth"]
+    assert depth["abs_rel"] >= 0 and 0 <= depth["delta1"] <= 1 and np.isfinite(depth["rmse"])
 
 
 def test_miou_arithmetic():

@@ -75,7 +75,7 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
     dvc(root, "config", "core.analytics", "false")
 
     first = dvc(root, "repro")
-    assert {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate", "evaluate", "report"} <= stages_run(first)
+    assert {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate", "evaluate", "downstream", "report"} <= stages_run(first)
     check_export(root, 6)
 
     again = dvc(root, "repro")
@@ -84,5 +84,5 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
     raw["generate"]["num_samples"] = 5
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     third = dvc(root, "repro")
-    assert stages_run(third) == {"generate", "filter", "export", "curate", "report"}, third
+    assert stages_run(third) == {"generate", "filter", "export", "curate", "downstream", "report"}, third
     check_export(root, 5)

@@ -35,4 +35,33 @@ class SemanticHead(nn.Module):
         return ce + dice.mean()
 
 
-HEADS: dict[str, Callable[[int, int], nn.Module]] = {"semantic": SemanticHead}
+class DepthHead(nn.Module):
+    """Per-pixel metric depth (B, H, W) in metres, predicted as log-depth.
+
+    Log space makes the loss scale-aware in the way depth metrics are (AbsRel is a
+    ratio): an error of 10 cm matters more at 1 m than at 5 m.
+    """
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)[:, 0]  # log metres
+
+    @staticmethod
+    def loss(log_depth: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Scale-invariant log loss (Eigen et al., lambda 0.85) plus L1 on log depth for the absolute scale."""
+        valid = target > 0
+        d = (log_depth - target.clamp_min(1e-3).log())[valid]
+        if d.numel() == 0:
+            return log_depth.sum() * 0
+        silog = (d.pow(2).mean() - 0.85 * d.mean().pow(2)).clamp_min(0).sqrt()
+        return silog + d.abs().mean()
+
+    @staticmethod
+    def metres(log_depth: torch.Tensor) -> torch.Tensor:
+        return log_depth.exp()
+
+
+HEADS: dict[str, Callable[[int, int], nn.Module]] = {"semantic": SemanticHead, "depth": DepthHead}

@@ -35,3 +35,24 @@ def class_attention(features: Features, backbone: Backbone, classes: tuple[str, 
 def prompt_classes(prompt: str, backbone: Backbone, classes: tuple[str, ...]) -> list[str]:
     """The classes a prompt mentions, in vocabulary order."""
     return [name for name in classes if any(backbone.token_positions(prompt, w) for w in class_words(name))]
+
+
+def named_class_mask(prompts: list[str], backbone: Backbone, classes: tuple[str, ...]) -> torch.Tensor:
+    """(B, 1 + C) bool: background plus the classes each prompt names.
+
+    A generated image's prompt says which classes it should contain, so the decoder
+    only chooses among those (and background). The same restriction is used in
+    training, so the decoder spends its few labelled examples on telling *named*
+    classes apart rather than on ruling out absent ones.
+    """
+    mask = torch.zeros(len(prompts), 1 + len(classes), dtype=torch.bool)
+    mask[:, 0] = True
+    for i, prompt in enumerate(prompts):
+        for name in prompt_classes(prompt, backbone, classes):
+            mask[i, 1 + classes.index(name)] = True
+    return mask
+
+
+def restrict_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Push logits of classes outside ``mask`` (B, 1 + C) to a large negative value."""
+    return logits.masked_fill(~mask.to(logits.device)[:, :, None, None], -1e4)

@@ -5,6 +5,10 @@ timestep and passed once through the UNet with its caption (as DatasetDM does), 
 the decoder learns to map those features to labels. Features are computed once up
 front for several noise draws and both horizontal flips, so the loop itself is a
 few hundred cheap decoder steps.
+
+Augmentation uses the symmetries of the labels: shape classes do not change under
+flips and 90-degree rotations, so ``decoder.views`` = 8 gives eight views of each
+labelled image (the dihedral group), each with its own backbone features.
 """
 
 from __future__ import annotations
@@ -17,11 +21,17 @@ from tqdm import tqdm
 
 from datasetdm.backbones.base import Backbone, Features
 from datasetdm.config import BackboneConfig, DecoderConfig
-from datasetdm.decoder.inputs import class_attention
+from datasetdm.decoder.inputs import class_attention, named_class_mask, restrict_logits
 from datasetdm.decoder.model import PDecoder
 from datasetdm.realset import LabelledImage
 
-NOISE_DRAWS = 3  # feature samples per image and flip
+NOISE_DRAWS = 3  # feature samples per image and view
+
+
+def view(array: np.ndarray, v: int) -> np.ndarray:
+    """The v-th of the 8 dihedral views (rotate by 90 * (v // 2) degrees, then flip if v is odd) of an (H, W, ...) array."""
+    out = np.rot90(array, k=v // 2, axes=(0, 1))
+    return np.ascontiguousarray(out[:, ::-1] if v % 2 else out)
 
 
 def images_tensor(images: list[np.ndarray]) -> torch.Tensor:
@@ -41,28 +51,41 @@ def build_decoder(backbone_features: Features, classes: tuple[str, ...], cfg: De
     })
 
 
-def feature_bank(backbone: Backbone, labelled: list[LabelledImage], bb: BackboneConfig, classes: tuple[str, ...], batch_size: int = 16):
-    """Precompute (maps, class attention, image, semantic target) for every image x flip x noise draw."""
-    maps_all, att_all, img_all, tgt_all = [], [], [], []
-    items = [(x, flip, draw) for x in labelled for flip in (False, True) for draw in range(NOISE_DRAWS)]
+def feature_bank(backbone: Backbone, labelled: list[LabelledImage], bb: BackboneConfig, classes: tuple[str, ...], views: int = 2,
+                 batch_size: int = 16):
+    """Precompute (maps, class attention, named-class mask, image, targets) for every image x view x noise draw.
+
+    ``targets`` maps a head name to its labels: ``semantic`` (N, H, W) class ids and
+    ``depth`` (N, H, W) metres, 0 where unknown. Rotated views get no depth target:
+    the ground plane recedes *upwards* in every real image, and a rotated copy would
+    teach the decoder otherwise.
+    """
+    maps_all, att_all, mask_all, img_all, sem_all, depth_all = [], [], [], [], [], []
+    items = [(x, v, draw) for x in labelled for v in range(views) for draw in range(NOISE_DRAWS)]
     for start in tqdm(range(0, len(items), batch_size), desc="decoder features", unit="batch", mininterval=2):
         chunk = items[start:start + batch_size]
-        imgs = images_tensor([x.image[:, ::-1] if flip else x.image for x, flip, _ in chunk])
-        seeds = [x.id * 1000 + draw * 2 + int(flip) for x, flip, draw in chunk]
-        feats = backbone.extract_features(imgs, [x.caption for x, _, _ in chunk], bb.feature_timestep, seeds)
+        imgs = images_tensor([view(x.image, v) for x, v, _ in chunk])
+        prompts = [x.caption for x, _, _ in chunk]
+        seeds = [x.id * 1000 + draw * 8 + v for x, v, draw in chunk]
+        feats = backbone.extract_features(imgs, prompts, bb.feature_timestep, seeds)
         maps_all.append([m.cpu() for m in feats.maps])
         att_all.append(class_attention(feats, backbone, classes).cpu())
+        mask_all.append(named_class_mask(prompts, backbone, classes))
         img_all.append(imgs)
-        tgt_all.append(torch.from_numpy(np.stack([x.semantic[:, ::-1] if flip else x.semantic for x, flip, _ in chunk]).copy()))
+        sem_all.append(torch.from_numpy(np.stack([view(x.semantic, v) for x, v, _ in chunk])))
+        depth_all.append(torch.from_numpy(np.stack([
+            view(x.depth, v).astype(np.float32) if x.depth is not None and v < 2 else np.zeros(x.semantic.shape, np.float32)
+            for x, v, _ in chunk])))
     maps = [torch.cat([m[i] for m in maps_all]) for i in range(len(maps_all[0]))]
-    return maps, torch.cat(att_all), torch.cat(img_all), torch.cat(tgt_all)
+    targets = {"semantic": torch.cat(sem_all), "depth": torch.cat(depth_all)}
+    return maps, torch.cat(att_all), torch.cat(mask_all), torch.cat(img_all), targets
 
 
 def train_decoder(backbone: Backbone, labelled: list[LabelledImage], classes: tuple[str, ...], cfg: DecoderConfig, bb: BackboneConfig) -> tuple[PDecoder, dict[str, float]]:
     """Train a P-Decoder from scratch; returns the model (eval mode) and loss figures."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    maps, att, imgs, target = feature_bank(backbone, labelled, bb, classes)
+    maps, att, named, imgs, targets = feature_bank(backbone, labelled, bb, classes, cfg.views)
     probe = Features([m[:1] for m in maps], att[:1], [""])
     decoder = build_decoder(probe, classes, cfg, imgs.shape[-1]).train()
     opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -72,7 +95,8 @@ def train_decoder(backbone: Backbone, labelled: list[LabelledImage], classes: tu
             g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         idx = torch.from_numpy(rng.integers(0, len(imgs), size=cfg.batch_size))
         out = decoder([m[idx] for m in maps], att[idx], imgs[idx])
-        loss = sum(decoder.heads[name].loss(out[name], target[idx]) for name in out)
+        out["semantic"] = restrict_logits(out["semantic"], named[idx])
+        loss = sum(decoder.heads[name].loss(out[name], targets[name][idx]) for name in out)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -81,7 +105,25 @@ def train_decoder(backbone: Backbone, labelled: list[LabelledImage], classes: tu
 
 
 @torch.no_grad()
-def predict_semantic(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...]) -> torch.Tensor:
-    """Class probabilities (B, 1 + C, H, W) for images whose features were captured."""
+def predict_semantic(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...],
+                     restrict: bool = True) -> torch.Tensor:
+    """Class probabilities (B, 1 + C, H, W) for images whose features were captured.
+
+    With ``restrict`` (the default, as in training) only background and the classes
+    the prompt names can win.
+    """
+    logits = decoder(features.maps, class_attention(features, backbone, classes), images)["semantic"]
+    if restrict:
+        logits = restrict_logits(logits, named_class_mask(features.prompts, backbone, classes))
+    return logits.softmax(1)
+
+
+@torch.no_grad()
+def predict(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Every head's output in user units: ``semantic`` probabilities (restricted to the
+    prompt's classes) and, if the decoder has it, ``depth`` in metres."""
     out = decoder(features.maps, class_attention(features, backbone, classes), images)
-    return out["semantic"].softmax(1)
+    result = {"semantic": restrict_logits(out["semantic"], named_class_mask(features.prompts, backbone, classes)).softmax(1)}
+    if "depth" in out:
+        result["depth"] = out["depth"].exp()
+    return result

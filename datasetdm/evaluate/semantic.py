@@ -8,12 +8,16 @@ training (encode, noise to the feature timestep, one UNet pass with the caption)
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import BackboneConfig
 from datasetdm.decoder.model import PDecoder
-from datasetdm.decoder.train import images_tensor, predict_semantic
+from datasetdm.decoder.inputs import class_attention, named_class_mask, restrict_logits
+from datasetdm.decoder.train import images_tensor
+from datasetdm.evaluate.depth import DepthMetrics
 from datasetdm.realset import LabelledImage
 
 
@@ -31,18 +35,8 @@ def iou_from_confusion(conf: np.ndarray) -> np.ndarray:
         return np.where(union > 0, inter / union, np.nan)
 
 
-def evaluate_semantic(backbone: Backbone, decoder: PDecoder, test: list[LabelledImage], bb: BackboneConfig, batch_size: int = 16) -> dict:
+def semantic_metrics(conf: np.ndarray, classes: tuple[str, ...]) -> dict:
     """mIoU over background + classes (VOC convention), pixel accuracy and per-class IoU."""
-    classes = tuple(decoder.config["classes"])
-    n = 1 + len(classes)
-    conf = np.zeros((n, n), dtype=np.int64)
-    for start in tqdm(range(0, len(test), batch_size), desc="evaluate", unit="batch", mininterval=2):
-        chunk = test[start:start + batch_size]
-        images = images_tensor([x.image for x in chunk])
-        feats = backbone.extract_features(images, [x.caption for x in chunk], bb.feature_timestep, [10**9 + x.id for x in chunk])
-        pred = predict_semantic(decoder, backbone, feats, images, classes).argmax(1).cpu().numpy()
-        for p, x in zip(pred, chunk):
-            conf += confusion_matrix(p, x.semantic, n)
     iou = iou_from_confusion(conf)
     names = ["background", *classes]
     return {
@@ -50,5 +44,51 @@ def evaluate_semantic(backbone: Backbone, decoder: PDecoder, test: list[Labelled
         "mIoU_classes": float(np.nanmean(iou[1:])),
         "pixel_accuracy": float(np.diag(conf).sum() / conf.sum()),
         "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(names, iou)},
-        "num_images": len(test),
     }
+
+
+def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledImage], bb: BackboneConfig, batch_size: int = 16) -> dict:
+    """Every head of the decoder on held-out real images, plus two references.
+
+    ``semantic`` is the decoder as generation uses it (choosing among the classes the
+    caption names); ``semantic_unrestricted`` lets every class compete, and
+    ``attention_only`` is the training-free DiffuMask-style baseline (each named
+    class's cross-attention map thresholded at half its peak; the highest wins).
+    """
+    classes = tuple(decoder.config["classes"])
+    n = 1 + len(classes)
+    conf = {k: np.zeros((n, n), dtype=np.int64) for k in ("semantic", "semantic_unrestricted", "attention_only")}
+    depth = DepthMetrics() if "depth" in decoder.config["heads"] else None
+    for start in tqdm(range(0, len(test), batch_size), desc="evaluate", unit="batch", mininterval=2):
+        chunk = test[start:start + batch_size]
+        images = images_tensor([x.image for x in chunk])
+        feats = backbone.extract_features(images, [x.caption for x in chunk], bb.feature_timestep, [10**9 + x.id for x in chunk])
+        attention = class_attention(feats, backbone, classes)
+        with torch.no_grad():
+            out = decoder(feats.maps, attention, images)
+        named = named_class_mask(feats.prompts, backbone, classes)
+        preds = {
+            "semantic": restrict_logits(out["semantic"], named).argmax(1),
+            "semantic_unrestricted": out["semantic"].argmax(1),
+            "attention_only": attention_masks(attention, named, images.shape[-2:]),
+        }
+        for k, pred in preds.items():
+            for p, x in zip(pred.cpu().numpy(), chunk):
+                conf[k] += confusion_matrix(p, x.semantic, n)
+        if depth is not None:
+            for p, x in zip(out["depth"].exp().cpu().numpy(), chunk):
+                if x.depth is not None:
+                    depth.update(p, x.depth)
+    metrics: dict = {k: semantic_metrics(c, classes) for k, c in conf.items()}
+    metrics["num_images"] = len(test)
+    if depth is not None:
+        metrics["depth"] = depth.result()
+    return metrics
+
+
+def attention_masks(attention: torch.Tensor, named: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+    """Training-free labels from cross-attention alone: (B, H, W) class ids."""
+    att = F.interpolate(attention, size=size, mode="bilinear", align_corners=False)
+    att = att.masked_fill(~named[:, 1:, None, None], 0)
+    best, cls = att.max(1)
+    return torch.where(best >= threshold, cls + 1, torch.zeros_like(cls))

@@ -1,0 +1,1 @@
+"""Downstream uplift: does the synthetic data help a model trained on it?"""
