@@ -96,6 +96,7 @@ class DecoderConfig:
     heads: tuple[str, ...] = ("semantic",)
     channels: int = 64
     image_skip: bool = True
+    colour_jitter: bool = True  # shuffle RGB of the decoder's image input in training
     views: int = 8  # dihedral views of each labelled image: 1 (as is), 2 (+ flip) or 8 (+ rotations)
     steps: int = 400
     batch_size: int = 8
@@ -118,7 +119,7 @@ class PromptsConfig:
 @dataclass(frozen=True)
 class GenerateConfig:
     out: str = "data/generated"
-    num_samples: int = 300
+    num_samples: int = 2000
     batch_size: int = 16
     shard_size: int = 64
     seed: int = 0

@@ -49,6 +49,10 @@ def render_report(card: dict, metrics: dict, params: Params, downstream: dict | 
     lines.append("| **mIoU** | " + " | ".join(f"**{_num(metrics.get(k, {}).get('mIoU'))}**"
                                              for k in ("semantic", "semantic_unrestricted", "attention_only")) + " |")
     lines.append("")
+    if "instances" in metrics:
+        ins = metrics["instances"]
+        lines += [f"Instances (connected components of the semantic labels, COCO mask AP over {ins.get('num_instances', '?')} "
+                  f"true instances): AP {_num(ins.get('AP'))}, AP50 {_num(ins.get('AP50'))}.", ""]
     if "depth" in metrics:
         d = metrics["depth"]
         lines += ["Depth head: " + f"AbsRel {_num(d['abs_rel'])}, RMSE {_num(d['rmse'])} m, delta<1.25 {_num(d['delta1'])}.", ""]

@@ -9,6 +9,7 @@ from datasetdm.decoder.inputs import class_attention, prompt_classes
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import predict, predict_semantic, train_decoder
 from datasetdm.errors import DatasetDMError
+from datasetdm.evaluate.instances import InstanceAP, instances_from_semantic
 from datasetdm.evaluate.semantic import confusion_matrix, evaluate_decoder, iou_from_confusion
 from datasetdm.realset import load_real_set, write_real_set
 
@@ -48,6 +49,25 @@ def test_training_lowers_the_loss_and_roundtrips(tiny_backbone, tiny_params, lab
     for key in ("semantic", "semantic_unrestricted", "attention_only"):
         assert 0 <= metrics[key]["mIoU"] <= 1 and set(metrics[key]["per_class_iou"]) == {"background", "circle", "square"}
     assert "depth" not in metrics
+    assert 0 <= metrics["instances"]["AP"] <= 1 and metrics["instances"]["num_instances"] > 0
+
+
+def test_instance_grouping_and_coco_ap():
+    """Two separate squares of class 1 become two instances; perfect predictions give AP 1."""
+    labels = np.zeros((32, 32), np.uint8)
+    labels[2:10, 2:10] = 1
+    labels[20:30, 20:30] = 1
+    probs = np.zeros((2, 32, 32), np.float32)
+    probs[1] = labels == 1
+    found = instances_from_semantic(labels, probs)
+    assert [k for k, _, _ in found] == [1, 1] and all(score == 1.0 for *_, score in found)
+    truth = np.stack([m for _, m, _ in found])
+    ap = InstanceAP(("circle",))
+    ap.update(1, truth, ["circle", "circle"], found)
+    assert ap.result()["AP"] == pytest.approx(1.0)
+    worse = InstanceAP(("circle",))
+    worse.update(1, truth, ["circle", "circle"], found[:1])
+    assert worse.result()["AP"] < 0.6
 
 
 def test_depth_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled):

@@ -94,7 +94,7 @@ def train_decoder(backbone: Backbone, labelled: list[LabelledImage], classes: tu
         for g in opt.param_groups:
             g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         idx = torch.from_numpy(rng.integers(0, len(imgs), size=cfg.batch_size))
-        out = decoder([m[idx] for m in maps], att[idx], imgs[idx])
+        out = decoder([m[idx] for m in maps], att[idx], _permute_colours(imgs[idx], rng) if cfg.colour_jitter else imgs[idx])
         out["semantic"] = restrict_logits(out["semantic"], named[idx])
         loss = sum(decoder.heads[name].loss(out[name], targets[name][idx]) for name in out)
         opt.zero_grad(set_to_none=True)
@@ -102,6 +102,14 @@ def train_decoder(backbone: Backbone, labelled: list[LabelledImage], classes: tu
         opt.step()
         losses.append(loss.item())
     return decoder.eval(), {"first_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-20:]))}
+
+
+def _permute_colours(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """Shuffle RGB channels per image (only the decoder's image skip sees this; the
+    backbone features stay those of the true image). Every shape comes in every
+    colour, so with 20 images the skip path would otherwise learn colour -> class."""
+    perms = [torch.from_numpy(rng.permutation(3)) for _ in range(len(images))]
+    return torch.stack([img[p] for img, p in zip(images, perms)])
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.inputs import class_attention, named_class_mask, restrict_logits
 from datasetdm.decoder.train import images_tensor
 from datasetdm.evaluate.depth import DepthMetrics
+from datasetdm.evaluate.instances import InstanceAP, instances_from_semantic
 from datasetdm.realset import LabelledImage
 
 
@@ -54,11 +55,13 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
     caption names); ``semantic_unrestricted`` lets every class compete, and
     ``attention_only`` is the training-free DiffuMask-style baseline (each named
     class's cross-attention map thresholded at half its peak; the highest wins).
+    ``instances`` is COCO mask AP of connected components of the semantic labels.
     """
     classes = tuple(decoder.config["classes"])
     n = 1 + len(classes)
     conf = {k: np.zeros((n, n), dtype=np.int64) for k in ("semantic", "semantic_unrestricted", "attention_only")}
     depth = DepthMetrics() if "depth" in decoder.config["heads"] else None
+    instances = InstanceAP(classes)
     for start in tqdm(range(0, len(test), batch_size), desc="evaluate", unit="batch", mininterval=2):
         chunk = test[start:start + batch_size]
         images = images_tensor([x.image for x in chunk])
@@ -75,12 +78,16 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
         for k, pred in preds.items():
             for p, x in zip(pred.cpu().numpy(), chunk):
                 conf[k] += confusion_matrix(p, x.semantic, n)
+        probs = restrict_logits(out["semantic"], named).softmax(1).cpu().numpy()
+        for p, labels, x in zip(probs, preds["semantic"].cpu().numpy(), chunk):
+            instances.update(x.id, x.instance_masks, x.instance_classes, instances_from_semantic(labels, p))
         if depth is not None:
             for p, x in zip(out["depth"].exp().cpu().numpy(), chunk):
                 if x.depth is not None:
                     depth.update(p, x.depth)
     metrics: dict = {k: semantic_metrics(c, classes) for k, c in conf.items()}
     metrics["num_images"] = len(test)
+    metrics["instances"] = instances.result()
     if depth is not None:
         metrics["depth"] = depth.result()
     return metrics
