@@ -151,6 +151,11 @@ class CurateConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     out: str = "metrics/decoder.json"
+    # Zero-shot: classes the backbone knows but the labelled set never shows. The
+    # real-data stage renders a test set with them; evaluate reports seen/unseen mIoU.
+    unseen_classes: tuple[str, ...] = ("hexagon",)
+    num_zero_shot: int = 100
+    zero_shot_seed: int = 800000
 
 
 @dataclass(frozen=True)
@@ -224,6 +229,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "decoder.heads": (lambda v: "semantic" in v and set(v) <= {"semantic", "depth"} and len(set(v)) == len(v),
                       "must list semantic, optionally depth, without repeats"),
     "decoder.channels": _POSITIVE,
+    "evaluate.num_zero_shot": _POSITIVE,
     "downstream.steps": _POSITIVE,
     "downstream.batch_size": (lambda v: v >= 3, "must be >= 3 (a batch mixes sources)"),
     "downstream.lr": _POSITIVE,
@@ -336,6 +342,11 @@ def _check_cross_fields(p: Params) -> None:
     for i, c in enumerate(p.pretrain.classes):
         if c not in SHAPES:
             raise DatasetDMError(s, f"pretrain.classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")
+    for i, c in enumerate(p.evaluate.unseen_classes):
+        if c not in SHAPES:
+            raise DatasetDMError(s, f"evaluate.unseen_classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")
+        if c in p.world.classes:
+            raise DatasetDMError(s, f"evaluate.unseen_classes[{i}]", f"{c!r} is in world.classes, so it is not unseen")
     latent_channels = 3 * p.pretrain.patch_size**2
     if p.pretrain.block_out_channels and p.pretrain.block_out_channels[0] < latent_channels:
         # Narrower than the latent, the UNet cannot carry the noise through to predict it.

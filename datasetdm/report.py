@@ -53,6 +53,16 @@ def render_report(card: dict, metrics: dict, params: Params, downstream: dict | 
         ins = metrics["instances"]
         lines += [f"Instances (connected components of the semantic labels, COCO mask AP over {ins.get('num_instances', '?')} "
                   f"true instances): AP {_num(ins.get('AP'))}, AP50 {_num(ins.get('AP50'))}.", ""]
+    if metrics.get("zero_shot"):
+        z = metrics["zero_shot"]
+        lines += [f"Zero-shot ({', '.join(z['unseen_classes'])}: never labelled; masks from decoder foreground + cross-attention), "
+                  f"{z['num_images']} held-out images: mIoU seen {_num(z['mIoU_seen'])}, unseen {_num(z['mIoU_unseen'])}, "
+                  f"harmonic {_num(z['harmonic'])}.", ""]
+    if metrics.get("filter"):
+        f = metrics["filter"]
+        lines += [f"Quality filter, measured on the held-out real images (where truth exists): at threshold {f['min_score']} it keeps "
+                  f"{f['kept_fraction'] * 100:.0f}% of them; their per-image mIoU is {_num(f['image_mIoU_kept'])} against "
+                  f"{_num(f['image_mIoU_all'])} for all and {_num(f['image_mIoU_dropped'])} for those it drops.", ""]
     if "depth" in metrics:
         d = metrics["depth"]
         lines += ["Depth head: " + f"AbsRel {_num(d['abs_rel'])}, RMSE {_num(d['rmse'])} m, delta<1.25 {_num(d['delta1'])}.", ""]

@@ -7,6 +7,7 @@ ways of running the factory cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from datasetdm.downstream.data import from_export, from_labelled
 from datasetdm.downstream.segmenter import evaluate_segmenter, train_segmenter
 from datasetdm.errors import DatasetDMError
 from datasetdm.evaluate.semantic import evaluate_decoder
+from datasetdm.evaluate.zero_shot import evaluate_zero_shot
 from datasetdm.export.dataset import export_dataset
 from datasetdm.filtering import filter_samples
 from datasetdm.generate import generate, load_prompts, read_records
@@ -46,7 +48,17 @@ def make_real_sets(params: Params) -> dict:
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
     write_real_set(params.world, train_dir, params.real.num_train, params.real.train_seed)
     write_real_set(params.world, test_dir, params.real.num_test, params.real.test_seed)
-    return {"train": params.real.num_train, "test": params.real.num_test}
+    counts = {"train": params.real.num_train, "test": params.real.num_test}
+    if params.evaluate.unseen_classes:
+        world = dataclasses.replace(params.world, classes=params.world.classes + params.evaluate.unseen_classes)
+        write_real_set(world, zero_shot_dir(params), params.evaluate.num_zero_shot, params.evaluate.zero_shot_seed)
+        counts["zero_shot"] = params.evaluate.num_zero_shot
+    return counts
+
+
+def zero_shot_dir(params: Params) -> Path:
+    """Held-out images that include the unseen classes (never used for training)."""
+    return Path(params.real.dir) / "zero-shot"
 
 
 def train_decoder_stage(params: Params) -> dict:
@@ -111,7 +123,11 @@ def evaluate_stage(params: Params) -> dict:
     backbone = load_backbone(params)
     decoder = load_decoder(params, backbone)
     _, test_dir = real_set_split_dirs(params.real.dir)
-    metrics = evaluate_decoder(backbone, decoder, load_real_set(test_dir, params.world.classes), params.backbone)
+    metrics = evaluate_decoder(backbone, decoder, load_real_set(test_dir, params.world.classes), params.backbone, params.filter.min_score)
+    if params.evaluate.unseen_classes:
+        every = params.world.classes + params.evaluate.unseen_classes
+        metrics["zero_shot"] = evaluate_zero_shot(backbone, decoder, load_real_set(zero_shot_dir(params), every), params.backbone,
+                                                  params.evaluate.unseen_classes)
     write_json(params.evaluate.out, metrics)
     return metrics
 

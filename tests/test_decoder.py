@@ -50,6 +50,8 @@ def test_training_lowers_the_loss_and_roundtrips(tiny_backbone, tiny_params, lab
         assert 0 <= metrics[key]["mIoU"] <= 1 and set(metrics[key]["per_class_iou"]) == {"background", "circle", "square"}
     assert "depth" not in metrics
     assert 0 <= metrics["instances"]["AP"] <= 1 and metrics["instances"]["num_instances"] > 0
+    f = metrics["filter"]
+    assert 0 <= f["kept_fraction"] <= 1 and 0 <= f["image_mIoU_all"] <= 1
 
 
 def test_instance_grouping_and_coco_ap():
@@ -97,3 +99,17 @@ def test_corrupt_decoder_checkpoint(tmp_path):
         PDecoder.load(tmp_path / "dec")
     with pytest.raises(DatasetDMError, match="decoder.out: no trained decoder here"):
         PDecoder.load(tmp_path / "missing")
+
+
+def test_zero_shot_labels_name_only_prompted_classes(tiny_backbone, tiny_params, labelled):
+    """A class the decoder never saw ("hexagon") can only come from a prompt that names it."""
+    from datasetdm.evaluate.zero_shot import zero_shot_labels
+
+    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 5})
+    decoder, _ = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    seen, unseen = tiny_params.world.classes, ("hexagon",)
+    images = torch.rand(2, 3, 32, 32)
+    labels = zero_shot_labels(decoder, tiny_backbone, images, ["a red hexagon", "a blue square"], seen, unseen, 100, [1, 2])
+    assert labels.shape == (2, 32, 32)
+    assert set(labels[0].unique().tolist()) <= {0, 3}  # background or hexagon
+    assert set(labels[1].unique().tolist()) <= {0, 2}  # background or square

@@ -15,10 +15,11 @@ from tqdm import tqdm
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import BackboneConfig
 from datasetdm.decoder.model import PDecoder
-from datasetdm.decoder.inputs import class_attention, named_class_mask, restrict_logits
+from datasetdm.decoder.inputs import class_attention, named_class_mask, prompt_classes, restrict_logits
 from datasetdm.decoder.train import images_tensor
 from datasetdm.evaluate.depth import DepthMetrics
 from datasetdm.evaluate.instances import InstanceAP, instances_from_semantic
+from datasetdm.filtering import quality_components, quality_score
 from datasetdm.realset import LabelledImage
 
 
@@ -48,7 +49,8 @@ def semantic_metrics(conf: np.ndarray, classes: tuple[str, ...]) -> dict:
     }
 
 
-def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledImage], bb: BackboneConfig, batch_size: int = 16) -> dict:
+def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledImage], bb: BackboneConfig, min_score: float = 0.5,
+                     batch_size: int = 16) -> dict:
     """Every head of the decoder on held-out real images, plus two references.
 
     ``semantic`` is the decoder as generation uses it (choosing among the classes the
@@ -56,12 +58,19 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
     ``attention_only`` is the training-free DiffuMask-style baseline (each named
     class's cross-attention map thresholded at half its peak; the highest wins).
     ``instances`` is COCO mask AP of connected components of the semantic labels.
+
+    ``filter`` measures the quality filter where truth exists: the same score the
+    filter gives generated samples is computed for each real test image, and the
+    per-image mIoU of images it would keep (score >= ``min_score``, the threshold
+    from params, never tuned here) is compared with that of all images.
     """
     classes = tuple(decoder.config["classes"])
     n = 1 + len(classes)
     conf = {k: np.zeros((n, n), dtype=np.int64) for k in ("semantic", "semantic_unrestricted", "attention_only")}
     depth = DepthMetrics() if "depth" in decoder.config["heads"] else None
     instances = InstanceAP(classes)
+    scores: list[float] = []
+    image_miou: list[float] = []
     for start in tqdm(range(0, len(test), batch_size), desc="evaluate", unit="batch", mininterval=2):
         chunk = test[start:start + batch_size]
         images = images_tensor([x.image for x in chunk])
@@ -81,6 +90,9 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
         probs = restrict_logits(out["semantic"], named).softmax(1).cpu().numpy()
         for p, labels, x in zip(probs, preds["semantic"].cpu().numpy(), chunk):
             instances.update(x.id, x.instance_masks, x.instance_classes, instances_from_semantic(labels, p))
+            image_miou.append(float(np.nanmean(iou_from_confusion(confusion_matrix(labels, x.semantic, n)))))
+        wanted = [[classes.index(c) for c in prompt_classes(prompt, backbone, classes)] for prompt in feats.prompts]
+        scores += [quality_score(q) for q in quality_components(torch.from_numpy(probs), attention, wanted)]
         if depth is not None:
             for p, x in zip(out["depth"].exp().cpu().numpy(), chunk):
                 if x.depth is not None:
@@ -88,6 +100,12 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
     metrics: dict = {k: semantic_metrics(c, classes) for k, c in conf.items()}
     metrics["num_images"] = len(test)
     metrics["instances"] = instances.result()
+    kept = np.array(scores) >= min_score
+    per_image = np.array(image_miou)
+    metrics["filter"] = {"min_score": min_score, "kept_fraction": float(kept.mean()),
+                         "image_mIoU_all": float(per_image.mean()),
+                         "image_mIoU_kept": float(per_image[kept].mean()) if kept.any() else None,
+                         "image_mIoU_dropped": float(per_image[~kept].mean()) if (~kept).any() else None}
     if depth is not None:
         metrics["depth"] = depth.result()
     return metrics
