@@ -56,6 +56,9 @@ STAGE_IO: dict[str, StageIO] = {
     "curate": StageIO(("curate",), lambda p: [p.export.out], lambda p: [p.curate.out], ("curate.py",)),
     "evaluate": StageIO(("backbone",), lambda p: [f"{p.real.dir}/test", p.decoder.out], lambda p: [p.evaluate.out],
                         ("evaluate",)),
+    "downstream": StageIO(("world.classes", "downstream"),
+                          lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", p.export.out],
+                          lambda p: [p.downstream.out, p.downstream.plot], ("downstream",)),
     "report": StageIO(("report",), lambda p: [p.export.out, p.evaluate.out], lambda p: [p.report.out], ("report.py",)),
 }
 
@@ -68,6 +71,18 @@ def path_hash(path: str | Path) -> str | None:
     if path.is_dir():
         return sha256_dir(path)
     return None
+
+
+def code_hash(path: Path) -> str | None:
+    """sha256 of a module or a package's ``.py`` files (bytecode caches change on import)."""
+    if path.is_file():
+        return sha256_file(path)
+    if not path.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*.py")):
+        h.update(f"{f.relative_to(path)}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
 
 
 def _param(params: Params, dotted: str) -> Any:
@@ -84,7 +99,7 @@ def fingerprint(stage: str, params: Params) -> str:
         "stage": stage,
         "params": {k: _param(params, k) for k in io.params},
         "deps": {d: path_hash(d) for d in io.deps(params)},
-        "code": {c: path_hash(PACKAGE / c) for c in io.code},
+        "code": {c: code_hash(PACKAGE / c) for c in io.code},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
+from prefect.context import TaskRunContext
 
 from datasetdm import orchestration
 from datasetdm.config import Params
@@ -28,7 +29,15 @@ def _stage_key(stage: str) -> Callable[[Any, dict[str, Any]], str | None]:
 def stage_task(stage: str, retries: int = 0):
     """The task that runs ``stage`` with caching; ``retries`` where a retry can help."""
     def run(params: Params) -> dict:
-        return orchestration.run_stage(stage, params)
+        result = orchestration.run_stage(stage, params)
+        # Prefect stores a result under the key computed *before* the run, which was
+        # None (outputs not made yet); store it under the key the next run computes,
+        # so the very next run is already a cache hit.
+        key = orchestration.cache_key(stage, params)
+        context = TaskRunContext.get()
+        if key and context is not None:
+            context.result_store.write(obj=result, key=key)
+        return result
     run.__name__ = run.__qualname__ = stage.replace("-", "_")
     return task(run, name=stage, retries=retries, retry_delay_seconds=2, cache_key_fn=_stage_key(stage),
                 persist_result=True)
@@ -45,6 +54,7 @@ export = stage_task("export")
 # The curate stage starts FiftyOne's MongoDB; a slow first start can time out once.
 curate = stage_task("curate", retries=2)
 evaluate = stage_task("evaluate")
+downstream = stage_task("downstream")
 report = stage_task("report")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -72,6 +73,16 @@ def test_deployment_runs_the_factory_through_a_worker(prefect_stack, tiny_params
     card = json.loads((tmp_path / "data/export/dataset.json").read_text())
     assert card["counts"]["generated"] == 6
     assert (tmp_path / "data/curated/curation.json").is_file()
+
+    # Run again: every stage's inputs are unchanged, so every stage task is a cache hit.
+    prefect(env, "deployment", "run", "factory/default", "--param", f"params_path={tiny_params_file}",
+            "--watch", "--watch-timeout", "600", timeout=660)
+    log = (Path(env["PREFECT_HOME"]) / "run/worker.log").read_text()
+    for stage in ("train-decoder", "generate", "export", "curate"):
+        assert f"Task run '{stage}-" in log
+    cached = set(re.findall(r"Task run '([a-z-]+)-[0-9a-f]+' - Finished in state Cached", log))
+    assert cached == {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate",
+                      "evaluate", "report"}, cached
 
     schedule = prefect(env, "deployment", "inspect", "factory/nightly-regeneration")
     assert "0 3 * * *" in schedule and "UTC" in schedule, schedule
