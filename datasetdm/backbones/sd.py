@@ -54,9 +54,10 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) ->
 class StableDiffusionBackbone:
     """Implements ``datasetdm.backbones.base.Backbone`` for SD 1.x/2.x-style diffusers pipelines.
 
-    Images and features are handed back as float32 on the CPU, whatever ``dtype`` and
-    ``device`` the model runs in: the P-Decoder and everything after it run on the CPU
-    in float32, and these tensors are small next to the UNet work.
+    Images and features are handed back as float32 on ``output_device`` (the CPU unless
+    set), whatever ``dtype`` and ``device`` the model runs in: the stages run the P-Decoder
+    and everything after it on the CPU in float32. Where the decoder is moved to the GPU
+    too, set ``output_device`` to the model's device to skip the round trip.
     """
 
     name = "stable-diffusion"
@@ -68,6 +69,7 @@ class StableDiffusionBackbone:
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.device = parse_device(device, source)
         self.folder = folder
+        self.output_device = torch.device("cpu")
         self.tokenizer = components["tokenizer"]
         self.scheduler_config = dict(components["scheduler"].config)
         self.unet = _place(components["unet"], self.device, self.dtype)
@@ -180,12 +182,13 @@ class StableDiffusionBackbone:
         maps, attention = self.capture.collected(self.latent_hw)
         self.capture.active = False
         self.capture.reset()
-        return Features([m[-keep_last:].float().cpu() for m in maps], attention[-keep_last:].float().cpu(), list(prompts))
+        out = self.output_device
+        return Features([m[-keep_last:].to(out, torch.float32) for m in maps], attention[-keep_last:].to(out, torch.float32), list(prompts))
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
                capture_timestep: int | None = None) -> tuple[torch.Tensor, Features | None]:
-        """Images (B, 3, H, W) float32 CPU in [0, 1] and, if asked, features at the step nearest ``capture_timestep``."""
+        """Images (B, 3, H, W) float32 in [0, 1] on ``output_device`` and, if asked, features at the step nearest ``capture_timestep``."""
         if len(prompts) != len(seeds) or not prompts:
             raise ValueError("one seed per prompt, at least one prompt")
         scheduler = self.scheduler()
@@ -211,7 +214,7 @@ class StableDiffusionBackbone:
                 eps = uncond + guidance_scale * (cond - uncond)
             latents = scheduler.step(eps, t, latents, eta=0.0, return_dict=False)[0]
         images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (images / 2 + 0.5).clamp(0, 1).float().cpu(), features
+        return (images / 2 + 0.5).clamp(0, 1).to(self.output_device, torch.float32), features
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, prompts: list[str], timestep: int, seeds: list[int]) -> Features:
