@@ -44,7 +44,7 @@ def parse_device(device: str, source: str | None) -> torch.device:
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
-    """Frozen, in eval mode, on ``device``; cast only if not loaded in ``dtype`` already (diffusers warns on a needless cast)."""
+    """Frozen, in eval mode, on ``device``; cast only if not loaded in ``dtype`` already (diffusers warns on every dtype cast)."""
     module = module.to(device)
     if next(module.parameters()).dtype != dtype:
         module = module.to(dtype)
