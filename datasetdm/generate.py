@@ -25,7 +25,7 @@ from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import predict_semantic
 from datasetdm.errors import DatasetDMError
 from datasetdm.filtering import quality_components
-from datasetdm.io import atomic_path, save_png, sha256_dir, write_json
+from datasetdm.io import atomic_path, remove_temporaries, save_png, sha256_dir, write_json
 
 MANIFEST = "manifest.json"
 
@@ -64,6 +64,8 @@ def load_prompts(path: str | Path) -> list[str]:
 
 def check_prompts(prompts: list[str], backbone: Backbone, classes: tuple[str, ...], source: str) -> None:
     """Every prompt must encode and name at least one class the decoder labels."""
+    if not prompts:
+        raise DatasetDMError(source, "prompts", "empty: no prompts to generate from")
     for i, p in enumerate(prompts):
         try:
             backbone.validate_prompt(p)
@@ -84,6 +86,7 @@ def generate(backbone: Backbone, decoder: PDecoder, prompts: list[str], gen: Gen
     provenance = {"backbone": backbone.fingerprint(), "decoder": decoder.fingerprint(), "scheduler": "DDIMScheduler",
                   "steps": bb.steps, "guidance_scale": bb.guidance_scale, "feature_timestep": bb.feature_timestep}
     out_dir.mkdir(parents=True, exist_ok=True)
+    _discard_leftovers(out_dir)
     entries = []
     bar = tqdm(total=len(plan), desc="generate", unit="img", mininterval=2)
     for k, shard in enumerate(shards):
@@ -102,18 +105,36 @@ def generate(backbone: Backbone, decoder: PDecoder, prompts: list[str], gen: Gen
     return manifest
 
 
+def _discard_leftovers(out_dir: Path) -> None:
+    """Make ``out_dir`` say "incomplete" until a new manifest is written.
+
+    The manifest is the seal of a finished run: it goes first, so a run killed from
+    here on leaves no manifest that could vouch for shards it was replacing or
+    removing, and the temporaries of a previously killed run go with it.
+    """
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    remove_temporaries(out_dir, "shard-*")
+    remove_temporaries(out_dir, MANIFEST)
+
+
 def _shard_matches(shard_dir: Path, shard: list[PlannedSample], provenance: dict) -> bool:
+    """Whether ``shard_dir`` already holds exactly this plan, made by the same models.
+
+    Anything unreadable or unexpected (a hand-edited or foreign folder) means "no":
+    the shard is then made again, never trusted and never a traceback.
+    """
     records_file = shard_dir / "records.json"
     if not records_file.is_file():
         return False
     try:
         records = json.loads(records_file.read_text())
-    except json.JSONDecodeError:
+        want = [(s.id, s.prompt, s.seed) for s in shard]
+        have = [(r.get("id"), r.get("prompt"), r.get("seed")) for r in records]
+        same_models = all(r.get(k) == v for r in records for k, v in provenance.items())
+        return want == have and same_models and all(
+            (shard_dir / r["image"]).is_file() and (shard_dir / r["semantic"]).is_file() for r in records)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError is a ValueError
         return False
-    want = [(s.id, s.prompt, s.seed) for s in shard]
-    have = [(r.get("id"), r.get("prompt"), r.get("seed")) for r in records]
-    same_models = all(r.get(k) == v for r in records for k, v in provenance.items())
-    return want == have and same_models and all((shard_dir / r["image"]).is_file() and (shard_dir / r["semantic"]).is_file() for r in records)
 
 
 def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], seeds: list[int], classes: tuple[str, ...],
@@ -136,6 +157,10 @@ def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], se
 def _write_shard(shard_dir: Path, name: str, shard: list[PlannedSample], backbone: Backbone, decoder: PDecoder,
                  classes: tuple[str, ...], gen: GenerateConfig, bb: BackboneConfig, provenance: dict) -> None:
     records = []
+    # This shard is about to change, so no manifest may vouch for the folder any more;
+    # a killed earlier attempt at this shard may have left its temporary behind.
+    (shard_dir.parent / MANIFEST).unlink(missing_ok=True)
+    remove_temporaries(shard_dir.parent, name)
     with atomic_path(shard_dir) as tmp:
         (tmp / "images").mkdir(parents=True)
         (tmp / "semantic").mkdir()

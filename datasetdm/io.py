@@ -44,6 +44,22 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_temporaries(parent: str | Path, name: str = "*") -> list[Path]:
+    """Delete what ``atomic_path`` left in ``parent`` for ``name`` when a process died mid-write.
+
+    A killed writer (SIGKILL, the OOM killer) never reaches the cleanup
+    in ``atomic_path``, so its ``.<name>.<random>.tmp`` folder stays behind. Only call
+    this when no other process is writing ``name`` in ``parent`` (it would remove that
+    writer's temporary). Returns the folders removed.
+    """
+    removed = []
+    for tmp in Path(parent).glob(f".{name}.*.tmp"):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
 def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

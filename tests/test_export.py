@@ -120,7 +120,7 @@ def test_export_round_trips_through_coco_and_voc(gen: dict) -> None:
         assert card["class_histogram"][name]["pixel_fraction"] == pytest.approx(
             sum(int((m == k).sum()) for m in masks) / (len(masks) * SIZE * SIZE), abs=1e-6)
     assert card["models"] == {"backbone": "b" * 64, "decoder": "d" * 64}
-    assert card["reproduce"] == {"scheduler": "DDIMScheduler", "steps": 20, "guidance_scale": 3.0,
+    assert card["reproduce"] == {"scheduler": "DDIMScheduler", "steps": 20, "guidance_scale": 3.0, "feature_timestep": None,
                                  "seeds": {"min": 100, "max": 105}, "prompts": 6}
     assert card["params"] == {"export": {"grid_samples": 5}}
     assert set(card["files"]) == {"annotations.json", "images", "masks", "grid.png"}

@@ -40,14 +40,19 @@ def build_card(*, classes: Sequence[str], image_size: int, generated: Sequence[d
     """Assemble the card.
 
     generated: every generation record (``id``, ``prompt``, ``seed``, ``scheduler``,
-    ``steps``, ``guidance_scale``), kept or not -- reproducing the dataset means
-    regenerating all of them and filtering again. kept: the exported samples'
-    ``{"id", "score"}``, with ``label_counts`` in the same order. files: relative
-    name -> sha256 of each exported file or folder.
+    ``steps``, ``guidance_scale``, ``feature_timestep``), kept or not -- reproducing
+    the dataset means regenerating all of them and filtering again. kept: the
+    exported samples' ``{"id", "score"}``, with ``label_counts`` in the same order.
+    files: relative name -> sha256 of each exported file or folder.
+
+    ``samples`` lists every generated sample's prompt and seed, so one sample can be
+    made again from the card alone: the models named by their hashes, sampled with
+    ``reproduce``'s scheduler settings, give the same pixels and the same mask.
     """
     seeds = [int(r["seed"]) for r in generated]
     first = generated[0] if generated else {}
     scores = [float(s["score"]) for s in kept]
+    kept_ids = {s["id"] for s in kept}
     return {
         "classes": list(classes),
         "image_size": image_size,
@@ -63,9 +68,12 @@ def build_card(*, classes: Sequence[str], image_size: int, generated: Sequence[d
             "scheduler": first.get("scheduler"),
             "steps": first.get("steps"),
             "guidance_scale": first.get("guidance_scale"),
+            "feature_timestep": first.get("feature_timestep"),
             "seeds": {"min": min(seeds), "max": max(seeds)} if seeds else None,
             "prompts": len({r["prompt"] for r in generated}),
         },
+        "samples": [{"id": r["id"], "prompt": r["prompt"], "seed": int(r["seed"]), "kept": r["id"] in kept_ids}
+                    for r in generated],
         "params": params,
         # git revision and DVC remote/hashes of the inputs (datasetdm.provenance), if known
         **({"provenance": provenance} if provenance is not None else {}),

@@ -18,6 +18,7 @@ inputs is a ``DatasetDMError`` naming the file and field.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -40,6 +41,9 @@ RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "id": str, "prompt": str, "seed": int, "image": str, "semantic": str, "backbone": str, "decoder": str,
     "scheduler": str, "steps": int, "guidance_scale": (int, float),
 }
+# Sample ids and shard names become file and folder names in the export: only plain
+# names (no separators, no "..", no leading dot, no control characters) may.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # Fields that must be the same for every record of one generated set.
 PROVENANCE = ("backbone", "decoder", "scheduler", "steps", "guidance_scale")
 
@@ -149,7 +153,7 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     shards = _need(manifest, "shards", list, path, "shards")
     for i, shard in enumerate(shards):
         name = _need(shard, "name", str, path, f"shards[{i}].name")
-        if PurePosixPath(name).name != name or name in (".", ".."):
+        if not SAFE_NAME.fullmatch(name):
             raise DatasetDMError(path, f"shards[{i}].name", f"must be a plain folder name, got {name!r}")
         _need(shard, "sha256", str, path, f"shards[{i}].sha256")
         _need(shard, "num_samples", int, path, f"shards[{i}].num_samples")
@@ -193,8 +197,9 @@ def _read_shards(gen_dir: Path, manifest: dict[str, Any], manifest_file: Path) -
                                          "one export holds one generation run")
             if record["id"] in seen:
                 raise DatasetDMError(records_file, f"[{j}].id", f"{record['id']!r} also appears in shard {seen[record['id']]}")
-            if PurePosixPath(record["id"]).name != record["id"] or record["id"] in (".", ".."):
-                raise DatasetDMError(records_file, f"[{j}].id", f"must be usable as a file name, got {record['id']!r}")
+            if not SAFE_NAME.fullmatch(record["id"]):
+                raise DatasetDMError(records_file, f"[{j}].id",
+                                     f"must be a plain file name (letters, digits, '.', '_', '-'), got {record['id']!r}")
             seen[record["id"]] = name
             samples.append(Sample(record, name, records_file, f"[{j}]"))
     return samples
