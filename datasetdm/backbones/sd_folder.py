@@ -72,9 +72,12 @@ def check_model_index(folder: Path) -> None:
 def load_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
     """Load unet, vae, text_encoder, tokenizer and a DDIM scheduler (on the CPU, in ``dtype``)."""
     loaders: dict[str, Any] = {
-        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True),
-        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, local_files_only=True),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True,
+                                                              use_safetensors=True),
+        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True,
+                                                      use_safetensors=True),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, local_files_only=True,
+                                                               use_safetensors=True),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
         # SD folders ship PNDM or other schedulers; DDIM reads the same beta schedule from their config.
         "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from datasetdm.backbones.base import Features
 from datasetdm.backbones.codec import PatchCodec
 from datasetdm.backbones.text import TextEncoder, TextEncoderConfig, WordTokenizer, default_vocab
 from datasetdm.capture import FeatureCapture
+from datasetdm.checkpoints import load_weights
 from datasetdm.errors import DatasetDMError
 from datasetdm.io import atomic_path
 
@@ -199,14 +199,4 @@ class ToyBackbone:
 
 
 def _load_weights(file: Path, module: torch.nn.Module) -> None:
-    if not file.is_file():
-        raise DatasetDMError(file, None, "weights file missing")
-    try:
-        state = load_file(file)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DatasetDMError(file, None, f"not a readable safetensors file ({e})") from None
-    try:
-        module.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise DatasetDMError(file, None, f"weights do not match config.json (wrong architecture: {first})") from None
+    load_weights(file, module, CONFIG_FILE)

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from datasetdm.checkpoints import load_weights
 from datasetdm.decoder.heads import HEADS
 from datasetdm.errors import DatasetDMError
 from datasetdm.io import atomic_path
@@ -88,14 +88,7 @@ class PDecoder(nn.Module):
             model = cls(config)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise DatasetDMError(cfg_file, None, f"not a decoder config ({e})") from None
-        try:
-            state = load_file(weights)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise DatasetDMError(weights, None, f"not a readable safetensors file ({e})") from None
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise DatasetDMError(weights, None, f"weights do not match {CONFIG_FILE} (wrong architecture: {str(e).splitlines()[0]})") from None
+        load_weights(weights, model, CONFIG_FILE)
         return model.eval()
 
     def fingerprint(self) -> str:
