@@ -73,8 +73,9 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
     image_miou: list[float] = []
     for start in tqdm(range(0, len(test), batch_size), desc="evaluate", unit="batch", mininterval=2):
         chunk = test[start:start + batch_size]
-        images = images_tensor([x.image for x in chunk])
-        feats = backbone.extract_features(images, [x.caption for x in chunk], bb.feature_timestep, [10**9 + x.id for x in chunk])
+        device = next(decoder.parameters()).device
+        images = images_tensor([x.image for x in chunk]).to(device)
+        feats = backbone.extract_features(images, [x.caption for x in chunk], bb.feature_timestep, [10**9 + x.id for x in chunk]).to(device)
         attention = class_attention(feats, backbone, classes)
         with torch.no_grad():
             out = decoder(feats.maps, attention, images)
@@ -92,7 +93,7 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
             instances.update(x.id, x.instance_masks, x.instance_classes, instances_from_semantic(labels, p))
             image_miou.append(float(np.nanmean(iou_from_confusion(confusion_matrix(labels, x.semantic, n)))))
         wanted = [[classes.index(c) for c in prompt_classes(prompt, backbone, classes)] for prompt in feats.prompts]
-        scores += [quality_score(q) for q in quality_components(torch.from_numpy(probs), attention, wanted)]
+        scores += [quality_score(q) for q in quality_components(torch.from_numpy(probs), attention.cpu(), wanted)]
         if depth is not None:
             for p, x in zip(out["depth"].exp().cpu().numpy(), chunk):
                 if x.depth is not None:
@@ -114,6 +115,6 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
 def attention_masks(attention: torch.Tensor, named: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
     """Training-free labels from cross-attention alone: (B, H, W) class ids."""
     att = F.interpolate(attention, size=size, mode="bilinear", align_corners=False)
-    att = att.masked_fill(~named[:, 1:, None, None], 0)
+    att = att.masked_fill(~named.to(att.device)[:, 1:, None, None], 0)
     best, cls = att.max(1)
     return torch.where(best >= threshold, cls + 1, torch.zeros_like(cls))
