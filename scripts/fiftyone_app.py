@@ -25,6 +25,10 @@ def app_command(port: int) -> list[str]:
     return [sys.executable, "-m", "fiftyone.server.main", "--address", "127.0.0.1", "--port", str(port)]
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
@@ -42,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except DatasetDMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Ctrl-C or a plain kill both end up in the finally below (a shell may start a
+    # background job with SIGINT ignored, so set the handlers explicitly).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     server = subprocess.Popen(app_command(args.port), start_new_session=True)
     print(f"FiftyOne app: http://127.0.0.1:{args.port}/datasets/{name}   (Ctrl-C stops it)", flush=True)
     try:
