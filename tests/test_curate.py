@@ -29,12 +29,10 @@ from tests.conftest import REPO
 def fiftyone_env(tmp_path_factory):
     db = tmp_path_factory.mktemp("fiftyone-db")
     env = {"FIFTYONE_DATABASE_DIR": str(db), "FIFTYONE_DO_NOT_TRACK": "true", "FIFTYONE_DATABASE_VALIDATION": "false"}
+    if "fiftyone" in sys.modules:  # configured already, with some other database directory
+        pytest.skip("FiftyOne was imported before this module could give it a temporary database")
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    import fiftyone.core.config as foc
-
-    if "fiftyone" in sys.modules and foc.load_config().database_dir != str(db):
-        pytest.skip("FiftyOne was imported before this module set its database directory")
     try:
         yield env
     finally:
