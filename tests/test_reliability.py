@@ -279,3 +279,19 @@ def test_no_checkpoint_is_loaded_with_pickle():
             if needle in text:
                 offenders.append(f"{path.relative_to(REPO)}: {needle}")
     assert offenders == []
+
+
+def test_servers_bind_localhost_by_default():
+    """Whatever the repo starts as a server listens on 127.0.0.1 unless told otherwise.
+
+    Read from the sources rather than by starting each server (a Prefect server, the
+    FiftyOne app and its database, a Dask cluster: minutes and ports on a shared CI box).
+    """
+    sources = {p: p.read_text(encoding="utf-8") for folder in ("scripts", "flows", "tasks", "datasetdm")
+               for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".sh")}
+    sources.update({REPO / name: (REPO / name).read_text() for name in ("Makefile", "prefect.yaml") if (REPO / name).is_file()})
+    assert not [str(p) for p, text in sources.items() if "0.0.0.0" in text]
+    prefect = (REPO / "scripts/prefect_up.sh").read_text()
+    assert all("--host 127.0.0.1" in line for line in prefect.splitlines() if "server start" in line)
+    assert '"--address", "127.0.0.1"' in (REPO / "scripts/fiftyone_app.py").read_text()
+    assert '"host": "127.0.0.1"' in (REPO / "flows/generate.py").read_text()
