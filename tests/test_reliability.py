@@ -189,12 +189,15 @@ def test_same_params_give_identical_bytes_across_runs_and_batch_sizes(trained):
         runs[name] = (exported(params), snapshot(Path(params.generate.out)))
     reference_export, reference_gen = runs.pop("b2-first")
     assert any(k.startswith("masks/") for k in reference_export) and "annotations.json" in reference_export
-    # The card differs only in "params" (batch size, output paths); everything else must match.
+    # The card may differ only where it names this run's settings and paths: "params"
+    # (batch size, output folders) and "provenance" (input paths and their hashes).
     reference_card = json.loads(reference_export.pop("dataset.json"))
-    reference_card.pop("params")
+    for key in ("params", "provenance"):
+        reference_card.pop(key, None)
     for name, (export, gen) in runs.items():
         card = json.loads(export.pop("dataset.json"))
-        card.pop("params")
+        for key in ("params", "provenance"):
+            card.pop(key, None)
         assert card == reference_card, name
         assert export == reference_export, name
         assert gen == reference_gen, name
