@@ -28,7 +28,9 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
         "curate": {"out": str(tmp / "data/curated")},
         "downstream": {"out": str(tmp / "metrics/downstream.json"), "plot": str(tmp / "metrics/downstream_plot.json"),
                        "steps": 4, "batch_size": 4, "width": 8},
-        "evaluate": {"out": str(tmp / "metrics/decoder.json"), "num_zero_shot": 4},
+        # DVC needs every params key a stage lists (real-data lists these two) in params.yaml itself.
+        "evaluate": {"out": str(tmp / "metrics/decoder.json"), "num_zero_shot": 4, "unseen_classes": ["hexagon"],
+                     "zero_shot_seed": 800000},
         "report": {"out": str(tmp / "reports/report.md")},
     }
 

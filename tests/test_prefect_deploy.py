@@ -84,5 +84,8 @@ def test_deployment_runs_the_factory_through_a_worker(prefect_stack, tiny_params
     assert cached == {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate",
                       "evaluate", "report"}, cached
 
+    report = prefect(env, "artifact", "inspect", "factory-report")
+    assert "datasetdm factory run" in report and "mIoU" in report, report
+
     schedule = prefect(env, "deployment", "inspect", "factory/nightly-regeneration")
     assert "0 3 * * *" in schedule and "UTC" in schedule, schedule
