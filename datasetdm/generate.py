@@ -146,6 +146,8 @@ def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], se
     """
     images, features = backbone.sample(prompts, seeds, bb.steps, bb.guidance_scale, capture_timestep=bb.feature_timestep)
     assert features is not None
+    device = next(decoder.parameters()).device
+    images, features = images.to(device), features.to(device)
     probs = predict_semantic(decoder, backbone, features, images, classes)
     named = [[classes.index(c) for c in prompt_classes(p, backbone, classes)] for p in prompts]
     quality = quality_components(probs, class_attention(features, backbone, classes), named)

@@ -33,14 +33,14 @@ def from_export(export_dir: str | Path, limit: int | None = None) -> ArraySet:
     export_dir = Path(export_dir)
     card_file = export_dir / "dataset.json"
     try:
-        kept = [k["id"] for k in json.loads(card_file.read_text())["kept"]]
+        kept = [s["id"] for s in json.loads(card_file.read_text())["samples"] if s["kept"]]
     except FileNotFoundError:
         raise DatasetDMError(card_file, None, "not found; run the export stage") from None
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DatasetDMError(card_file, "kept", f"not a dataset card ({e})") from None
+        raise DatasetDMError(card_file, "samples", f"not a dataset card ({e})") from None
     kept = kept[:limit] if limit is not None else kept
     if not kept:
-        raise DatasetDMError(card_file, "kept", "the export holds no samples")
+        raise DatasetDMError(card_file, "samples", "the export holds no kept samples")
     images, masks = [], []
     for sid in kept:
         for folder, dest, mode in (("images", images, "RGB"), ("masks", masks, None)):
