@@ -165,10 +165,10 @@ class DownstreamConfig:
 
     out: str = "metrics/downstream.json"
     plot: str = "metrics/downstream_plot.json"
-    steps: int = 600
+    steps: int = 300
     batch_size: int = 32
     lr: float = 0.003
-    width: int = 24
+    width: int = 16
     seed: int = 0
 
 

@@ -9,8 +9,8 @@ disagree when an annotation is likely wrong:
   an unnamed one that appears, means the image or its mask is off;
 * ``agreement``   – mean IoU, over named classes, between the decoder's mask and the
   class's cross-attention map thresholded at half its peak (DiffuMask-style mask);
-* ``area``        – mask-area sanity: for the smallest named class, its mask area over
-  ``OBJECT_AREA`` (capped at 1). A named object with (almost) no pixels is the one
+* ``area``        – mask-area sanity: for the smallest named class, the area of its
+  solid pieces (connected, >= ``BLOB_PIXELS``) over ``OBJECT_AREA`` (capped at 1). A named object with (almost) no pixels is the one
   failure the other three miss: a failed, noisy image gets a confident, all-background
   mask, and a few stray pixels of the named class make ``classes`` look perfect.
 
@@ -26,10 +26,26 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scipy import ndimage
 import torch.nn.functional as F
 
 MIN_AREA = 0.005  # fraction of pixels for a class to count as present
 OBJECT_AREA = 0.02  # a named object smaller than this fraction of the image is suspect
+BLOB_PIXELS = 16  # connected pieces smaller than this are speckle, not an object
+
+
+def _object_area(mask: torch.Tensor) -> float:
+    """Fraction of the image covered by pieces of ``mask`` of at least BLOB_PIXELS.
+
+    A failed, pure-noise image gets a mask of scattered speckle whose total area can
+    look like an object's (seen: "a yellow triangle" of noise scoring 0.67); counting
+    only solid pieces tells them apart.
+    """
+    pieces, n = ndimage.label(mask.cpu().numpy())
+    if n == 0:
+        return 0.0
+    sizes = np.bincount(pieces.ravel())[1:]
+    return float(sizes[sizes >= BLOB_PIXELS].sum()) / mask.numel()
 ATTENTION_THRESHOLD = 0.5
 
 
@@ -51,7 +67,7 @@ def quality_components(probs: torch.Tensor, attention: torch.Tensor, named: list
         want = set(named[i])
         classes = len(found & want) / max(len(found | want), 1)
         ious = []
-        area = min((min(1.0, float(areas[c]) / OBJECT_AREA) for c in want), default=0.0)
+        area = min((min(1.0, _object_area(labels[i] == c + 1) / OBJECT_AREA) for c in want), default=0.0)
         for c in want:
             pred = labels[i] == c + 1
             inter = (pred & att[i, c]).sum().item()

@@ -22,7 +22,7 @@ from datasetdm.decoder.train import train_decoder
 from datasetdm.downstream.data import from_export, from_labelled
 from datasetdm.downstream.segmenter import evaluate_segmenter, train_segmenter
 from datasetdm.errors import DatasetDMError
-from datasetdm.evaluate.semantic import evaluate_decoder
+from datasetdm.evaluate.semantic import evaluate_decoder, fit_attention_threshold
 from datasetdm.evaluate.zero_shot import evaluate_zero_shot
 from datasetdm.export.dataset import export_dataset
 from datasetdm.filtering import filter_samples
@@ -126,8 +126,10 @@ def curate_stage(params: Params) -> dict:
 def evaluate_stage(params: Params) -> dict:
     backbone = load_backbone(params)
     decoder = load_decoder(params, backbone)
-    _, test_dir = real_set_split_dirs(params.real.dir)
-    metrics = evaluate_decoder(backbone, decoder, load_real_set(test_dir, params.world.classes), params.backbone, params.filter.min_score)
+    train_dir, test_dir = real_set_split_dirs(params.real.dir)
+    threshold = fit_attention_threshold(backbone, load_real_set(train_dir, params.world.classes), params.backbone, params.world.classes)
+    metrics = evaluate_decoder(backbone, decoder, load_real_set(test_dir, params.world.classes), params.backbone, params.filter.min_score,
+                               threshold)
     if params.evaluate.unseen_classes:
         every = params.world.classes + params.evaluate.unseen_classes
         metrics["zero_shot"] = evaluate_zero_shot(backbone, decoder, load_real_set(zero_shot_dir(params), every), params.backbone,

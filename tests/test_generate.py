@@ -79,6 +79,16 @@ def test_a_missing_named_object_vetoes_the_sample():
     assert quality_score(stray) < 0.5 <= quality_score(real)
 
 
+def test_speckle_is_not_an_object():
+    """A noise image's mask: 4% of the pixels labelled, scattered one by one."""
+    probs = torch.zeros(1, 2, 64, 64)
+    probs[:, 0] = 1.0
+    speckle = torch.rand(64, 64, generator=torch.Generator().manual_seed(0)) < 0.04
+    probs[0, 1][speckle], probs[0, 0][speckle] = 1.0, 0.0
+    (q,) = quality_components(probs, torch.ones(1, 1, 8, 8), [[0]])
+    assert q["area"] < 0.2 and quality_score(q) < 0.2
+
+
 def test_prompt_with_unknown_word_names_the_file_and_index(trained, tiny_backbone):
     from datasetdm.decoder.model import PDecoder
     decoder = PDecoder.load(trained.decoder.out)

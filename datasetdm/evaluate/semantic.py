@@ -49,8 +49,24 @@ def semantic_metrics(conf: np.ndarray, classes: tuple[str, ...]) -> dict:
     }
 
 
+def fit_attention_threshold(backbone: Backbone, labelled: list[LabelledImage], bb: BackboneConfig, classes: tuple[str, ...],
+                            grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> float:
+    """The attention-only baseline's one knob, chosen on the K *labelled training* images
+    (never the held-out set), so the baseline gets the same labels the decoder got."""
+    n = 1 + len(classes)
+    conf = {t: np.zeros((n, n), dtype=np.int64) for t in grid}
+    images = images_tensor([x.image for x in labelled])
+    feats = backbone.extract_features(images, [x.caption for x in labelled], bb.feature_timestep, [x.id for x in labelled])
+    attention = class_attention(feats, backbone, classes).cpu()
+    named = named_class_mask(feats.prompts, backbone, classes)
+    for t in grid:
+        for p, x in zip(attention_masks(attention, named, images.shape[-2:], t).numpy(), labelled):
+            conf[t] += confusion_matrix(p, x.semantic, n)
+    return max(grid, key=lambda t: float(np.nanmean(iou_from_confusion(conf[t]))))
+
+
 def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledImage], bb: BackboneConfig, min_score: float = 0.5,
-                     batch_size: int = 16) -> dict:
+                     attention_threshold: float = 0.5, batch_size: int = 16) -> dict:
     """Every head of the decoder on held-out real images, plus two references.
 
     ``semantic`` is the decoder as generation uses it (choosing among the classes the
@@ -83,7 +99,7 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
         preds = {
             "semantic": restrict_logits(out["semantic"], named).argmax(1),
             "semantic_unrestricted": out["semantic"].argmax(1),
-            "attention_only": attention_masks(attention, named, images.shape[-2:]),
+            "attention_only": attention_masks(attention, named, images.shape[-2:], attention_threshold),
         }
         for k, pred in preds.items():
             for p, x in zip(pred.cpu().numpy(), chunk):
@@ -99,6 +115,7 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
                 if x.depth is not None:
                     depth.update(p, x.depth)
     metrics: dict = {k: semantic_metrics(c, classes) for k, c in conf.items()}
+    metrics["attention_only"]["threshold"] = attention_threshold
     metrics["num_images"] = len(test)
     metrics["instances"] = instances.result()
     kept = np.array(scores) >= min_score
