@@ -43,7 +43,8 @@ class StageIO:
 
 
 STAGE_IO: dict[str, StageIO] = {
-    "real-data": StageIO(("world", "real"), lambda p: [], lambda p: [p.real.dir], ("worlds", "realset.py")),
+    "real-data": StageIO(("world", "real", "evaluate.unseen_classes", "evaluate.num_zero_shot", "evaluate.zero_shot_seed"),
+                         lambda p: [], lambda p: [p.real.dir], ("worlds", "realset.py")),
     "train-decoder": StageIO(("world.classes", "backbone", "decoder"),
                              lambda p: [f"{p.real.dir}/train", p.backbone.path], lambda p: [p.decoder.out],
                              ("backbones", "capture.py", "decoder")),
@@ -54,12 +55,14 @@ STAGE_IO: dict[str, StageIO] = {
     "export": StageIO(("world", "real", "backbone", "decoder", "prompts", "generate", "filter", "export"),
                       lambda p: [p.generate.out, p.filter.out], lambda p: [p.export.out], ("export",)),
     "curate": StageIO(("curate",), lambda p: [p.export.out], lambda p: [p.curate.out], ("curate.py",)),
-    "evaluate": StageIO(("backbone",), lambda p: [f"{p.real.dir}/test", p.decoder.out], lambda p: [p.evaluate.out],
-                        ("evaluate",)),
+    "evaluate": StageIO(("backbone", "filter.min_score", "evaluate", "world.classes"),
+                        lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", f"{p.real.dir}/zero-shot", p.decoder.out],
+                        lambda p: [p.evaluate.out], ("evaluate", "filtering.py")),
     "downstream": StageIO(("world.classes", "downstream"),
                           lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", p.export.out],
                           lambda p: [p.downstream.out, p.downstream.plot], ("downstream",)),
-    "report": StageIO(("report",), lambda p: [p.export.out, p.evaluate.out], lambda p: [p.report.out], ("report.py",)),
+    "report": StageIO(("report",), lambda p: [p.export.out, p.evaluate.out, p.downstream.out], lambda p: [p.report.out],
+                      ("report.py",)),
 }
 
 

@@ -28,9 +28,11 @@ def factory(params_path: str = "params.yaml") -> dict:
     exported = stages.export(params, wait_for=[kept])
     curated = stages.curate(params, wait_for=[exported])
     metrics = stages.evaluate(params, wait_for=[decoder])
-    stages.report(params, wait_for=[exported, metrics])
+    uplift = stages.downstream(params, wait_for=[exported])
+    stages.report(params, wait_for=[exported, metrics, uplift])
     summary = {"real": real, "decoder": decoder, "prompts": prompts, "generated": generated,
-               "filtered": kept, "exported": exported, "curated": curated, "mIoU": metrics["semantic"]["mIoU"]}
+               "filtered": kept, "exported": exported, "curated": curated, "mIoU": metrics["semantic"]["mIoU"],
+               "downstream": uplift["semantic"]}
     stages.publish_report(params, summary)
     print(summary)
     return summary
