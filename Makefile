@@ -55,7 +55,7 @@ test: setup
 test-fast: setup
 	python -m pytest -q -m "not slow"
 
-## pretrain: retrain the embedded toy backbone into models/toy-backbone (~15 min on 2 cores)
+## pretrain: retrain the embedded toy backbone into models/toy-backbone (~11 min on 2 idle cores)
 pretrain: setup
 	python -m datasetdm pretrain
 
