@@ -99,7 +99,7 @@ def test_export_round_trips_through_coco_and_voc(gen: dict) -> None:
         image, sem = gen["truth"][sid]
         rebuilt = np.zeros_like(sem)
         anns = coco.loadAnns(coco.getAnnIds(imgIds=info["id"]))
-        assert sorted(a["category_id"] for a in anns) == sorted(set(np.unique(sem)) - {0})
+        assert {a["category_id"] for a in anns} == set(np.unique(sem).tolist()) - {0}  # one or more instances per class
         for ann in anns:
             rebuilt[coco.annToMask(ann) > 0] = ann["category_id"]
         np.testing.assert_array_equal(rebuilt, sem)
@@ -224,6 +224,15 @@ def test_coco_annotations_area_bbox_and_order() -> None:
     assert all(a["image_id"] == 7 and a["iscrowd"] == 0 and isinstance(a["segmentation"]["counts"], str) for a in anns)
     with pytest.raises(ValueError):
         semantic_to_coco_annotations(np.full((2, 2), 4, np.uint8), 1, CLASSES, 1)
+
+
+def test_each_separate_object_is_its_own_instance() -> None:
+    sem = np.zeros((8, 8), np.uint8)
+    sem[0:2, 0:2] = 1
+    sem[5:8, 5:8] = 1  # a second object of the same class
+    sem[2, 2] = 1  # touches the first diagonally: same object
+    anns = semantic_to_coco_annotations(sem, image_id=1, classes=CLASSES, start_ann_id=1)
+    assert [(a["category_id"], a["area"]) for a in anns] == [(1, 5.0), (1, 9.0)]
 
 
 def test_voc_palette_and_overlay() -> None:

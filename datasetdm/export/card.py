@@ -15,7 +15,7 @@ import numpy as np
 FORMATS = {
     "images": "images/<id>.png, RGB uint8",
     "masks": "masks/<id>.png, PASCAL VOC palette PNG; pixel value = category id (0 = background)",
-    "annotations": "annotations.json, COCO; one RLE annotation per class present in an image",
+    "annotations": "annotations.json, COCO; one RLE annotation per object instance (connected piece of a class)",
 }
 
 

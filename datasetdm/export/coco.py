@@ -1,11 +1,12 @@
-"""COCO semantic-segmentation annotations, encoded and decoded by pycocotools.
+"""COCO annotations, encoded and decoded by pycocotools: one per object instance.
 
-The factory's labels are per-pixel classes, not object instances, so each image gets
-one annotation per class present, covering every pixel of that class (the COCO
-"stuff" convention): ``segmentation`` is a compressed RLE, ``iscrowd`` is 0 and
-``category_id`` is ``1 + classes.index(name)`` -- the same number as the pixel value
-in the semantic masks, so a mask can be rebuilt by painting each annotation with its
-category id.
+The decoder labels pixels with classes; each connected piece (8-connected) of a
+class becomes one instance annotation with its own RLE mask, box and area, so the
+file serves instance segmentation as it is and the union of a class's instances
+is still exactly that class's pixels. ``iscrowd`` is 0 and ``category_id`` is
+``1 + classes.index(name)`` -- the same number as the pixel value in the semantic
+masks, so a mask can be rebuilt by painting each annotation with its category id.
+Objects of one class that touch form one instance: that is the grouping's limit.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
+from scipy import ndimage
 from pycocotools.coco import COCO
 
 from datasetdm.io import write_json
@@ -27,10 +29,11 @@ SUPERCATEGORY = "shape"
 
 def semantic_to_coco_annotations(semantic: np.ndarray, image_id: int, classes: Sequence[str],
                                  start_ann_id: int) -> list[dict[str, Any]]:
-    """One COCO annotation per class present in ``semantic``.
+    """One COCO annotation per connected piece of each class in ``semantic``.
 
     semantic: HxW integer class ids, 0 = background, k = 1 + index into ``classes``.
-    Annotation ids run from ``start_ann_id`` upwards in class order. A value above
+    Annotation ids run from ``start_ann_id`` upwards, in class order, then in raster
+    order of each piece's first pixel. A value above
     ``len(classes)`` is a caller bug (the export stage validates masks first), so it
     raises ``ValueError``.
     """
@@ -40,10 +43,8 @@ def semantic_to_coco_annotations(semantic: np.ndarray, image_id: int, classes: S
     if top > len(classes):
         raise ValueError(f"class index {top} but only {len(classes)} classes")
     annotations = []
-    for k in range(1, len(classes) + 1):
-        binary = semantic == k
-        if not binary.any():
-            continue
+    pieces = [(k, binary) for k in range(1, len(classes) + 1) for binary in _pieces(semantic == k)]
+    for k, binary in pieces:
         rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
         area = float(mask_utils.area(rle))
         bbox = [float(v) for v in mask_utils.toBbox(rle)]
@@ -51,6 +52,11 @@ def semantic_to_coco_annotations(semantic: np.ndarray, image_id: int, classes: S
         annotations.append({"id": start_ann_id + len(annotations), "image_id": int(image_id), "category_id": k,
                             "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0})
     return annotations
+
+
+def _pieces(mask: np.ndarray) -> list[np.ndarray]:
+    labels, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    return [labels == j for j in range(1, n + 1)]
 
 
 def coco_categories(classes: Sequence[str]) -> list[dict[str, Any]]:
