@@ -24,7 +24,7 @@ from datasetdm.decoder.inputs import class_attention, prompt_classes
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import predict_semantic
 from datasetdm.errors import DatasetDMError
-from datasetdm.filtering import quality_components
+from datasetdm.filtering import quality_components, remove_speckle
 from datasetdm.io import atomic_path, remove_temporaries, save_png, sha256_dir, write_json
 
 MANIFEST = "manifest.json"
@@ -151,7 +151,7 @@ def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], se
     probs = predict_semantic(decoder, backbone, features, images, classes)
     named = [[classes.index(c) for c in prompt_classes(p, backbone, classes)] for p in prompts]
     quality = quality_components(probs, class_attention(features, backbone, classes), named)
-    labels = probs.argmax(1).to(torch.uint8).cpu().numpy()
+    labels = np.stack([remove_speckle(x) for x in probs.argmax(1).to(torch.uint8).cpu().numpy()])
     pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return pixels, labels, quality
 

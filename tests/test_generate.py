@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from pycocotools.coco import COCO
 
@@ -9,7 +10,7 @@ from datasetdm import stages
 from datasetdm.errors import DatasetDMError
 import torch
 
-from datasetdm.filtering import filter_samples, quality_components, quality_score
+from datasetdm.filtering import filter_samples, quality_components, quality_score, remove_speckle
 from datasetdm.generate import generate, plan_samples, read_records
 
 
@@ -97,3 +98,15 @@ def test_prompt_with_unknown_word_names_the_file_and_index(trained, tiny_backbon
                  trained.generate.out, prompts_source="prompts.json")
     with pytest.raises(DatasetDMError, match=r"prompts\[0\]: .* names no class"):
         generate(tiny_backbone, decoder, ["a red star"], trained.generate, trained.backbone, trained.generate.out, prompts_source="prompts.json")
+
+
+def test_speckle_takes_the_label_around_it():
+    labels = np.zeros((12, 12), np.uint8)
+    labels[2:10, 2:10] = 1  # an object
+    labels[5, 5] = 2  # a stray pixel inside it
+    labels[0, 11] = 1  # a stray pixel in the background
+    clean = remove_speckle(labels, min_pixels=4)
+    expected = np.zeros((12, 12), np.uint8)
+    expected[2:10, 2:10] = 1
+    assert (clean == expected).all()
+    assert (remove_speckle(expected, min_pixels=4) == expected).all()
