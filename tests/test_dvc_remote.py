@@ -7,9 +7,7 @@ this one (``tests/test_end_to_end.py`` does the same for incremental rebuilds).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +15,8 @@ import pytest
 import yaml
 
 from datasetdm.io import sha256_dir, sha256_file
-from tests.conftest import REPO, build_tiny_backbone, tiny_raw
+from tests.conftest import REPO
+from tests.dvc_repo import make_tiny_repo, run
 
 pytestmark = pytest.mark.slow
 
@@ -25,30 +24,12 @@ CACHED_OUTS = ("data/real", "models/decoder", "data/prompts.json", "data/generat
                "data/export", "data/curated")
 
 
-def run(root: Path, *args: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root), "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "FIFTYONE_DATABASE_DIR": str(root.parent / "fiftyone-db"), "FIFTYONE_DO_NOT_TRACK": "true",
-           "FIFTYONE_DATABASE_VALIDATION": "false",
-           # dvc.yaml runs `python`: this interpreter's, as `make test` puts the venv first on PATH
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout}{proc.stderr}"
-    return proc.stdout
-
-
 def hashes(root: Path) -> dict[str, str]:
     return {o: sha256_dir(root / o) if (root / o).is_dir() else sha256_file(root / o) for o in CACHED_OUTS}
 
 
 def test_push_delete_pull_is_byte_identical_and_experiments_run(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    shutil.copytree(REPO / "datasetdm", root / "datasetdm", ignore=shutil.ignore_patterns("__pycache__", "assets"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    build_tiny_backbone().save(root / "models/tiny-backbone")
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_raw(Path("."), Path("models/tiny-backbone"))))
+    root, _ = make_tiny_repo(tmp_path)
     (root / ".gitignore").write_text("__pycache__/\n/.dvc-remote/\n")
     run(root, "git", "init", "-q")
     run(root, "dvc", "init", "-q")

@@ -7,17 +7,14 @@ Prefect server, and a real DVC pipeline in a temporary repo.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from pycocotools.coco import COCO
 
-from tests.conftest import REPO, build_tiny_backbone, tiny_raw
+from tests.dvc_repo import make_tiny_repo, run
+
 
 pytestmark = pytest.mark.slow
 
@@ -50,39 +47,24 @@ def test_prefect_flow_runs_the_factory(tiny_params_file, tmp_path):
     check_export(tmp_path, 6)
 
 
-def dvc(root: Path, *args: str) -> str:
-    # dvc.yaml runs `python`: make it this interpreter, whoever started pytest.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root), "PATH": path}
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
-
-
 def stages_run(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
 def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
-    root = tmp_path / "repo"
-    root.mkdir()
-    shutil.copytree(REPO / "datasetdm", root / "datasetdm", ignore=shutil.ignore_patterns("__pycache__", "assets"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    build_tiny_backbone().save(root / "models/tiny-backbone")
-    raw = tiny_raw(Path("."), Path("models/tiny-backbone"))
-    (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    dvc(root, "init", "--no-scm", "-q")
-    dvc(root, "config", "core.analytics", "false")
+    root, raw = make_tiny_repo(tmp_path)
+    run(root, "dvc", "init", "--no-scm", "-q")
+    run(root, "dvc", "config", "core.analytics", "false")
 
-    first = dvc(root, "repro")
+    first = run(root, "dvc", "repro")
     assert {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate", "evaluate", "downstream", "report"} <= stages_run(first)
     check_export(root, 6)
 
-    again = dvc(root, "repro")
+    again = run(root, "dvc", "repro")
     assert stages_run(again) == set(), again
 
     raw["generate"]["num_samples"] = 5
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
-    third = dvc(root, "repro")
+    third = run(root, "dvc", "repro")
     assert stages_run(third) == {"generate", "filter", "export", "curate", "downstream", "report"}, third
     check_export(root, 5)
