@@ -20,6 +20,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -223,6 +224,20 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _entries_with_unique_ids(src: Path, coco: dict[str, Any], section: str, noun: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(``section[i]``, entry) for each entry of a COCO list, checking it is an object with a new integer id."""
+    seen: set[int] = set()
+    for i, entry in enumerate(coco[section]):
+        where = f"{section}[{i}]"
+        if not isinstance(entry, dict):
+            raise DatasetDMError(src, where, f"must be an object, got {type(entry).__name__}")
+        entry_id = _require(src, entry, "id", where, _is_int, "an integer")
+        if entry_id in seen:
+            raise DatasetDMError(src, f"{where}.id", f"duplicate {noun} id {entry_id}")
+        seen.add(entry_id)
+        yield where, entry
+
+
 def _require(src: Path, obj: dict[str, Any], key: str, where: str, check: Any, what: str) -> Any:
     if key not in obj:
         raise DatasetDMError(src, f"{where}.{key}", "missing")
@@ -243,40 +258,16 @@ def _check_structure(src: Path, coco: Any) -> tuple[list[dict], list[dict], list
             raise DatasetDMError(src, key, f"must be a list, got {type(coco[key]).__name__}")
     positive = lambda v: _is_int(v) and v > 0  # noqa: E731
     non_empty_str = lambda v: isinstance(v, str) and bool(v)  # noqa: E731
-    seen: set[int] = set()
-    for i, entry in enumerate(coco["images"]):
-        where = f"images[{i}]"
-        if not isinstance(entry, dict):
-            raise DatasetDMError(src, where, f"must be an object, got {type(entry).__name__}")
-        image_id = _require(src, entry, "id", where, _is_int, "an integer")
-        if image_id in seen:
-            raise DatasetDMError(src, f"{where}.id", f"duplicate image id {image_id}")
-        seen.add(image_id)
+    for where, entry in _entries_with_unique_ids(src, coco, "images", "image"):
         _require(src, entry, "file_name", where, non_empty_str, "a non-empty string")
         _require(src, entry, "width", where, positive, "a positive integer")
         _require(src, entry, "height", where, positive, "a positive integer")
-    seen = set()
-    for i, cat in enumerate(coco["categories"]):
-        where = f"categories[{i}]"
-        if not isinstance(cat, dict):
-            raise DatasetDMError(src, where, f"must be an object, got {type(cat).__name__}")
-        cat_id = _require(src, cat, "id", where, _is_int, "an integer")
-        if cat_id in seen:
-            raise DatasetDMError(src, f"{where}.id", f"duplicate category id {cat_id}")
-        seen.add(cat_id)
+    for where, cat in _entries_with_unique_ids(src, coco, "categories", "category"):
         _require(src, cat, "name", where, non_empty_str, "a non-empty string")
         if "keypoints" in cat:
             _require(src, cat, "keypoints", where, lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
                      "a list of names")
-    seen = set()
-    for i, ann in enumerate(coco["annotations"]):
-        where = f"annotations[{i}]"
-        if not isinstance(ann, dict):
-            raise DatasetDMError(src, where, f"must be an object, got {type(ann).__name__}")
-        ann_id = _require(src, ann, "id", where, _is_int, "an integer")
-        if ann_id in seen:
-            raise DatasetDMError(src, f"{where}.id", f"duplicate annotation id {ann_id}")
-        seen.add(ann_id)
+    for where, ann in _entries_with_unique_ids(src, coco, "annotations", "annotation"):
         _require(src, ann, "image_id", where, _is_int, "an integer")
         _require(src, ann, "category_id", where, _is_int, "an integer")
         _require(src, ann, "segmentation", where, lambda v: isinstance(v, (dict, list)), "an RLE object or a list of polygons")
