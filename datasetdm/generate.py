@@ -22,7 +22,7 @@ from datasetdm.backbones.base import Backbone
 from datasetdm.config import BackboneConfig, GenerateConfig
 from datasetdm.decoder.inputs import class_attention, prompt_classes
 from datasetdm.decoder.model import PDecoder
-from datasetdm.decoder.train import predict_semantic
+from datasetdm.decoder.train import predict
 from datasetdm.errors import DatasetDMError
 from datasetdm.filtering import quality_components, remove_speckle
 from datasetdm.io import atomic_path, remove_temporaries, save_png, sha256_dir, write_json
@@ -148,9 +148,10 @@ def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], se
     assert features is not None
     device = next(decoder.parameters()).device
     images, features = images.to(device), features.to(device)
-    probs = predict_semantic(decoder, backbone, features, images, classes)
+    attention = class_attention(features, backbone, classes)
+    probs = predict(decoder, backbone, features, images, classes, attention=attention)["semantic"]
     named = [[classes.index(c) for c in prompt_classes(p, backbone, classes)] for p in prompts]
-    quality = quality_components(probs, class_attention(features, backbone, classes), named)
+    quality = quality_components(probs, attention, named)
     labels = np.stack([remove_speckle(x) for x in probs.argmax(1).to(torch.uint8).cpu().numpy()])
     pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return pixels, labels, quality

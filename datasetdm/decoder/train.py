@@ -113,25 +113,28 @@ def _permute_colours(images: torch.Tensor, rng: np.random.Generator) -> torch.Te
 
 
 @torch.no_grad()
-def predict_semantic(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...],
-                     restrict: bool = True) -> torch.Tensor:
-    """Class probabilities (B, 1 + C, H, W) for images whose features were captured.
+def predict(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...],
+            restrict: bool = True, attention: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Every head's output in user units: ``semantic`` class probabilities (B, 1 + C, H, W)
+    and, if the decoder has it, ``depth`` in metres.
 
     With ``restrict`` (the default, as in training) only background and the classes
-    the prompt names can win.
+    the prompt names can win. ``attention`` is ``class_attention(features, ...)`` when
+    the caller already has it.
     """
-    logits = decoder(features.maps, class_attention(features, backbone, classes), images)["semantic"]
+    if attention is None:
+        attention = class_attention(features, backbone, classes)
+    out = decoder(features.maps, attention, images)
+    logits = out["semantic"]
     if restrict:
         logits = restrict_logits(logits, named_class_mask(features.prompts, backbone, classes))
-    return logits.softmax(1)
-
-
-@torch.no_grad()
-def predict(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """Every head's output in user units: ``semantic`` probabilities (restricted to the
-    prompt's classes) and, if the decoder has it, ``depth`` in metres."""
-    out = decoder(features.maps, class_attention(features, backbone, classes), images)
-    result = {"semantic": restrict_logits(out["semantic"], named_class_mask(features.prompts, backbone, classes)).softmax(1)}
+    result = {"semantic": logits.softmax(1)}
     if "depth" in out:
         result["depth"] = out["depth"].exp()
     return result
+
+
+def predict_semantic(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...],
+                     restrict: bool = True) -> torch.Tensor:
+    """Class probabilities (B, 1 + C, H, W) for images whose features were captured."""
+    return predict(decoder, backbone, features, images, classes, restrict)["semantic"]

@@ -96,15 +96,16 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
         with torch.no_grad():
             out = decoder(feats.maps, attention, images)
         named = named_class_mask(feats.prompts, backbone, classes)
+        restricted = restrict_logits(out["semantic"], named)
         preds = {
-            "semantic": restrict_logits(out["semantic"], named).argmax(1),
+            "semantic": restricted.argmax(1),
             "semantic_unrestricted": out["semantic"].argmax(1),
             "attention_only": attention_masks(attention, named, images.shape[-2:], attention_threshold),
         }
         for k, pred in preds.items():
             for p, x in zip(pred.cpu().numpy(), chunk):
                 conf[k] += confusion_matrix(p, x.semantic, n)
-        probs = restrict_logits(out["semantic"], named).softmax(1).cpu().numpy()
+        probs = restricted.softmax(1).cpu().numpy()
         for p, labels, x in zip(probs, preds["semantic"].cpu().numpy(), chunk):
             instances.update(x.id, x.instance_masks, x.instance_classes, instances_from_semantic(labels, p))
             image_miou.append(float(np.nanmean(iou_from_confusion(confusion_matrix(labels, x.semantic, n)))))
