@@ -93,7 +93,7 @@ class DecoderConfig:
     """The perception decoder (P-Decoder) trained on K labelled real images."""
 
     out: str = "models/decoder"
-    heads: tuple[str, ...] = ("semantic",)
+    heads: tuple[str, ...] = ("semantic", "depth", "keypoints")
     channels: int = 64
     image_skip: bool = True
     colour_jitter: bool = True  # shuffle RGB of the decoder's image input in training
@@ -156,11 +156,16 @@ class EvaluateConfig:
     unseen_classes: tuple[str, ...] = ("hexagon",)
     num_zero_shot: int = 100
     zero_shot_seed: int = 800000
+    # The filter measured on regenerated known layouts (evaluate/regenerated.py): how
+    # many scenes, from which seed, noised to which fraction of the schedule.
+    num_regenerated: int = 100
+    regenerated_seed: int = 700000
+    regenerate_strength: float = 0.6
 
 
 @dataclass(frozen=True)
 class DownstreamConfig:
-    """Downstream uplift: one small segmenter trained on (a) the K real images, (b) the
+    """Downstream uplift: one small model per task trained on (a) the K real images, (b) the
     synthetic export, (c) both; all evaluated on the held-out real set."""
 
     out: str = "metrics/downstream.json"
@@ -226,10 +231,12 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "pretrain.block_out_channels": (lambda v: len(v) > 0 and all(c > 0 for c in v), "must be a non-empty list of positive widths"),
     "pretrain.text_dim": _POSITIVE,
     "pretrain.text_layers": _POSITIVE,
-    "decoder.heads": (lambda v: "semantic" in v and set(v) <= {"semantic", "depth"} and len(set(v)) == len(v),
-                      "must list semantic, optionally depth, without repeats"),
+    "decoder.heads": (lambda v: "semantic" in v and set(v) <= {"semantic", "depth", "keypoints"} and len(set(v)) == len(v),
+                      "must list semantic and any of depth, keypoints, without repeats"),
     "decoder.channels": _POSITIVE,
     "evaluate.num_zero_shot": _POSITIVE,
+    "evaluate.num_regenerated": (lambda v: v >= 0, "must be >= 0 (0 skips the measurement)"),
+    "evaluate.regenerate_strength": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "downstream.steps": _POSITIVE,
     "downstream.batch_size": (lambda v: v >= 3, "must be >= 3 (a batch mixes sources)"),
     "downstream.lr": _POSITIVE,

@@ -7,13 +7,16 @@ overwrite each other and the app can show any of them), with
 * ``ground_truth``: the COCO annotations as detections with masks (FiftyOne's COCO
   importer, RLE decoded by FiftyOne),
 * ``semantic``: the VOC mask as a FiftyOne segmentation (class ids, with mask targets),
+* ``depth``: the depth PNG as a FiftyOne heatmap in metres (if the export has depth),
+* ``keypoints``: each instance's COCO keypoints as a FiftyOne keypoint (missing points
+  NaN, as FiftyOne wants), if the export has keypoints,
 * ``quality``, ``prompt``, ``seed``, ``sample_id``: from the export's image entries,
 * ``uniqueness``: FiftyOne Brain's uniqueness over thumbnail embeddings.
 
 Samples whose filter score is below ``curate.min_quality`` are tagged ``low_quality``;
 FiftyOne Brain's near-duplicate search tags all but the first of each group
 ``duplicate``. The curated export in ``curate.out`` has the export's layout
-(``images/``, ``masks/``, ``annotations.json``) without the tagged samples, plus
+(``images/``, ``masks/``, ``depth/``, ``annotations.json``) without the tagged samples, plus
 ``curation.json`` (counts, thresholds, the FiftyOne dataset name, what was dropped).
 
 Embeddings are 16x16 thumbnails, not a pretrained network: nothing can be downloaded
@@ -82,8 +85,19 @@ def load_export(export_dir: str | Path, name: str, overwrite: bool = True):
     ds.info = {"source": str(export_dir), "classes": classes, **coco.get("info", {})}
     ds.save()
     entries = {str(export_dir / im["file_name"]): im for im in coco["images"]}
+    scale = float(coco.get("info", {}).get("depth_scale", 1000))
+    keypoints: dict[int, list] = {}
+    for ann in coco["annotations"]:
+        if "keypoints" in ann:
+            keypoints.setdefault(ann["image_id"], []).append(ann)
     for sample in ds.iter_samples(autosave=True, progress=False):
         im = entries[sample.filepath]
+        if im.get("depth_file"):
+            with Image.open(export_dir / im["depth_file"]) as d:
+                metres = np.asarray(d, dtype=np.float32) / scale
+            sample["depth"] = fo.Heatmap(map=metres, range=[0.0, float(metres.max()) or 1.0])
+        if im["id"] in keypoints:
+            sample["keypoints"] = fo.Keypoints(keypoints=[_keypoint(a, classes, im["width"], im["height"]) for a in keypoints[im["id"]]])
         with Image.open(export_dir / "masks" / f"{im['sample_id']}.png") as m:
             mask = np.asarray(m, dtype=np.uint8)  # palette PNG: the indices are the class ids
         sample["semantic"] = fo.Segmentation(mask=mask)
@@ -92,6 +106,15 @@ def load_export(export_dir: str | Path, name: str, overwrite: bool = True):
         sample["seed"] = int(im["seed"])
         sample["sample_id"] = im["sample_id"]
     return ds
+
+
+def _keypoint(ann: dict, classes: list[str], width: int, height: int):
+    """A COCO keypoint annotation as a FiftyOne Keypoint (relative coordinates, NaN where v = 0)."""
+    import fiftyone as fo
+
+    kps = np.asarray(ann["keypoints"], dtype=np.float64).reshape(-1, 3)
+    points = [(x / width, y / height) if v > 0 else (float("nan"), float("nan")) for x, y, v in kps]
+    return fo.Keypoint(label=classes[ann["category_id"] - 1], points=points)
 
 
 def tag_samples(ds, cfg: CurateConfig) -> dict[str, int]:
@@ -140,6 +163,9 @@ def write_curated(ds, export_dir: str | Path, out_dir: str | Path, cfg: CurateCo
             shutil.copyfile(export_dir / im["file_name"], tmp / im["file_name"])
             mask = f"masks/{im['sample_id']}.png"
             shutil.copyfile(export_dir / mask, tmp / mask)
+            if im.get("depth_file"):
+                (tmp / "depth").mkdir(exist_ok=True)
+                shutil.copyfile(export_dir / im["depth_file"], tmp / im["depth_file"])
         write_json(tmp / "annotations.json", {**coco, "images": keep_images,
                                               "annotations": [a for a in coco["annotations"] if a["image_id"] in keep_ids]})
         write_json(tmp / "curation.json", summary)

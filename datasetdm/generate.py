@@ -25,6 +25,8 @@ from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import predict
 from datasetdm.errors import DatasetDMError
 from datasetdm.filtering import quality_components, remove_speckle
+from datasetdm.keypoints import CHANNELS, find_peaks
+from datasetdm.realset import DEPTH_SCALE
 from datasetdm.io import atomic_path, remove_temporaries, save_png, sha256_dir, write_json
 
 MANIFEST = "manifest.json"
@@ -132,29 +134,56 @@ def _shard_matches(shard_dir: Path, shard: list[PlannedSample], provenance: dict
         have = [(r.get("id"), r.get("prompt"), r.get("seed")) for r in records]
         same_models = all(r.get(k) == v for r in records for k, v in provenance.items())
         return want == have and same_models and all(
-            (shard_dir / r["image"]).is_file() and (shard_dir / r["semantic"]).is_file() for r in records)
+            (shard_dir / r[key]).is_file() for r in records for key in ("image", "semantic", "depth") if key in r)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError is a ValueError
         return False
 
 
+@dataclass
+class AnnotatedBatch:
+    """One generated batch with every annotation the decoder's heads give.
+
+    ``depth`` is uint16 millimetres (``DEPTH_SCALE`` units per metre, as the real sets)
+    and ``keypoints`` the heatmap peaks per sample (``{"centre": [[x, y, score], ...],
+    "corner": [...]}``); both are None when the decoder lacks that head. Peaks are
+    grouped into per-instance COCO keypoints at export, where instances are made.
+    """
+
+    pixels: np.ndarray  # (B, H, W, 3) uint8
+    labels: np.ndarray  # (B, H, W) uint8
+    quality: list[dict[str, float]]
+    depth: np.ndarray | None = None  # (B, H, W) uint16 mm
+    keypoints: list[dict[str, list[list[float]]]] | None = None
+
+
 def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], seeds: list[int], classes: tuple[str, ...],
-                   bb: BackboneConfig) -> tuple[np.ndarray, np.ndarray, list[dict[str, float]]]:
-    """Generate one batch and annotate it: uint8 images (B, H, W, 3), labels (B, H, W), quality components.
+                   bb: BackboneConfig, init_images: torch.Tensor | None = None, strength: float = 1.0) -> AnnotatedBatch:
+    """Generate one batch and annotate it with every head of the decoder.
 
     This is all the work per sample that the factory adds to plain sampling; the
-    capture-overhead benchmark times exactly this function.
+    capture-overhead benchmark times exactly this function. ``init_images`` and
+    ``strength`` regenerate given images instead (img2img; the filter's measurement
+    on known layouts uses it).
     """
-    images, features = backbone.sample(prompts, seeds, bb.steps, bb.guidance_scale, capture_timestep=bb.feature_timestep)
+    images, features = backbone.sample(prompts, seeds, bb.steps, bb.guidance_scale, capture_timestep=bb.feature_timestep,
+                                       init_images=init_images, strength=strength)
     assert features is not None
     device = next(decoder.parameters()).device
     images, features = images.to(device), features.to(device)
     attention = class_attention(features, backbone, classes)
-    probs = predict(decoder, backbone, features, images, classes, attention=attention)["semantic"]
+    out = predict(decoder, backbone, features, images, classes, attention=attention)
+    probs = out["semantic"]
     named = [[classes.index(c) for c in prompt_classes(p, backbone, classes)] for p in prompts]
     quality = quality_components(probs, attention, named)
     labels = np.stack([remove_speckle(x) for x in probs.argmax(1).to(torch.uint8).cpu().numpy()])
     pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    return pixels, labels, quality
+    batch = AnnotatedBatch(pixels, labels, quality)
+    if "depth" in out:
+        batch.depth = np.clip(np.round(out["depth"].cpu().double().numpy() * DEPTH_SCALE), 0, 65535).astype(np.uint16)
+    if "keypoints" in out:
+        batch.keypoints = [{name: np.round(p.astype(np.float64), 3).tolist() for name, p in zip(CHANNELS, find_peaks(h))}
+                           for h in out["keypoints"].cpu().numpy()]
+    return batch
 
 
 def _write_shard(shard_dir: Path, name: str, shard: list[PlannedSample], backbone: Backbone, decoder: PDecoder,
@@ -169,13 +198,19 @@ def _write_shard(shard_dir: Path, name: str, shard: list[PlannedSample], backbon
         (tmp / "semantic").mkdir()
         for start in range(0, len(shard), gen.batch_size):
             batch = shard[start:start + gen.batch_size]
-            pixels, labels, quality = annotate_batch(backbone, decoder, [s.prompt for s in batch], [s.seed for s in batch], classes, bb)
-            for s, img, lab, q in zip(batch, pixels, labels, quality):
-                save_png(tmp / "images" / f"{s.id}.png", img)
-                save_png(tmp / "semantic" / f"{s.id}.png", lab)
-                records.append({"id": s.id, "shard": name, "prompt": s.prompt, "seed": s.seed,
-                                "image": f"images/{s.id}.png", "semantic": f"semantic/{s.id}.png",
-                                **provenance, "quality": {k: round(v, 6) for k, v in q.items()}})
+            made = annotate_batch(backbone, decoder, [s.prompt for s in batch], [s.seed for s in batch], classes, bb)
+            for j, s in enumerate(batch):
+                save_png(tmp / "images" / f"{s.id}.png", made.pixels[j])
+                save_png(tmp / "semantic" / f"{s.id}.png", made.labels[j])
+                record = {"id": s.id, "shard": name, "prompt": s.prompt, "seed": s.seed,
+                          "image": f"images/{s.id}.png", "semantic": f"semantic/{s.id}.png"}
+                if made.depth is not None:
+                    (tmp / "depth").mkdir(exist_ok=True)
+                    save_png(tmp / "depth" / f"{s.id}.png", made.depth[j])
+                    record["depth"] = f"depth/{s.id}.png"
+                if made.keypoints is not None:
+                    record["keypoints"] = made.keypoints[j]
+                records.append({**record, **provenance, "quality": {k: round(v, 6) for k, v in made.quality[j].items()}})
         write_json(tmp / "records.json", records)
 
 

@@ -63,24 +63,44 @@ def render_report(card: dict, metrics: dict, params: Params, downstream: dict | 
         lines += [f"Quality filter, measured on the held-out real images (where truth exists): at threshold {f['min_score']} it keeps "
                   f"{f['kept_fraction'] * 100:.0f}% of them; their per-image mIoU is {_num(f['image_mIoU_kept'])} against "
                   f"{_num(f['image_mIoU_all'])} for all and {_num(f['image_mIoU_dropped'])} for those it drops.", ""]
+    if metrics.get("filter_regenerated"):
+        f = metrics["filter_regenerated"]
+        lines += [f"Quality filter on {f['num_images']} generated images of known layout (the backbone regenerates rendered scenes, "
+                  f"img2img at strength {f['strength']}): it keeps {f['kept_fraction'] * 100:.0f}%; per-image mIoU against the "
+                  f"layout is {_num(f['image_mIoU_kept'])} for kept, {_num(f['image_mIoU_all'])} for all, "
+                  f"{_num(f['image_mIoU_dropped'])} for dropped (score/mIoU correlation {_num(f['score_mIoU_correlation'])}).", ""]
     if "depth" in metrics:
         d = metrics["depth"]
         lines += ["Depth head: " + f"AbsRel {_num(d['abs_rel'])}, RMSE {_num(d['rmse'])} m, delta<1.25 {_num(d['delta1'])}.", ""]
+    if "keypoints" in metrics:
+        k = metrics["keypoints"]
+        lines += [f"Keypoint head (heatmap peaks grouped per instance; COCO keypoint AP, OKS sigma {k.get('oks_sigma', '?')}, "
+                  f"best cyclic order of corners, over {k.get('num_instances', '?')} instances): "
+                  f"AP {_num(k.get('AP'))}, AP50 {_num(k.get('AP50'))}.", ""]
     if downstream:
-        ds = downstream.get("semantic", {})
+        any_task = next(iter(downstream.values()), {})
         lines += [
             "## Downstream uplift",
             "",
-            f"The same small segmenter trained on {ds.get('num_real', '?')} real images, {ds.get('num_synthetic', '?')} synthetic "
-            f"images, or both; mIoU on {ds.get('num_test', '?')} held-out real images.",
+            f"One small model per task trained on (a) {any_task.get('num_real', '?')} real images, (b) "
+            f"{any_task.get('num_synthetic', '?')} synthetic images, (c) both; scored on {any_task.get('num_test', '?')} "
+            "held-out real images. Depth: AbsRel (lower is better).",
             "",
-            "| training data | mIoU |",
-            "|---|---:|",
-            *[f"| {name} | {_num(ds.get(f'mIoU_{name}'))} |" for name in ("real", "synthetic", "real+synthetic")],
-            "",
-            f"Uplift of real + synthetic over real only: {ds.get('uplift', float('nan')) * 100:+.1f} mIoU points.",
-            "",
+            "| task | metric | (a) real | (b) synthetic | (c) real + synthetic | (c) vs (a) |",
+            "|---|---|---:|---:|---:|---:|",
         ]
+        for task, metric, key in (("semantic", "mIoU", "mIoU"), ("instances", "mask AP", "AP"), ("depth", "AbsRel", "abs_rel"),
+                                  ("keypoints", "keypoint AP", "AP")):
+            row = downstream.get(task)
+            if not row:
+                continue
+            if task == "depth":
+                change = f"{row['abs_rel_reduction'] * 100:+.1f}% lower" if "abs_rel_reduction" in row else "n/a"
+            else:
+                change = f"{row['uplift'] * 100:+.1f} points" if "uplift" in row else "n/a"
+            lines.append(f"| {task} | {metric} | " + " | ".join(_num(row.get(f"{key}_{name}")) for name in
+                                                              ("real", "synthetic", "real+synthetic")) + f" | {change} |")
+        lines.append("")
     return "\n".join(lines)
 
 

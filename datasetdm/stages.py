@@ -20,8 +20,9 @@ from datasetdm.config import Params
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import train_decoder
 from datasetdm.downstream.data import from_export, from_labelled
-from datasetdm.downstream.segmenter import evaluate_segmenter, train_segmenter
+from datasetdm.downstream.uplift import uplift_table
 from datasetdm.errors import DatasetDMError
+from datasetdm.evaluate.regenerated import filter_on_regenerated
 from datasetdm.evaluate.semantic import evaluate_decoder, fit_attention_threshold
 from datasetdm.evaluate.zero_shot import evaluate_zero_shot
 from datasetdm.export.dataset import export_dataset
@@ -134,28 +135,25 @@ def evaluate_stage(params: Params) -> dict:
         every = params.world.classes + params.evaluate.unseen_classes
         metrics["zero_shot"] = evaluate_zero_shot(backbone, decoder, load_real_set(zero_shot_dir(params), every), params.backbone,
                                                   params.evaluate.unseen_classes)
+    ev = params.evaluate
+    if ev.num_regenerated:
+        metrics["filter_regenerated"] = filter_on_regenerated(backbone, decoder, params.world, params.backbone, params.filter.min_score,
+                                                              ev.num_regenerated, ev.regenerated_seed, ev.regenerate_strength)
     write_json(params.evaluate.out, metrics)
     return metrics
 
 
 def downstream_stage(params: Params) -> dict:
-    """Train the same small segmenter on real, synthetic and real + synthetic data."""
+    """Train one small model per task on real, synthetic and real + synthetic data; score all on held-out real."""
     cfg = params.downstream
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
     real = from_labelled(load_real_set(train_dir, params.world.classes))
     synthetic = from_export(params.export.out)
-    test = from_labelled(load_real_set(test_dir, params.world.classes))
-    num_labels = 1 + len(params.world.classes)
-    results = {}
-    for name, sources in (("real", [real]), ("synthetic", [synthetic]), ("real+synthetic", [real, synthetic])):
-        model = train_segmenter(sources, num_labels, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, cfg.width, desc=f"segmenter ({name})")
-        results[name] = evaluate_segmenter(model, test, num_labels)
-    metrics = {"semantic": {"num_real": len(real), "num_synthetic": len(synthetic), "num_test": len(test),
-                            **{f"mIoU_{name}": r["mIoU"] for name, r in results.items()},
-                            "uplift": results["real+synthetic"]["mIoU"] - results["real"]["mIoU"]}}
-    write_json(cfg.out, metrics)
-    write_json(cfg.plot, [{"task": "semantic", "training data": name, "mIoU": round(r["mIoU"], 4)} for name, r in results.items()])
-    return metrics
+    test = load_real_set(test_dir, params.world.classes)
+    results = uplift_table(real, synthetic, test, params.world.classes, cfg)
+    write_json(cfg.out, results["metrics"])
+    write_json(cfg.plot, results["plot"])
+    return results["metrics"]
 
 
 def report_stage(params: Params) -> dict:

@@ -30,7 +30,7 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
                        "steps": 4, "batch_size": 4, "width": 8},
         # DVC needs every params key a stage lists (real-data lists these two) in params.yaml itself.
         "evaluate": {"out": str(tmp / "metrics/decoder.json"), "num_zero_shot": 4, "unseen_classes": ["hexagon"],
-                     "zero_shot_seed": 800000},
+                     "zero_shot_seed": 800000, "num_regenerated": 4, "regenerated_seed": 700000, "regenerate_strength": 0.6},
         "report": {"out": str(tmp / "reports/report.md")},
     }
 

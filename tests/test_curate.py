@@ -69,8 +69,12 @@ def test_curate_loads_labels_tags_and_exports(fiftyone_env, exported):
     ds = fo.load_dataset(name)
     assert ds.persistent and len(ds) == n == 6
     schema = ds.get_field_schema()
-    for field in ("ground_truth", "semantic", "quality", "prompt", "seed", "sample_id", "uniqueness"):
+    for field in ("ground_truth", "semantic", "depth", "keypoints", "quality", "prompt", "seed", "sample_id", "uniqueness"):
         assert field in schema, field
+    first = ds.sort_by("sample_id").first()
+    assert first["depth"].map.shape == (p.world.image_size, p.world.image_size) and float(first["depth"].map.min()) > 0
+    with_kps = [a for a in coco["annotations"] if a["image_id"] == coco["images"][0]["id"]]
+    assert len(first["keypoints"].keypoints) == len(with_kps) and first["keypoints"].keypoints[0].label in p.world.classes
     assert ds.count("ground_truth.detections") == len(coco["annotations"])
     det = ds.first()["ground_truth"].detections[0]
     assert det.mask is not None and det.mask.any() and det.label in p.world.classes
@@ -85,6 +89,7 @@ def test_curate_loads_labels_tags_and_exports(fiftyone_env, exported):
     assert len(curated["images"]) == 4 and min(im["score"] for im in curated["images"]) >= cfg.min_quality
     for im in curated["images"]:
         assert (out / im["file_name"]).read_bytes() == (Path(p.export.out) / im["file_name"]).read_bytes()
+        assert (out / im["depth_file"]).read_bytes() == (Path(p.export.out) / im["depth_file"]).read_bytes()
     assert {a["image_id"] for a in curated["annotations"]} <= {im["id"] for im in curated["images"]}
 
     # Near duplicates: a loose threshold groups everything; one of each group survives.

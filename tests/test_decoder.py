@@ -32,7 +32,7 @@ def test_class_attention_picks_named_classes(tiny_backbone):
 
 
 def test_training_lowers_the_loss_and_roundtrips(tiny_backbone, tiny_params, labelled, tmp_path):
-    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 25})
+    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 25, "heads": ("semantic",)})
     decoder, stats = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
     assert np.isfinite(stats["final_loss"]) and stats["final_loss"] < stats["first_loss"]
     decoder.save(tmp_path / "dec")
@@ -48,7 +48,7 @@ def test_training_lowers_the_loss_and_roundtrips(tiny_backbone, tiny_params, lab
     metrics = evaluate_decoder(tiny_backbone, loaded, labelled, tiny_params.backbone)
     for key in ("semantic", "semantic_unrestricted", "attention_only"):
         assert 0 <= metrics[key]["mIoU"] <= 1 and set(metrics[key]["per_class_iou"]) == {"background", "circle", "square"}
-    assert "depth" not in metrics
+    assert "depth" not in metrics and "keypoints" not in metrics
     assert 0 <= metrics["instances"]["AP"] <= 1 and metrics["instances"]["num_instances"] > 0
     f = metrics["filter"]
     assert 0 <= f["kept_fraction"] <= 1 and 0 <= f["image_mIoU_all"] <= 1
@@ -82,6 +82,25 @@ def test_depth_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled
     assert out["depth"].shape == (2, 32, 32) and bool((out["depth"] > 0).all())
     depth = evaluate_decoder(tiny_backbone, decoder, labelled, tiny_params.backbone)["depth"]
     assert depth["abs_rel"] >= 0 and 0 <= depth["delta1"] <= 1 and np.isfinite(depth["rmse"])
+
+
+def test_keypoint_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled):
+    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 40, "heads": ("semantic", "keypoints")})
+    decoder, stats = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    assert np.isfinite(stats["keypoints_final_loss"]) and stats["keypoints_final_loss"] < stats["keypoints_first_loss"]
+    images = torch.rand(2, 3, 32, 32)
+    feats = tiny_backbone.extract_features(images, ["a red circle", "a blue square"], 100, [1, 2])
+    heat = predict(decoder, tiny_backbone, feats, images, tiny_params.world.classes)["keypoints"]
+    assert heat.shape == (2, 2, 32, 32) and bool(((heat >= 0) & (heat <= 1)).all())
+    kp = evaluate_decoder(tiny_backbone, decoder, labelled, tiny_params.backbone)["keypoints"]
+    assert kp["num_instances"] > 0 and 0 <= kp["AP"] <= 1 and kp["oks_sigma"] == 0.1
+
+
+def test_every_head_lowers_its_own_loss(tiny_backbone, tiny_params, labelled):
+    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 40, "heads": ("semantic", "depth", "keypoints")})
+    _, stats = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    for head in ("semantic", "depth", "keypoints"):
+        assert np.isfinite(stats[f"{head}_final_loss"]) and stats[f"{head}_final_loss"] < stats[f"{head}_first_loss"], head
 
 
 def test_miou_arithmetic():

@@ -1,34 +1,100 @@
-"""Downstream uplift machinery: data loading from an export and the small segmenter."""
+"""Downstream uplift machinery: training sets from real labels and from an export, one small model per task."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 
-from datasetdm.downstream.data import ArraySet, from_export
-from datasetdm.downstream.segmenter import evaluate_segmenter, train_segmenter
+from datasetdm import stages
+from datasetdm.config import DownstreamConfig, WorldConfig
+from datasetdm.downstream.data import from_export, from_labelled
+from datasetdm.downstream.evaluate import evaluate_model
+from datasetdm.downstream.models import _batch, task_loss, train_model
+from datasetdm.downstream.uplift import uplift_table
 from datasetdm.errors import DatasetDMError
+from datasetdm.realset import load_real_set, write_real_set
+
+WORLD = WorldConfig(image_size=32, classes=("circle", "square"), colours=("red", "blue"), max_objects=2)
 
 
-def toy_set(n: int, seed: int) -> ArraySet:
-    """Squares of label 1 (red) and 2 (blue) on grey: learnable in a few dozen steps."""
-    rng = np.random.default_rng(seed)
-    images = np.full((n, 16, 16, 3), 128, np.uint8)
-    labels = np.zeros((n, 16, 16), np.uint8)
-    for i in range(n):
-        y, x = rng.integers(0, 8, size=2)
-        k = int(rng.integers(1, 3))
-        images[i, y:y + 8, x:x + 8] = (255, 0, 0) if k == 1 else (0, 0, 255)
-        labels[i, y:y + 8, x:x + 8] = k
-    return ArraySet(images, labels)
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    write_real_set(WORLD, root / "train", 48, seed=1)
+    write_real_set(WORLD, root / "test", 16, seed=500)
+    return load_real_set(root / "train", WORLD.classes), load_real_set(root / "test", WORLD.classes)
 
 
-def test_segmenter_learns_and_mixes_sources():
-    train, test = toy_set(32, 0), toy_set(16, 1)
-    untrained = evaluate_segmenter(train_segmenter([train], 3, 1, 8, 0.0, 0, width=8), test, 3)
-    trained = evaluate_segmenter(train_segmenter([train, toy_set(8, 2)], 3, 60, 8, 0.01, 0, width=8), test, 3)
-    assert trained["mIoU"] > untrained["mIoU"] + 0.2 and trained["mIoU"] > 0.6
-    assert len(trained["per_label_iou"]) == 3
+def test_real_labels_give_every_target(sets):
+    train, _ = sets
+    data = from_labelled(train)
+    assert data.images.shape == (48, 32, 32, 3) and data.semantic.shape == (48, 32, 32)
+    assert data.depth.shape == (48, 32, 32) and float(data.depth.min()) > 0
+    assert data.heatmaps.shape == (48, 2, 32, 32) and data.heatmaps.max() == pytest.approx(1.0)
+
+
+def test_each_task_model_learns(sets):
+    """A few dozen steps beat an untrained model on held-out images (semantic, depth) or lower the loss (keypoints)."""
+    train, test = sets
+    data = from_labelled(train)
+    untrained = {t: evaluate_model(t, train_model(t, [data], 3, 1, 8, 0.0, 0, width=8), test, WORLD.classes)
+                 for t in ("semantic", "depth")}
+    trained = {t: evaluate_model(t, train_model(t, [data], 3, 60, 8, 0.01, 0, width=8), test, WORLD.classes)
+               for t in ("semantic", "depth")}
+    assert trained["semantic"]["mIoU"] > untrained["semantic"]["mIoU"] + 0.2
+    assert 0 <= trained["semantic"]["instances"]["AP"] <= 1
+    assert trained["depth"]["abs_rel"] < untrained["depth"]["abs_rel"] - 0.2
+    rng = np.random.default_rng(5)
+    x, targets = _batch("keypoints", data, np.arange(16), rng)
+    before = task_loss("keypoints", train_model("keypoints", [data], 3, 1, 8, 0.0, 0, width=8)(x), targets, 3)
+    model = train_model("keypoints", [data], 3, 60, 8, 0.01, 0, width=8)
+    with torch.no_grad():
+        after = task_loss("keypoints", model(x), targets, 3)
+    assert torch.isfinite(after) and after < before
+    kp = evaluate_model("keypoints", model, test, WORLD.classes)
+    assert kp["num_instances"] > 0 and 0 <= kp["AP"] <= 1
+
+
+def test_depth_views_never_rotate(sets):
+    """Depth batches use flips only: the top row (far ground) stays the top row."""
+    data = from_labelled(sets[0])
+    _, targets = _batch("depth", data, np.arange(8), np.random.default_rng(0))
+    top, bottom = targets["depth"][:, 0].mean(), targets["depth"][:, -1].mean()
+    assert top > bottom
+
+
+@pytest.fixture
+def exported(tiny_params):
+    for stage in ("real-data", "train-decoder", "expand-prompts", "generate", "filter", "export"):
+        stages.STAGES[stage](tiny_params)
+    return tiny_params
+
+
+def test_export_gives_depth_and_keypoint_targets(exported):
+    data = from_export(exported.export.out)
+    n = len(data)
+    assert n == 6 and data.depth.shape == (n, 32, 32) and bool((data.depth > 0).all())
+    assert data.heatmaps.shape == (n, 2, 32, 32)
+
+
+def test_uplift_table_covers_every_task(exported):
+    p = exported
+    train_dir, test_dir = stages.real_set_split_dirs(p.real.dir)
+    real = from_labelled(load_real_set(train_dir, p.world.classes))
+    test = load_real_set(test_dir, p.world.classes)
+    cfg = DownstreamConfig(steps=3, batch_size=4, width=8)
+    table = uplift_table(real, from_export(p.export.out), test, p.world.classes, cfg)
+    assert set(table["metrics"]) == {"semantic", "instances", "depth", "keypoints"}
+    assert {"mIoU_real", "mIoU_synthetic", "mIoU_real+synthetic", "uplift"} <= set(table["metrics"]["semantic"])
+    assert {"abs_rel_real", "abs_rel_real+synthetic", "abs_rel_reduction"} <= set(table["metrics"]["depth"])
+    assert len(table["plot"]) == 12 and {r["training data"] for r in table["plot"]} == {"real", "synthetic", "real+synthetic"}
+    # A synthetic set without depth (a decoder without the depth head) leaves depth real-only.
+    no_depth = dataclasses.replace(from_export(p.export.out), depth=None)
+    partial = uplift_table(real, no_depth, test, p.world.classes, cfg)["metrics"]["depth"]
+    assert "abs_rel_real" in partial and "abs_rel_synthetic" not in partial and "abs_rel_reduction" not in partial
 
 
 def test_export_without_card_is_one_line(tmp_path):

@@ -222,13 +222,14 @@ def test_the_card_is_enough_to_reproduce_a_sample(trained):
     sample = [s for s in card["samples"] if s["kept"]][-1]
     bb = BackboneConfig(steps=reproduce["steps"], guidance_scale=reproduce["guidance_scale"],
                         feature_timestep=reproduce["feature_timestep"])
-    pixels, labels, _ = annotate_batch(backbone, decoder, [sample["prompt"]], [sample["seed"]], tuple(card["classes"]), bb)
+    made = annotate_batch(backbone, decoder, [sample["prompt"]], [sample["seed"]], tuple(card["classes"]), bb)
+    pixels, labels = made.pixels, made.labels
     with Image.open(out / "images" / f"{sample['id']}.png") as im:
         np.testing.assert_array_equal(np.asarray(im), pixels[0])
     with Image.open(out / "masks" / f"{sample['id']}.png") as im:
         np.testing.assert_array_equal(np.asarray(im), labels[0])
     # The same sample under other settings differs, so the check above could fail.
-    other, _, _ = annotate_batch(backbone, decoder, [sample["prompt"]], [sample["seed"] + 1], tuple(card["classes"]), bb)
+    other = annotate_batch(backbone, decoder, [sample["prompt"]], [sample["seed"] + 1], tuple(card["classes"]), bb).pixels
     assert not np.array_equal(other[0], pixels[0])
 
 

@@ -56,12 +56,24 @@ class Backbone(Protocol):
         steps: int,
         guidance_scale: float,
         capture_timestep: int | None,
+        init_images: torch.Tensor | None = None,
+        strength: float = 1.0,
     ) -> tuple[torch.Tensor, Features | None]:
         """Generate images (B, 3, H, W) in [0, 1]; capture features at ``capture_timestep``.
 
         Each image's initial noise comes from its own seed, so a sample does not depend
-        on which batch it was generated in.
+        on which batch it was generated in. With ``init_images`` (B, 3, H, W) in [0, 1]
+        sampling starts from those images noised to ``strength`` of the schedule
+        (SDEdit / diffusers img2img): the layout survives, the pixels are regenerated.
         """
 
     def extract_features(self, images: torch.Tensor, prompts: list[str], timestep: int, seeds: list[int]) -> Features:
         """Features of real images: encode, noise to ``timestep``, one UNet pass."""
+
+
+def img2img_timesteps(timesteps: torch.Tensor, strength: float) -> torch.Tensor:
+    """The tail of a sampling schedule that img2img runs, as diffusers' img2img pipelines cut it."""
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    keep = max(1, min(int(len(timesteps) * strength), len(timesteps)))
+    return timesteps[len(timesteps) - keep:]

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
 
-from datasetdm.backbones.base import Features
+from datasetdm.backbones.base import Features, img2img_timesteps
 from datasetdm.backbones.sd_folder import check_model_index, folder_fingerprint, load_components, resolve_folder
 from datasetdm.capture import FeatureCapture
 from datasetdm.errors import DatasetDMError
@@ -187,7 +187,8 @@ class StableDiffusionBackbone:
 
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
-               capture_timestep: int | None = None) -> tuple[torch.Tensor, Features | None]:
+               capture_timestep: int | None = None, init_images: torch.Tensor | None = None,
+               strength: float = 1.0) -> tuple[torch.Tensor, Features | None]:
         """Images (B, 3, H, W) float32 in [0, 1] on ``output_device`` and, if asked, features at the step nearest ``capture_timestep``."""
         if len(prompts) != len(seeds) or not prompts:
             raise ValueError("one seed per prompt, at least one prompt")
@@ -198,11 +199,15 @@ class StableDiffusionBackbone:
         if use_cfg:
             context = torch.cat([self.encode_prompts([""] * len(prompts)), context])
         latents = self.initial_noise(seeds) * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps
+        if init_images is not None:
+            timesteps = img2img_timesteps(timesteps, strength)
+            latents = scheduler.add_noise(self._encode(init_images), self.initial_noise(seeds), timesteps[:1])
         capture_index = None
         if capture_timestep is not None:
-            capture_index = int((scheduler.timesteps.cpu() - capture_timestep).abs().argmin())
+            capture_index = int((timesteps.cpu() - capture_timestep).abs().argmin())
         features = None
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(timesteps):
             x = torch.cat([latents, latents]) if use_cfg else latents
             x = scheduler.scale_model_input(x, t)
             self.capture.active = i == capture_index
@@ -216,6 +221,14 @@ class StableDiffusionBackbone:
         images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (images / 2 + 0.5).clamp(0, 1).to(self.output_device, torch.float32), features
 
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> scaled VAE latents (the mean, so only seeds vary noise), resized to the model's size."""
+        x = images.float()
+        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+        x = (x * 2 - 1).to(self.device, self.dtype)
+        return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, prompts: list[str], timestep: int, seeds: list[int]) -> Features:
         """Features of real images (B, 3, H, W) in [0, 1]: resize to the model's size, VAE-encode, noise to t, one UNet pass.
@@ -223,11 +236,7 @@ class StableDiffusionBackbone:
         Resizing makes real-image features the same shapes as generated ones (DatasetDM
         feeds SD its native resolution); the VAE mean is used so only the seed varies the noise.
         """
-        x = images.float()
-        if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
-        x = (x * 2 - 1).to(self.device, self.dtype)
-        latents = self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
+        latents = self._encode(images)
         t = torch.full((len(prompts),), int(timestep), dtype=torch.long, device=self.device)
         noisy = self.scheduler().add_noise(latents, self.initial_noise(seeds), t)
         self.capture.active = True

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from datasetdm.backbones.base import Features
+from datasetdm.backbones.base import Features, img2img_timesteps
 from datasetdm.backbones.codec import PatchCodec
 from datasetdm.backbones.text import TextEncoder, TextEncoderConfig, WordTokenizer, default_vocab
 from datasetdm.capture import FeatureCapture
@@ -153,7 +153,8 @@ class ToyBackbone:
     # -- generation -------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
-               capture_timestep: int | None = None) -> tuple[torch.Tensor, Features | None]:
+               capture_timestep: int | None = None, init_images: torch.Tensor | None = None,
+               strength: float = 1.0) -> tuple[torch.Tensor, Features | None]:
         if len(prompts) != len(seeds):
             raise ValueError("one seed per prompt")
         scheduler = self.sample_scheduler()
@@ -162,12 +163,16 @@ class ToyBackbone:
         use_cfg = guidance_scale != 1.0
         context = torch.cat([self.encode_prompts([""] * len(prompts)), cond]) if use_cfg else cond
         latents = self.initial_noise(seeds)
+        timesteps = scheduler.timesteps
+        if init_images is not None:
+            timesteps = img2img_timesteps(timesteps, strength)
+            latents = scheduler.add_noise(self.codec.encode(init_images.to(self.device)), latents, timesteps[:1])
         capture_index = None
         if capture_timestep is not None:
-            capture_index = int((scheduler.timesteps - capture_timestep).abs().argmin())
+            capture_index = int((timesteps - capture_timestep).abs().argmin())
         features = None
         with FeatureCapture(self.unet) as cap:
-            for i, t in enumerate(scheduler.timesteps):
+            for i, t in enumerate(timesteps):
                 x = torch.cat([latents, latents]) if use_cfg else latents
                 cap.active = i == capture_index
                 eps = self.unet(x, t, encoder_hidden_states=context).sample

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from datasetdm.keypoints import CHANNELS, focal_loss
+
 
 class SemanticHead(nn.Module):
     """Per-pixel class logits (B, 1 + C, H, W); index 0 is background."""
@@ -64,4 +66,25 @@ class DepthHead(nn.Module):
         return log_depth.exp()
 
 
-HEADS: dict[str, Callable[[int, int], nn.Module]] = {"semantic": SemanticHead, "depth": DepthHead}
+class KeypointHead(nn.Module):
+    """Class-agnostic keypoint heatmap logits (B, 2, H, W): centres and corners.
+
+    Which corner is "corner1" is a convention of symmetric shapes, not something the
+    image shows, so the head only says *where* keypoints are; ``datasetdm.keypoints``
+    groups peaks into COCO keypoints per instance.
+    """
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, len(CHANNELS), 1))
+        nn.init.constant_(self.proj[-1].bias, -2.19)  # start at p = 0.1 everywhere (CenterNet's prior)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return focal_loss(logits, target)
+
+
+HEADS: dict[str, Callable[[int, int], nn.Module]] = {"semantic": SemanticHead, "depth": DepthHead, "keypoints": KeypointHead}

@@ -23,6 +23,7 @@ from datasetdm.backbones.base import Backbone, Features
 from datasetdm.config import BackboneConfig, DecoderConfig
 from datasetdm.decoder.inputs import class_attention, named_class_mask, restrict_logits
 from datasetdm.decoder.model import PDecoder
+from datasetdm.keypoints import render_heatmaps
 from datasetdm.realset import LabelledImage
 
 NOISE_DRAWS = 3  # feature samples per image and view
@@ -56,11 +57,12 @@ def feature_bank(backbone: Backbone, labelled: list[LabelledImage], bb: Backbone
     """Precompute (maps, class attention, named-class mask, image, targets) for every image x view x noise draw.
 
     ``targets`` maps a head name to its labels: ``semantic`` (N, H, W) class ids and
-    ``depth`` (N, H, W) metres, 0 where unknown. Rotated views get no depth target:
+    ``depth`` (N, H, W) metres, 0 where unknown, and ``keypoints`` (N, 2, H, W) centre
+    and corner heatmaps (``datasetdm.keypoints``). Rotated views get no depth target:
     the ground plane recedes *upwards* in every real image, and a rotated copy would
     teach the decoder otherwise.
     """
-    maps_all, att_all, mask_all, img_all, sem_all, depth_all = [], [], [], [], [], []
+    maps_all, att_all, mask_all, img_all, sem_all, depth_all, heat_all = [], [], [], [], [], [], []
     items = [(x, v, draw) for x in labelled for v in range(views) for draw in range(NOISE_DRAWS)]
     for start in tqdm(range(0, len(items), batch_size), desc="decoder features", unit="batch", mininterval=2):
         chunk = items[start:start + batch_size]
@@ -76,8 +78,10 @@ def feature_bank(backbone: Backbone, labelled: list[LabelledImage], bb: Backbone
         depth_all.append(torch.from_numpy(np.stack([
             view(x.depth, v).astype(np.float32) if x.depth is not None and v < 2 else np.zeros(x.semantic.shape, np.float32)
             for x, v, _ in chunk])))
+        heat_all.append(torch.from_numpy(np.stack([
+            view(render_heatmaps(x.keypoints, x.semantic.shape).transpose(1, 2, 0), v).transpose(2, 0, 1) for x, v, _ in chunk])))
     maps = [torch.cat([m[i] for m in maps_all]) for i in range(len(maps_all[0]))]
-    targets = {"semantic": torch.cat(sem_all), "depth": torch.cat(depth_all)}
+    targets = {"semantic": torch.cat(sem_all), "depth": torch.cat(depth_all), "keypoints": torch.cat(heat_all)}
     return maps, torch.cat(att_all), torch.cat(mask_all), torch.cat(img_all), targets
 
 
@@ -96,12 +100,17 @@ def train_decoder(backbone: Backbone, labelled: list[LabelledImage], classes: tu
         idx = torch.from_numpy(rng.integers(0, len(imgs), size=cfg.batch_size))
         out = decoder([m[idx] for m in maps], att[idx], _permute_colours(imgs[idx], rng) if cfg.colour_jitter else imgs[idx])
         out["semantic"] = restrict_logits(out["semantic"], named[idx])
-        loss = sum(decoder.heads[name].loss(out[name], targets[name][idx]) for name in out)
+        per_head = {name: decoder.heads[name].loss(out[name], targets[name][idx]) for name in out}
+        loss = sum(per_head.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
-    return decoder.eval(), {"first_loss": float(np.mean(losses[:10])), "final_loss": float(np.mean(losses[-20:]))}
+        losses.append([loss.item(), *(v.item() for v in per_head.values())])
+    curve = np.array(losses)
+    stats = {"first_loss": float(curve[:10, 0].mean()), "final_loss": float(curve[-20:, 0].mean())}
+    for j, name in enumerate(decoder.heads, start=1):  # ModuleDict order = the order of ``out``
+        stats[f"{name}_first_loss"], stats[f"{name}_final_loss"] = float(curve[:10, j].mean()), float(curve[-20:, j].mean())
+    return decoder.eval(), stats
 
 
 def _permute_colours(images: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -116,7 +125,8 @@ def _permute_colours(images: torch.Tensor, rng: np.random.Generator) -> torch.Te
 def predict(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...],
             restrict: bool = True, attention: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Every head's output in user units: ``semantic`` class probabilities (B, 1 + C, H, W)
-    and, if the decoder has it, ``depth`` in metres.
+    and, if the decoder has those heads, ``depth`` in metres and ``keypoints`` heatmap
+    probabilities (B, 2, H, W).
 
     With ``restrict`` (the default, as in training) only background and the classes
     the prompt names can win. ``attention`` is ``class_attention(features, ...)`` when
@@ -131,6 +141,8 @@ def predict(decoder: PDecoder, backbone: Backbone, features: Features, images: t
     result = {"semantic": logits.softmax(1)}
     if "depth" in out:
         result["depth"] = out["depth"].exp()
+    if "keypoints" in out:
+        result["keypoints"] = out["keypoints"].sigmoid()
     return result
 
 

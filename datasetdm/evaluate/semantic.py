@@ -19,6 +19,8 @@ from datasetdm.decoder.inputs import class_attention, named_class_mask, prompt_c
 from datasetdm.decoder.train import images_tensor
 from datasetdm.evaluate.depth import DepthMetrics
 from datasetdm.evaluate.instances import InstanceAP, instances_from_semantic
+from datasetdm.evaluate.keypoints import KeypointAP
+from datasetdm.keypoints import gt_keypoints, predict_keypoints
 from datasetdm.filtering import quality_components, quality_score
 from datasetdm.realset import LabelledImage
 
@@ -73,7 +75,9 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
     caption names); ``semantic_unrestricted`` lets every class compete, and
     ``attention_only`` is the training-free DiffuMask-style baseline (each named
     class's cross-attention map thresholded at half its peak; the highest wins).
-    ``instances`` is COCO mask AP of connected components of the semantic labels.
+    ``instances`` is COCO mask AP of connected components of the semantic labels;
+    ``keypoints`` is keypoint AP (``evaluate/keypoints.py``) of the keypoints those
+    instances take from the keypoint heatmaps; ``depth`` is AbsRel, RMSE and delta < 1.25.
 
     ``filter`` measures the quality filter where truth exists: the same score the
     filter gives generated samples is computed for each real test image, and the
@@ -85,6 +89,7 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
     conf = {k: np.zeros((n, n), dtype=np.int64) for k in ("semantic", "semantic_unrestricted", "attention_only")}
     depth = DepthMetrics() if "depth" in decoder.config["heads"] else None
     instances = InstanceAP(classes)
+    keypoints = KeypointAP(classes) if "keypoints" in decoder.config["heads"] else None
     scores: list[float] = []
     image_miou: list[float] = []
     for start in tqdm(range(0, len(test), batch_size), desc="evaluate", unit="batch", mininterval=2):
@@ -106,8 +111,13 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
             for p, x in zip(pred.cpu().numpy(), chunk):
                 conf[k] += confusion_matrix(p, x.semantic, n)
         probs = restricted.softmax(1).cpu().numpy()
-        for p, labels, x in zip(probs, preds["semantic"].cpu().numpy(), chunk):
-            instances.update(x.id, x.instance_masks, x.instance_classes, instances_from_semantic(labels, p))
+        heat = out["keypoints"].sigmoid().cpu().numpy() if keypoints is not None else [None] * len(chunk)
+        for p, labels, h, x in zip(probs, preds["semantic"].cpu().numpy(), heat, chunk):
+            found = instances_from_semantic(labels, p)
+            instances.update(x.id, x.instance_masks, x.instance_classes, found)
+            if keypoints is not None:
+                keypoints.update(x.id, labels.shape, gt_keypoints(x.instance_masks, x.instance_classes, x.keypoints),
+                                 predict_keypoints(found, h, classes))
             image_miou.append(float(np.nanmean(iou_from_confusion(confusion_matrix(labels, x.semantic, n)))))
         wanted = [[classes.index(c) for c in prompt_classes(prompt, backbone, classes)] for prompt in feats.prompts]
         scores += [quality_score(q) for q in quality_components(torch.from_numpy(probs), attention.cpu(), wanted)]
@@ -127,6 +137,8 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
                          "image_mIoU_dropped": float(per_image[~kept].mean()) if (~kept).any() else None}
     if depth is not None:
         metrics["depth"] = depth.result()
+    if keypoints is not None:
+        metrics["keypoints"] = keypoints.result()
     return metrics
 
 

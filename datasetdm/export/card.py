@@ -12,10 +12,14 @@ from typing import Any
 
 import numpy as np
 
+from datasetdm.realset import DEPTH_SCALE
+
 FORMATS = {
     "images": "images/<id>.png, RGB uint8",
     "masks": "masks/<id>.png, PASCAL VOC palette PNG; pixel value = category id (0 = background)",
-    "annotations": "annotations.json, COCO; one RLE annotation per object instance (connected piece of a class)",
+    "annotations": "annotations.json, COCO; one RLE annotation per object instance (connected piece of a class); "
+                   "keypoints per instance (COCO order, corners clockwise from 12 o'clock) when the decoder has a keypoint head",
+    "depth": "depth/<id>.png, 16-bit greyscale PNG, metres = value / depth_scale (when the decoder has a depth head)",
 }
 
 
@@ -56,6 +60,7 @@ def build_card(*, classes: Sequence[str], image_size: int, generated: Sequence[d
     return {
         "classes": list(classes),
         "image_size": image_size,
+        "depth_scale": DEPTH_SCALE,
         "counts": {"generated": len(generated), "kept": len(kept), "dropped": len(generated) - len(kept)},
         "scores": {"min_score": min_score,
                    "kept_min": round(min(scores), 6) if scores else None,

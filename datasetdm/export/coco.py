@@ -23,13 +23,19 @@ from scipy import ndimage
 from pycocotools.coco import COCO
 
 from datasetdm.io import write_json
+from datasetdm.keypoints import group_keypoints
+from datasetdm.worlds.shapes import KEYPOINT_NAMES
 
 SUPERCATEGORY = "shape"
 
 
 def semantic_to_coco_annotations(semantic: np.ndarray, image_id: int, classes: Sequence[str],
-                                 start_ann_id: int) -> list[dict[str, Any]]:
+                                 start_ann_id: int, peaks: list[np.ndarray] | None = None) -> list[dict[str, Any]]:
     """One COCO annotation per connected piece of each class in ``semantic``.
+
+    With ``peaks`` (the keypoint heatmap peaks of the image, ``datasetdm.keypoints``)
+    each annotation also gets COCO ``keypoints`` / ``num_keypoints`` in its category's
+    order.
 
     semantic: HxW integer class ids, 0 = background, k = 1 + index into ``classes``.
     Annotation ids run from ``start_ann_id`` upwards, in class order, then in raster
@@ -44,13 +50,19 @@ def semantic_to_coco_annotations(semantic: np.ndarray, image_id: int, classes: S
         raise ValueError(f"class index {top} but only {len(classes)} classes")
     annotations = []
     pieces = [(k, binary) for k in range(1, len(classes) + 1) for binary in _pieces(semantic == k)]
-    for k, binary in pieces:
+    grouped = group_keypoints([(classes[k - 1], binary) for k, binary in pieces], peaks) if peaks is not None else None
+    for j, (k, binary) in enumerate(pieces):
         rle = mask_utils.encode(np.asfortranarray(binary.astype(np.uint8)))
         area = float(mask_utils.area(rle))
         bbox = [float(v) for v in mask_utils.toBbox(rle)]
         rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON
-        annotations.append({"id": start_ann_id + len(annotations), "image_id": int(image_id), "category_id": k,
-                            "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0})
+        ann = {"id": start_ann_id + len(annotations), "image_id": int(image_id), "category_id": k,
+               "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0}
+        if grouped is not None:
+            kps = grouped[j][0]
+            ann["keypoints"] = [round(float(v), 3) for v in kps.reshape(-1)]
+            ann["num_keypoints"] = int((kps[:, 2] > 0).sum())
+        annotations.append(ann)
     return annotations
 
 
@@ -59,15 +71,22 @@ def _pieces(mask: np.ndarray) -> list[np.ndarray]:
     return [labels == j for j in range(1, n + 1)]
 
 
-def coco_categories(classes: Sequence[str]) -> list[dict[str, Any]]:
-    return [{"id": i + 1, "name": name, "supercategory": SUPERCATEGORY} for i, name in enumerate(classes)]
+def coco_categories(classes: Sequence[str], keypoints: bool = False) -> list[dict[str, Any]]:
+    """Categories; with ``keypoints`` each lists its keypoint names and a skeleton (every point to the centre)."""
+    cats: list[dict[str, Any]] = [{"id": i + 1, "name": name, "supercategory": SUPERCATEGORY} for i, name in enumerate(classes)]
+    if keypoints:
+        for cat in cats:
+            names = KEYPOINT_NAMES[cat["name"]]
+            cat["keypoints"] = list(names)
+            cat["skeleton"] = [[1, j] for j in range(2, len(names) + 1)]
+    return cats
 
 
 def write_coco(path: str | Path, images: list[dict], annotations: list[dict], classes: Sequence[str],
-               info: dict[str, Any]) -> None:
+               info: dict[str, Any], keypoints: bool = False) -> None:
     """Write a complete COCO JSON file atomically."""
     write_json(path, {"info": info, "licenses": [], "images": images, "annotations": annotations,
-                      "categories": coco_categories(classes)})
+                      "categories": coco_categories(classes, keypoints)})
 
 
 def load_coco_masks(path: str | Path) -> dict[str, np.ndarray]:

@@ -6,7 +6,9 @@ and writes ``out_dir`` as one unit::
 
     images/<id>.png      RGB, byte-for-byte the generated image
     masks/<id>.png       VOC palette PNG, pixel value = category id
-    annotations.json     COCO (image entries also carry prompt, seed, score)
+    depth/<id>.png       16-bit PNG, millimetres (card: depth_scale), if the decoder has a depth head
+    annotations.json     COCO (image entries also carry prompt, seed, score; keypoints
+                         per instance if the decoder has a keypoint head)
     dataset.json         the dataset card (see ``card.py``)
     grid.png             the first ``grid_samples`` kept samples, if any
 
@@ -33,6 +35,8 @@ from datasetdm.export.coco import semantic_to_coco_annotations, write_coco
 from datasetdm.export.grid import sample_grid
 from datasetdm.export.voc import save_voc_mask
 from datasetdm.io import atomic_path, sha256_dir, sha256_file, write_json
+from datasetdm.keypoints import CHANNELS
+from datasetdm.realset import DEPTH_SCALE
 
 MANIFEST = "manifest.json"
 RECORDS = "records.json"
@@ -80,6 +84,7 @@ def export_dataset(gen_dir: str | Path, filtered_json: str | Path, out_dir: str 
     min_score, samples = _apply_filter(Path(filtered_json), samples)
     kept = [s for s in samples if s.kept]
 
+    has_keypoints = any("keypoints" in s.record for s in kept)
     with atomic_path(out_dir) as tmp:
         (tmp / "images").mkdir(parents=True)
         (tmp / "masks").mkdir()
@@ -91,19 +96,29 @@ def export_dataset(gen_dir: str | Path, filtered_json: str | Path, out_dir: str 
             shutil.copyfile(s.path("image"), tmp / "images" / f"{s.id}.png")
             save_voc_mask(tmp / "masks" / f"{s.id}.png", semantic)
             h, w = semantic.shape
-            images.append({"id": n, "file_name": f"images/{s.id}.png", "width": w, "height": h,
-                           "prompt": s.record["prompt"], "seed": s.record["seed"], "score": s.score,
-                           "sample_id": s.id, "shard": s.shard})
-            annotations += semantic_to_coco_annotations(semantic, n, classes, start_ann_id=len(annotations) + 1)
+            entry = {"id": n, "file_name": f"images/{s.id}.png", "width": w, "height": h,
+                     "prompt": s.record["prompt"], "seed": s.record["seed"], "score": s.score,
+                     "sample_id": s.id, "shard": s.shard}
+            if "depth" in s.record:
+                _check_depth(s, semantic.shape)
+                (tmp / "depth").mkdir(exist_ok=True)
+                shutil.copyfile(s.path("depth"), tmp / "depth" / f"{s.id}.png")
+                entry["depth_file"] = f"depth/{s.id}.png"
+            images.append(entry)
+            peaks = _read_peaks(s) if "keypoints" in s.record else None
+            annotations += semantic_to_coco_annotations(semantic, n, classes, start_ann_id=len(annotations) + 1, peaks=peaks)
             label_counts.append(np.bincount(semantic.ravel(), minlength=1 + len(classes)))
             if len(grid) < grid_samples:
                 grid.append((image, semantic, s.record["prompt"], s.score))
         # No date in "info": the same inputs must give the same bytes (DVC hashes outputs).
         info = {"description": "datasetdm synthetic dataset", "contributor": "datasetdm", "version": "1",
-                "backbone": manifest["backbone"], "decoder": manifest["decoder"], "min_score": min_score}
-        write_coco(tmp / "annotations.json", images, annotations, classes, info)
+                "backbone": manifest["backbone"], "decoder": manifest["decoder"], "min_score": min_score,
+                "depth_scale": DEPTH_SCALE}
+        write_coco(tmp / "annotations.json", images, annotations, classes, info, keypoints=has_keypoints)
         files = {"annotations.json": sha256_file(tmp / "annotations.json"),
                  "images": sha256_dir(tmp / "images"), "masks": sha256_dir(tmp / "masks")}
+        if (tmp / "depth").is_dir():
+            files["depth"] = sha256_dir(tmp / "depth")
         if grid:
             sample_grid(grid, tmp / "grid.png", classes=classes)
             files["grid.png"] = sha256_file(tmp / "grid.png")
@@ -181,7 +196,11 @@ def _read_shards(gen_dir: Path, manifest: dict[str, Any], manifest_file: Path) -
         for j, record in enumerate(records):
             for key, kind in RECORD_FIELDS.items():
                 _need(record, key, kind, records_file, f"[{j}].{key}")
-            for key in ("image", "semantic"):
+            if "depth" in record:
+                _need(record, "depth", str, records_file, f"[{j}].depth")
+            for key in ("image", "semantic", "depth"):
+                if key not in record:
+                    continue
                 rel = PurePosixPath(record[key])
                 if rel.is_absolute() or ".." in rel.parts:
                     raise DatasetDMError(records_file, f"[{j}].{key}", f"must be a path inside the shard, got {record[key]!r}")
@@ -254,6 +273,37 @@ def _read_pair(s: Sample, num_classes: int, image_size: int) -> tuple[np.ndarray
         raise DatasetDMError(semantic_file, "pixel values",
                              f"class index {top} but the manifest lists {num_classes} classes (max index {num_classes})")
     return image, semantic
+
+
+def _check_depth(s: Sample, shape: tuple[int, ...]) -> None:
+    """The sample's depth PNG must be a 16-bit greyscale image of the mask's size."""
+    depth_file = s.path("depth")
+    if not depth_file.is_file():
+        raise DatasetDMError(s.records_file, f"{s.field}.depth", f"{s.record['depth']} not found in shard {s.shard}")
+    try:
+        with Image.open(depth_file) as im:
+            im.load()
+            mode, size = im.mode, im.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DatasetDMError(depth_file, None, f"not a readable image ({e})") from None
+    if mode not in ("I;16", "I"):
+        raise DatasetDMError(depth_file, "mode", f"must be a 16-bit greyscale PNG, got {mode}")
+    if size != (shape[1], shape[0]):
+        raise DatasetDMError(depth_file, "size", f"{size[0]}x{size[1]} but its mask is {shape[1]}x{shape[0]}")
+
+
+def _read_peaks(s: Sample) -> list[np.ndarray]:
+    """The record's keypoint peaks, ``{"centre": [[x, y, score], ...], "corner": [...]}``, as two (N, 3) arrays."""
+    value = s.record["keypoints"]
+    out = []
+    for name in CHANNELS:
+        peaks = value.get(name) if isinstance(value, dict) else None
+        if not isinstance(peaks, list) or not all(
+                isinstance(p, list) and len(p) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+                for p in peaks):
+            raise DatasetDMError(s.records_file, f"{s.field}.keypoints.{name}", "must be a list of [x, y, score] numbers")
+        out.append(np.asarray(peaks, dtype=np.float32).reshape(-1, 3))
+    return out
 
 
 def _read_png(s: Sample, key: str, mode: str) -> np.ndarray:

@@ -1,0 +1,132 @@
+"""Small standard downstream models, trained the same way on real, synthetic or mixed data.
+
+Each task gets a deliberately ordinary model (a 3-level U-Net, torch only): the
+question is what the training data is worth, not how clever the model is. Every run
+of a task uses the same architecture, steps, batch size and seed; only the data differ.
+
+Tasks and their outputs:
+
+* ``semantic``: 1 + C class logits, cross-entropy. Its connected components are also
+  the instance predictions (the same grouping the P-Decoder's instances use).
+* ``depth``: log-depth, the P-Decoder's depth loss; trained with horizontal flips only
+  (the ground plane recedes upwards, a rotated view would teach otherwise).
+* ``keypoints``: 1 + C class logits (to find instances) + centre/corner heatmaps,
+  cross-entropy + the heatmap focal loss.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from datasetdm.decoder.heads import DepthHead
+from datasetdm.downstream.data import ArraySet
+from datasetdm.keypoints import focal_loss
+
+TASKS = ("semantic", "depth", "keypoints")
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class SmallUNet(nn.Module):
+    def __init__(self, out_channels: int, width: int = 24) -> None:
+        super().__init__()
+        w = width
+        self.e1, self.e2, self.e3 = _block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)
+        self.d2, self.d1 = _block(6 * w, 2 * w), _block(3 * w, w)
+        self.out = nn.Conv2d(w, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.e1(x)
+        b = self.e2(F.max_pool2d(a, 2))
+        c = self.e3(F.max_pool2d(b, 2))
+        b = self.d2(torch.cat([F.interpolate(c, scale_factor=2.0), b], 1))
+        return self.out(self.d1(torch.cat([F.interpolate(b, scale_factor=2.0), a], 1)))
+
+
+def out_channels(task: str, num_labels: int) -> int:
+    return {"semantic": num_labels, "depth": 1, "keypoints": num_labels + 2}[task]
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def _views(task: str, rng: np.random.Generator) -> tuple[int, bool]:
+    """Random view: dihedral for labels that do not care (classes, class-agnostic keypoints), flips only for depth."""
+    return (0 if task == "depth" else int(rng.integers(4))), bool(rng.integers(2))
+
+
+def _batch(task: str, data: ArraySet, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    imgs, sems, depths, heats = [], [], [], []
+    for i in idx:
+        k, flip = _views(task, rng)
+
+        def v(a: np.ndarray, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+            out = np.rot90(a, k, axes=axes)
+            return out[..., ::-1] if flip and axes == (1, 2) else (out[:, ::-1] if flip else out)
+
+        imgs.append(v(data.images[i]))
+        sems.append(v(data.semantic[i]))
+        if task == "depth":
+            depths.append(v(data.depth[i]))
+        if task == "keypoints":
+            heats.append(v(data.heatmaps[i], axes=(1, 2)))
+    targets = {"semantic": torch.from_numpy(np.ascontiguousarray(np.stack(sems))).long()}
+    if depths:
+        targets["depth"] = torch.from_numpy(np.ascontiguousarray(np.stack(depths)))
+    if heats:
+        targets["keypoints"] = torch.from_numpy(np.ascontiguousarray(np.stack(heats)))
+    return to_input(np.stack(imgs)), targets
+
+
+def task_loss(task: str, out: torch.Tensor, targets: dict[str, torch.Tensor], num_labels: int) -> torch.Tensor:
+    if task == "depth":
+        return DepthHead.loss(out[:, 0], targets["depth"])
+    ce = F.cross_entropy(out[:, :num_labels], targets["semantic"])
+    if task == "semantic":
+        return ce
+    return ce + focal_loss(out[:, num_labels:], targets["keypoints"])
+
+
+def usable(task: str, data: ArraySet) -> bool:
+    """Whether ``data`` has the labels ``task`` trains on."""
+    return {"semantic": True, "depth": data.depth is not None, "keypoints": data.heatmaps is not None}[task]
+
+
+def train_model(task: str, sources: list[ArraySet], num_labels: int, steps: int, batch_size: int, lr: float, seed: int,
+                width: int = 24, desc: str | None = None) -> SmallUNet:
+    """Train the ``task`` model on ``sources``; each batch draws equally from every source
+    (so 20 real images are not drowned by 2,000 synthetic ones)."""
+    if task not in TASKS:
+        raise ValueError(f"unknown downstream task {task!r}")
+    if not all(usable(task, s) for s in sources):
+        raise ValueError(f"a training source lacks {task} labels")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = SmallUNet(out_channels(task, num_labels), width).train()
+    if task == "keypoints":  # heatmaps start at p = 0.1 everywhere (CenterNet's prior), as the P-Decoder's do
+        with torch.no_grad():
+            model.out.bias[num_labels:] = -2.19
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    per_source = [batch_size // len(sources) + (1 if k < batch_size % len(sources) else 0) for k in range(len(sources))]
+    for step in tqdm(range(steps), desc=desc or task, unit="step", mininterval=5):
+        for g in opt.param_groups:
+            g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        parts = [_batch(task, src, rng.integers(0, len(src), size=n), rng) for src, n in zip(sources, per_source) if n]
+        x = torch.cat([p[0] for p in parts])
+        targets = {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
+        loss = task_loss(task, model(x), targets, num_labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
