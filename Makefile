@@ -42,7 +42,7 @@ browser:
 ## run: the whole factory on the embedded toy backbone (dvc repro), then the report
 run: setup
 	dvc repro
-	@echo; echo "dataset: data/export (annotations.json, masks/, depth/, dataset.json, grid.png)"; echo "report:  reports/report.md"; echo "metrics:"; dvc metrics show
+	@echo; echo "dataset: data/export (annotations.json, masks/, depth/, dataset.json, grid.png)"; echo "report:  reports/report.md"; echo "metrics: metrics/decoder.json, metrics/downstream.json (dvc metrics show)"; echo; sed -n '/^## Downstream uplift/,$$p' reports/report.md
 
 ## flow: the same stages as one Prefect flow run (temporary local Prefect server)
 flow: setup
