@@ -51,6 +51,6 @@ def test_two_dask_workers_make_the_same_dataset(tiny_params, tmp_path, tiny_back
 
     single = with_out(p, tmp_path / "gen-single")
     stages.generate_stage(single)
-    assert len(outs[1]) == 1 + (1 + 2 * 4) + (1 + 2 * 2)  # manifest; per shard records.json + image and mask per sample
+    assert len(outs[1]) == 1 + (1 + 3 * 4) + (1 + 3 * 2)  # manifest; per shard records.json + image, mask, depth per sample
     assert outs[2] == outs[1]
     assert file_hashes(tmp_path / "gen-single") == outs[1]
