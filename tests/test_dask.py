@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from datasetdm import stages
 from datasetdm.io import sha256_file
@@ -53,4 +55,14 @@ def test_two_dask_workers_make_the_same_dataset(tiny_params, tmp_path, tiny_back
     stages.generate_stage(single)
     assert len(outs[1]) == 1 + (1 + 3 * 4) + (1 + 3 * 2)  # manifest; per shard records.json + image, mask, depth per sample
     assert outs[2] == outs[1]
-    assert file_hashes(tmp_path / "gen-single") == outs[1]
+    # The single process runs torch with more threads than a Dask worker: images, masks
+    # and records are identical, but a depth value (exp of a float, in mm) can round
+    # differently (the documented thread-count limit), so depth is compared to 1 mm,
+    # and the manifest, which hashes the depth files, is left out.
+    single_hashes = file_hashes(tmp_path / "gen-single")
+    exact = lambda h: {k: v for k, v in h.items() if "/depth/" not in k and k != "manifest.json"}  # noqa: E731
+    assert exact(single_hashes) == exact(outs[1]) and single_hashes.keys() == outs[1].keys()
+    for name in (k for k in outs[1] if "/depth/" in k):
+        a = np.asarray(Image.open(tmp_path / "gen-single" / name), dtype=np.int64)
+        b = np.asarray(Image.open(tmp_path / "gen-1" / name), dtype=np.int64)
+        assert np.abs(a - b).max() <= 1, name
