@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasetdm.decoder.heads import DepthHead
+from datasetdm.decoder.train import view
 from datasetdm.downstream.data import ArraySet
 from datasetdm.keypoints import focal_loss
 
@@ -61,31 +62,28 @@ def to_input(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _views(task: str, rng: np.random.Generator) -> tuple[int, bool]:
-    """Random view: dihedral for labels that do not care (classes, class-agnostic keypoints), flips only for depth."""
-    return (0 if task == "depth" else int(rng.integers(4))), bool(rng.integers(2))
+def _view_index(task: str, rng: np.random.Generator) -> int:
+    """A random dihedral view (``decoder.train.view``) for labels that do not care (classes,
+    class-agnostic keypoints); for depth only the identity or the flip (the ground recedes upwards)."""
+    quarter_turns = 0 if task == "depth" else int(rng.integers(4))
+    return 2 * quarter_turns + int(rng.integers(2))
 
 
 def _batch(task: str, data: ArraySet, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     imgs, sems, depths, heats = [], [], [], []
     for i in idx:
-        k, flip = _views(task, rng)
-
-        def v(a: np.ndarray, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
-            out = np.rot90(a, k, axes=axes)
-            return out[..., ::-1] if flip and axes == (1, 2) else (out[:, ::-1] if flip else out)
-
-        imgs.append(v(data.images[i]))
-        sems.append(v(data.semantic[i]))
+        v = _view_index(task, rng)
+        imgs.append(view(data.images[i], v))
+        sems.append(view(data.semantic[i], v))
         if task == "depth":
-            depths.append(v(data.depth[i]))
+            depths.append(view(data.depth[i], v))
         if task == "keypoints":
-            heats.append(v(data.heatmaps[i], axes=(1, 2)))
-    targets = {"semantic": torch.from_numpy(np.ascontiguousarray(np.stack(sems))).long()}
+            heats.append(view(data.heatmaps[i].transpose(1, 2, 0), v).transpose(2, 0, 1))
+    targets = {"semantic": torch.from_numpy(np.stack(sems)).long()}
     if depths:
-        targets["depth"] = torch.from_numpy(np.ascontiguousarray(np.stack(depths)))
+        targets["depth"] = torch.from_numpy(np.stack(depths))
     if heats:
-        targets["keypoints"] = torch.from_numpy(np.ascontiguousarray(np.stack(heats)))
+        targets["keypoints"] = torch.from_numpy(np.stack(heats))
     return to_input(np.stack(imgs)), targets
 
 
