@@ -193,7 +193,38 @@ def _unknown_sample(g: dict) -> Path:
     return g["filtered"]
 
 
+def _record_extra(g: dict, **fields) -> Path:
+    """Add ``fields`` to the first record of shard-00000; return its records.json."""
+    records_file = g["gen"] / "shard-00000" / "records.json"
+    records = json.loads(records_file.read_text())
+    records[0].update(fields)
+    records_file.write_text(json.dumps(records))
+    return records_file
+
+
+def _depth_png(array: np.ndarray):
+    def corrupt(g: dict) -> Path:
+        (g["gen"] / "shard-00000" / "depth").mkdir()
+        path = g["gen"] / "shard-00000" / "depth" / "000000.png"
+        Image.fromarray(array).save(path)
+        _record_extra(g, depth="depth/000000.png")
+        return path
+    return corrupt
+
+
+def _missing_depth(g: dict) -> Path:
+    return _record_extra(g, depth="depth/000000.png")
+
+
+def _bad_peaks(g: dict) -> Path:
+    return _record_extra(g, keypoints={"centre": [[1, 2]], "corner": []})
+
+
 @pytest.mark.parametrize(("corrupt", "field"), [
+    (_depth_png(np.full((SIZE, SIZE), 7, np.uint8)), "mode"),
+    (_depth_png(np.full((SIZE // 2, SIZE), 3000, np.uint16)), "size"),
+    (_missing_depth, r"\[0\]\.depth"),
+    (_bad_peaks, r"\[0\]\.keypoints\.centre"),
     (_bad_json("manifest.json"), "line 1"),
     (_bad_json("shard-00000/records.json"), "line 1"),
     (_bad_json("filtered.json"), "line 1"),

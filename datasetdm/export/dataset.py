@@ -258,8 +258,8 @@ def _apply_filter(path: Path, samples: list[Sample]) -> tuple[float | None, list
 
 def _read_pair(s: Sample, num_classes: int, image_size: int) -> tuple[np.ndarray, np.ndarray]:
     """The sample's image (HxWx3 uint8) and semantic mask (HxW uint8), validated."""
-    image = _read_png(s, "image", "RGB")
-    semantic = _read_png(s, "semantic", "L")
+    image = _read_png(s, "image", ("RGB",))
+    semantic = _read_png(s, "semantic", ("L",))
     image_file, semantic_file = s.path("image"), s.path("semantic")
     if image.shape[:2] != (image_size, image_size):
         raise DatasetDMError(image_file, "size",
@@ -277,19 +277,9 @@ def _read_pair(s: Sample, num_classes: int, image_size: int) -> tuple[np.ndarray
 
 def _check_depth(s: Sample, shape: tuple[int, ...]) -> None:
     """The sample's depth PNG must be a 16-bit greyscale image of the mask's size."""
-    depth_file = s.path("depth")
-    if not depth_file.is_file():
-        raise DatasetDMError(s.records_file, f"{s.field}.depth", f"{s.record['depth']} not found in shard {s.shard}")
-    try:
-        with Image.open(depth_file) as im:
-            im.load()
-            mode, size = im.mode, im.size
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DatasetDMError(depth_file, None, f"not a readable image ({e})") from None
-    if mode not in ("I;16", "I"):
-        raise DatasetDMError(depth_file, "mode", f"must be a 16-bit greyscale PNG, got {mode}")
-    if size != (shape[1], shape[0]):
-        raise DatasetDMError(depth_file, "size", f"{size[0]}x{size[1]} but its mask is {shape[1]}x{shape[0]}")
+    depth = _read_png(s, "depth", ("I;16", "I"), "a 16-bit greyscale PNG")
+    if depth.shape != shape:
+        raise DatasetDMError(s.path("depth"), "size", f"{depth.shape[1]}x{depth.shape[0]} but its mask is {shape[1]}x{shape[0]}")
 
 
 def _read_peaks(s: Sample) -> list[np.ndarray]:
@@ -306,15 +296,16 @@ def _read_peaks(s: Sample) -> list[np.ndarray]:
     return out
 
 
-def _read_png(s: Sample, key: str, mode: str) -> np.ndarray:
+def _read_png(s: Sample, key: str, modes: tuple[str, ...], expected: str | None = None) -> np.ndarray:
+    """The record's ``key`` PNG as an array (uint8 for RGB and L), if its mode is one of ``modes``."""
     path = s.path(key)
     if not path.is_file():
         raise DatasetDMError(s.records_file, f"{s.field}.{key}", f"{s.record[key]} not found in shard {s.shard}")
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode != mode:
-                raise DatasetDMError(path, "mode", f"must be a {mode} image, got {im.mode}")
-            return np.asarray(im, dtype=np.uint8).copy()
+            if im.mode not in modes:
+                raise DatasetDMError(path, "mode", f"must be {expected or f'a {modes[0]} image'}, got {im.mode}")
+            return np.asarray(im).copy()
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetDMError(path, None, f"not a readable image ({e})") from None
