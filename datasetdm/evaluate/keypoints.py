@@ -17,12 +17,10 @@ Every keypoint gets the same OKS sigma, ``OKS_SIGMA`` (0.1; COCO's person sigmas
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
-from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from datasetdm.evaluate.coco_eval import coco_stats
 
 from datasetdm.worlds.shapes import KEYPOINT_NAMES
 
@@ -101,19 +99,12 @@ class KeypointAP:
                 per_class[name] = 0.0
                 ap50.append(0.0)
                 continue
-            coco = COCO()
-            coco.dataset = {"images": self.images, "annotations": [g for g in self.gt if g["category_id"] == k],
-                            "categories": [{"id": k, "name": name, "keypoints": list(KEYPOINT_NAMES[name])}]}
-            with contextlib.redirect_stdout(io.StringIO()):  # COCOeval prints its table; the metrics file holds the numbers
-                coco.createIndex()
-                ev = SymmetricKeypointEval(coco, coco.loadRes(dts), iouType="keypoints")
-                ev.params.catIds = [k]
-                ev.params.kpt_oks_sigmas = np.full(len(KEYPOINT_NAMES[name]), OKS_SIGMA)
-                ev.evaluate()
-                ev.accumulate()
-                ev.summarize()
-            per_class[name] = max(float(ev.stats[0]), 0.0)  # -1 means "no ground truth"; excluded above
-            ap50.append(max(float(ev.stats[1]), 0.0))
+            dataset = {"images": self.images, "annotations": [g for g in self.gt if g["category_id"] == k],
+                       "categories": [{"id": k, "name": name, "keypoints": list(KEYPOINT_NAMES[name])}]}
+            stats = coco_stats(dataset, dts, "keypoints", SymmetricKeypointEval, catIds=[k],
+                               kpt_oks_sigmas=np.full(len(KEYPOINT_NAMES[name]), OKS_SIGMA))
+            per_class[name] = max(float(stats[0]), 0.0)  # -1 means "no ground truth"; excluded above
+            ap50.append(max(float(stats[1]), 0.0))
         if not per_class:
             return {"AP": float("nan"), "AP50": float("nan"), "num_instances": 0, "per_class_AP": {}}
         return {"AP": float(np.mean(list(per_class.values()))), "AP50": float(np.mean(ap50)),
