@@ -37,6 +37,7 @@ from PIL import Image
 from datasetdm.config import CurateConfig
 from datasetdm.errors import DatasetDMError
 from datasetdm.io import atomic_path, sha256_file, write_json
+from datasetdm.realset import DEPTH_SCALE
 
 LOW_QUALITY = "low_quality"
 DUPLICATE = "duplicate"
@@ -85,7 +86,7 @@ def load_export(export_dir: str | Path, name: str, overwrite: bool = True):
     ds.info = {"source": str(export_dir), "classes": classes, **coco.get("info", {})}
     ds.save()
     entries = {str(export_dir / im["file_name"]): im for im in coco["images"]}
-    scale = float(coco.get("info", {}).get("depth_scale", 1000))
+    scale = float(coco.get("info", {}).get("depth_scale", DEPTH_SCALE))
     keypoints: dict[int, list] = {}
     for ann in coco["annotations"]:
         if "keypoints" in ann:

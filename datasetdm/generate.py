@@ -26,7 +26,7 @@ from datasetdm.decoder.train import predict
 from datasetdm.errors import DatasetDMError
 from datasetdm.filtering import quality_components, remove_speckle
 from datasetdm.keypoints import CHANNELS, find_peaks
-from datasetdm.realset import DEPTH_SCALE
+from datasetdm.realset import depth_to_png
 from datasetdm.io import atomic_path, remove_temporaries, save_png, sha256_dir, write_json
 
 MANIFEST = "manifest.json"
@@ -179,7 +179,7 @@ def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], se
     pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     batch = AnnotatedBatch(pixels, labels, quality)
     if "depth" in out:
-        batch.depth = np.clip(np.round(out["depth"].cpu().double().numpy() * DEPTH_SCALE), 0, 65535).astype(np.uint16)
+        batch.depth = depth_to_png(out["depth"].cpu().numpy())
     if "keypoints" in out:
         batch.keypoints = [{name: np.round(p.astype(np.float64), 3).tolist() for name, p in zip(CHANNELS, find_peaks(h))}
                            for h in out["keypoints"].cpu().numpy()]

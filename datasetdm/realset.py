@@ -40,6 +40,14 @@ ANNOTATIONS = "annotations.json"
 _RLE_ALPHABET = frozenset(chr(c) for c in range(48, 112))
 
 
+def depth_to_png(metres: np.ndarray) -> np.ndarray:
+    """Metres -> uint16 depth-PNG units (``DEPTH_SCALE`` per metre), rounded and clipped to 16 bits.
+
+    The real sets and the generated samples both store depth this way.
+    """
+    return np.clip(np.round(np.asarray(metres, dtype=np.float64) * DEPTH_SCALE), 0, 65535).astype(np.uint16)
+
+
 @dataclass
 class LabelledImage:
     """One labelled image, as the decoder's training and evaluation code consume it."""
@@ -100,8 +108,7 @@ def write_real_set(world: WorldConfig, out_dir: str | Path, num: int, seed: int)
             mask = Image.frombytes("P", (width, height), np.ascontiguousarray(scene.semantic).tobytes())
             mask.putpalette(palette)
             mask.save(tmp / "masks" / name)
-            depth_mm = np.clip(np.round(scene.depth.astype(np.float64) * DEPTH_SCALE), 0, 65535)
-            Image.frombytes("I;16", (width, height), depth_mm.astype("<u2").tobytes()).save(tmp / "depth" / name)
+            Image.frombytes("I;16", (width, height), depth_to_png(scene.depth).astype("<u2").tobytes()).save(tmp / "depth" / name)
             images.append({
                 "id": i,
                 "file_name": f"images/{name}",

@@ -196,3 +196,24 @@ def test_stages_end_to_end_with_stable_diffusion(sd_dir, tmp_path):
     assert card["counts"]["kept"] == 6
     records = json.loads(next(Path(p.generate.out).glob("shard-*/records.json")).read_text())
     assert records[0]["backbone"] == StableDiffusionBackbone.load(str(sd_dir)).fingerprint()
+
+
+def test_img2img_starts_from_the_given_images(sd):
+    """Regeneration (the filter's known-layout measurement) runs on SD too: it denoises only the
+    last ``strength`` of the schedule, from the image's own latents, so a short tail stays nearer
+    the image's VAE reconstruction than the whole schedule does."""
+    init = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        recon = (sd.vae.decode(sd._encode(init) / sd.vae.config.scaling_factor, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+    calls = []
+    hook = sd.unet.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        near, _ = sd.sample(PROMPTS[:1], [5], steps=10, guidance_scale=2.0, init_images=init, strength=0.1)
+        assert len(calls) == 1
+        far, _ = sd.sample(PROMPTS[:1], [5], steps=10, guidance_scale=2.0, init_images=init, strength=1.0)
+        assert len(calls) == 1 + 10
+    finally:
+        hook.remove()
+    assert (near - recon).abs().mean() < (far - recon).abs().mean()
+    plain, _ = sd.sample(PROMPTS[:1], [5], steps=10, guidance_scale=2.0)
+    assert not torch.allclose(far, plain)  # even at strength 1 the image's latents are the start

@@ -198,11 +198,12 @@ class StableDiffusionBackbone:
         context = self.encode_prompts(prompts)
         if use_cfg:
             context = torch.cat([self.encode_prompts([""] * len(prompts)), context])
-        latents = self.initial_noise(seeds) * scheduler.init_noise_sigma
+        noise = self.initial_noise(seeds)
+        latents = noise * scheduler.init_noise_sigma
         timesteps = scheduler.timesteps
         if init_images is not None:
             timesteps = img2img_timesteps(timesteps, strength)
-            latents = scheduler.add_noise(self._encode(init_images), self.initial_noise(seeds), timesteps[:1])
+            latents = scheduler.add_noise(self._encode(init_images), noise, timesteps[:1])
         capture_index = None
         if capture_timestep is not None:
             capture_index = int((timesteps.cpu() - capture_timestep).abs().argmin())
