@@ -97,23 +97,23 @@ def group_keypoints(instances: list[tuple[str, np.ndarray]], peaks: list[np.ndar
     fits best, by misfit = (|distance to the centre - radius| + distance to the mask) /
     radius, the radius being the farthest mask pixel from the centre; a peak whose best
     misfit exceeds ``RADIUS_TOLERANCE`` goes nowhere. Corners of touching objects lie
-    inside or beside each other's masks, so neither term decides alone. With exact
-    heatmaps and masks this grouping scores keypoint AP 0.79 (60 scenes; occluded and
-    coinciding corners are what it misses): the ceiling for any heatmap it is given.
-    An instance keeps its strongest corners, as many as its shape has, ordered clockwise
-    from 12 o'clock about the centre; missing ones are v = 0 at the centre. The score is
+    inside or beside each other's masks, so neither term decides alone. An instance
+    keeps its strongest corners, as many as its shape has, ordered clockwise from
+    12 o'clock about the centre; missing ones are v = 0 at the centre. The score is
     the mean peak strength over all K points (0 for a missing one).
+
+    With exact heatmaps and masks this grouping scores keypoint AP 0.79 (60 scenes;
+    occluded and coinciding corners are what it misses): the ceiling for any heatmap
+    it is given.
     """
     centres, corners = peaks
-    h, w = instances[0][1].shape if instances else (0, 0)
+    shape_hw = instances[0][1].shape if instances else (0, 0)
+    centre_px = _pixels(centres, shape_hw)
     out, strengths, radii = [], [], []
     for shape, mask in instances:
         kps = np.zeros((len(KEYPOINT_NAMES[shape]), 3), dtype=np.float32)
         strength = np.zeros(len(kps), dtype=np.float32)
-        near = ndimage.binary_dilation(mask, iterations=REACH)
-        xi = np.clip(np.round(centres[:, 0]).astype(int), 0, w - 1)
-        yi = np.clip(np.round(centres[:, 1]).astype(int), 0, h - 1)
-        inside = centres[near[yi, xi]]
+        inside = centres[ndimage.binary_dilation(mask, iterations=REACH)[centre_px]]
         ys, xs = np.nonzero(mask)
         if len(inside):
             kps[0] = (inside[0, 0], inside[0, 1], 2)
@@ -129,9 +129,8 @@ def group_keypoints(instances: list[tuple[str, np.ndarray]], peaks: list[np.ndar
         cy = np.array([k[0, 1] for k in out])
         r = np.array(radii)
         d = np.hypot(corners[:, None, 0] - cx[None], corners[:, None, 1] - cy[None])
-        xi = np.clip(np.round(corners[:, 0]).astype(int), 0, w - 1)
-        yi = np.clip(np.round(corners[:, 1]).astype(int), 0, h - 1)
-        off_mask = np.stack([ndimage.distance_transform_edt(~mask)[yi, xi] for _, mask in instances], 1)
+        corner_px = _pixels(corners, shape_hw)
+        off_mask = np.stack([ndimage.distance_transform_edt(~mask)[corner_px] for _, mask in instances], 1)
         misfit = (np.abs(d - r[None]) + off_mask) / r[None]
         best = misfit.argmin(1)
         owner = np.where(misfit[np.arange(len(corners)), best] <= RADIUS_TOLERANCE, best, -1)
@@ -146,6 +145,12 @@ def group_keypoints(instances: list[tuple[str, np.ndarray]], peaks: list[np.ndar
         kps[1 + len(chosen):] = (kps[0, 0], kps[0, 1], 0)
         result.append((kps, float(strength.mean())))
     return result
+
+
+def _pixels(points: np.ndarray, shape_hw: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Index arrays (rows, columns) of the pixels nearest (N, >= 2) x, y points, clipped to the image."""
+    h, w = shape_hw
+    return (np.clip(np.round(points[:, 1]).astype(int), 0, h - 1), np.clip(np.round(points[:, 0]).astype(int), 0, w - 1))
 
 
 def predict_keypoints(instances: list[tuple[int, np.ndarray, float]], heat: np.ndarray, classes: tuple[str, ...]) -> list[tuple[int, np.ndarray, float]]:
