@@ -1,5 +1,7 @@
 """The P-Decoder: inputs, training, persistence, evaluation."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -72,33 +74,37 @@ def test_instance_grouping_and_coco_ap():
     assert worse.result()["AP"] < 0.6
 
 
-def test_depth_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled):
-    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 25, "heads": ("semantic", "depth")})
-    decoder, stats = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
-    assert np.isfinite(stats["final_loss"]) and stats["final_loss"] < stats["first_loss"]
+def _train(tiny_backbone, tiny_params, labelled, steps: int, heads: tuple[str, ...]):
+    cfg = dataclasses.replace(tiny_params.decoder, steps=steps, heads=heads)
+    return train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+
+
+def _predict_two_images(decoder, tiny_backbone, tiny_params) -> dict[str, torch.Tensor]:
     images = torch.rand(2, 3, 32, 32)
     feats = tiny_backbone.extract_features(images, ["a red circle", "a blue square"], 100, [1, 2])
-    out = predict(decoder, tiny_backbone, feats, images, tiny_params.world.classes)
+    return predict(decoder, tiny_backbone, feats, images, tiny_params.world.classes)
+
+
+def test_depth_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled):
+    decoder, stats = _train(tiny_backbone, tiny_params, labelled, 25, ("semantic", "depth"))
+    assert np.isfinite(stats["final_loss"]) and stats["final_loss"] < stats["first_loss"]
+    out = _predict_two_images(decoder, tiny_backbone, tiny_params)
     assert out["depth"].shape == (2, 32, 32) and bool((out["depth"] > 0).all())
     depth = evaluate_decoder(tiny_backbone, decoder, labelled, tiny_params.backbone)["depth"]
     assert depth["abs_rel"] >= 0 and 0 <= depth["delta1"] <= 1 and np.isfinite(depth["rmse"])
 
 
 def test_keypoint_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled):
-    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 40, "heads": ("semantic", "keypoints")})
-    decoder, stats = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    decoder, stats = _train(tiny_backbone, tiny_params, labelled, 40, ("semantic", "keypoints"))
     assert np.isfinite(stats["keypoints_final_loss"]) and stats["keypoints_final_loss"] < stats["keypoints_first_loss"]
-    images = torch.rand(2, 3, 32, 32)
-    feats = tiny_backbone.extract_features(images, ["a red circle", "a blue square"], 100, [1, 2])
-    heat = predict(decoder, tiny_backbone, feats, images, tiny_params.world.classes)["keypoints"]
+    heat = _predict_two_images(decoder, tiny_backbone, tiny_params)["keypoints"]
     assert heat.shape == (2, 2, 32, 32) and bool(((heat >= 0) & (heat <= 1)).all())
     kp = evaluate_decoder(tiny_backbone, decoder, labelled, tiny_params.backbone)["keypoints"]
     assert kp["num_instances"] > 0 and 0 <= kp["AP"] <= 1 and kp["oks_sigma"] == 0.1
 
 
 def test_every_head_lowers_its_own_loss(tiny_backbone, tiny_params, labelled):
-    cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 40, "heads": ("semantic", "depth", "keypoints")})
-    _, stats = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    _, stats = _train(tiny_backbone, tiny_params, labelled, 40, ("semantic", "depth", "keypoints"))
     for head in ("semantic", "depth", "keypoints"):
         assert np.isfinite(stats[f"{head}_final_loss"]) and stats[f"{head}_final_loss"] < stats[f"{head}_first_loss"], head
 
