@@ -98,6 +98,10 @@ def test_curate_loads_labels_tags_and_exports(fiftyone_env, exported):
     assert counts[DUPLICATE] >= 1 and counts["curated"] == n - counts[DUPLICATE] >= 1
 
 
+def _blank(pixels: np.ndarray) -> bool:
+    return not (pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,11 +131,18 @@ def test_app_renders_in_headless_chromium(fiftyone_env, exported, tmp_path):
             except OSError:
                 assert server.poll() is None and time.time() < deadline, "FiftyOne app server did not come up"
                 time.sleep(1)
-        profile = tmp_path / "chromium-profile"
-        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                        "--disable-component-update", "--no-first-run", f"--user-data-dir={profile}",
-                        f"--screenshot={shot}", "--window-size=1280,900", "--virtual-time-budget=15000", url],
-                       capture_output=True, timeout=180)
+        # The first page load can outlast chromium's virtual-time budget while the app
+        # server warms up (seen only inside the full suite, on a busy machine: the page
+        # was still FiftyOne's empty dark loading screen), so up to three loads, each
+        # judged by the same check; the last one counts.
+        for attempt in range(3):
+            shot.unlink(missing_ok=True)
+            subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                            "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / f'profile-{attempt}'}",
+                            f"--screenshot={shot}", "--window-size=1280,900", "--virtual-time-budget=15000", url],
+                           capture_output=True, timeout=180)
+            if shot.is_file() and not _blank(np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)):
+                break
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
