@@ -19,7 +19,7 @@ export FIFTYONE_DATABASE_VALIDATION := false
 PREFECT_PORT ?= 4200
 APP_PORT ?= 5151
 
-.PHONY: setup run flow test test-fast pretrain bench clean serve serve-stop app plots bench-dask browser
+.PHONY: setup run flow test test-fast pretrain inspector uplift bench clean serve serve-stop app plots bench-dask browser
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -39,10 +39,10 @@ browser:
 	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } || true
 	@command -v chromium >/dev/null 2>&1 || echo "note: chromium not installed (needs root and apt); the app screenshot test is skipped"
 
-## run: the whole factory on the embedded toy backbone (dvc repro), then the report
+## run: the whole factory on the embedded backbone (every DVC stage but uplift), then the report
 run: setup
-	dvc repro
-	@echo; echo "dataset: data/export (annotations.json, masks/, depth/, dataset.json, grid.png)"; echo "report:  reports/report.md"; echo "metrics: metrics/decoder.json, metrics/downstream.json (dvc metrics show)"; echo; sed -n '/^## Downstream uplift/,$$p' reports/report.md
+	dvc repro curate report
+	@echo; echo "dataset: data/export (annotations.json, masks/, depth/, dataset.json, grid.png)"; echo "report:  reports/report.md"; echo "metrics: metrics/backbone.json, metrics/decoder.json, metrics/downstream.json (dvc metrics show)"; echo; sed -n '/^## Downstream uplift/,$$p' reports/report.md
 
 ## flow: the same stages as one Prefect flow run (temporary local Prefect server)
 flow: setup
@@ -55,9 +55,19 @@ test: setup
 test-fast: setup
 	python -m pytest -q -m "not slow"
 
-## pretrain: retrain the embedded toy backbone into models/toy-backbone (~11 min on 2 idle cores)
+## pretrain: retrain the embedded miniature SD into models/mini-sd (resumable; DEVICE=cuda on a GPU), then its fidelity curve
+DEVICE ?= cpu
 pretrain: setup
-	python -m datasetdm pretrain
+	python -m datasetdm pretrain --device $(DEVICE)
+	python -m datasetdm pretrain-curve
+
+## inspector: retrain the inspector that audits generated data into datasetdm/assets/inspector
+inspector: setup
+	python -m datasetdm train-inspector
+
+## uplift: the 3-seed uplift table with the 2,000-real-image ceiling (metrics/uplift.json; long, not part of make run)
+uplift: setup
+	dvc repro uplift
 
 bench: setup
 	python benchmarks/capture_overhead.py

@@ -16,17 +16,23 @@ from datasetdm.errors import DatasetDMError
 def main(argv: list[str] | None = None) -> int:
     from datasetdm import stages
 
-    commands = [*stages.STAGES, "pretrain"]
+    commands = [*stages.STAGES, "pretrain", "pretrain-curve", "train-inspector"]
     parser = argparse.ArgumentParser(prog="datasetdm", description="DatasetDM synthetic dataset factory")
     parser.add_argument("stage", choices=commands)
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    parser.add_argument("--device", default="cpu", help="pretrain only: torch device to train on (cpu, cuda, cuda:N)")
+    parser.add_argument("--until-step", type=int, default=None, help="pretrain only: stop (checkpointed) after this UNet step")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
         if args.stage == "pretrain":
-            from datasetdm.backbones.pretrain import pretrain
+            from datasetdm.backbones.pretrain_sd import pretrain_sd
 
-            result = pretrain(params)
+            result = pretrain_sd(params, device=args.device, until_step=args.until_step)
+        elif args.stage == "train-inspector":
+            result = stages.train_inspector_stage(params)
+        elif args.stage == "pretrain-curve":
+            result = stages.pretrain_curve_stage(params)
         else:
             result = stages.STAGES[args.stage](params)
     except DatasetDMError as e:

@@ -64,28 +64,54 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
-class PretrainConfig:
-    """Training the embedded toy backbone on the shapes world (``make pretrain``)."""
+class VAEPretrainConfig:
+    """Stage 1 of ``make pretrain``: the AutoencoderKL (downsampling x4, 4 latent channels).
 
-    out: str = "models/toy-backbone"
+    Trained alone first, as SD's VAE was, so the UNet learns on fixed latents; the loss
+    adds an image-gradient term to L1 because edges are what the labels depend on.
+    """
+
+    steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    block_out_channels: tuple[int, ...] = (16, 32, 64)
+    layers_per_block: int = 1
+    kl_weight: float = 1e-6
+    edge_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Training the embedded miniature Stable Diffusion on the shapes world (``make pretrain``)."""
+
+    out: str = "models/mini-sd"
+    curve: str = "metrics/pretrain_curve.json"  # prompt fidelity of each snapshot (make pretrain; DVC plot)
     # The backbone learns every shape the world can draw, including ones the labelled
     # set never shows (open-vocabulary annotation needs the generator to know them).
     classes: tuple[str, ...] = SHAPES
     pool_size: int = 16000
-    # A step count, not a time budget, so the shipped checkpoint is reproducible
-    # (~15 min on 2 idle cores at batch 32).
-    steps: int = 3000
+    # UNet + text encoder (stage 2). A step count, not a time budget, so the shipped
+    # checkpoint is reproducible from params.yaml.
+    steps: int = 10000
     batch_size: int = 32
     lr: float = 1e-3
-    ema_decay: float = 0.995
+    ema_decay: float = 0.999
     caption_dropout: float = 0.1
+    min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence
     seed: int = 0
+    checkpoint_every: int = 1000  # resumable checkpoints + an EMA snapshot for the fidelity curve
     # architecture
-    patch_size: int = 4
-    block_out_channels: tuple[int, ...] = (64, 64, 64)
+    block_out_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 1
+    # Attention at the latent's full resolution (16x16) too: 1.7x the step time on CPU.
+    full_res_attention: bool = False
+    attention_head_dim: int = 8
     text_dim: int = 64
     text_layers: int = 2
+    max_length: int = 32  # tokens the CLIP text encoder reads (SD: 77)
+    vae: VAEPretrainConfig = field(default_factory=VAEPretrainConfig)
+    # toy backbone only (kept until the miniature SD replaces it everywhere)
+    patch_size: int = 4
 
 
 @dataclass(frozen=True)
@@ -164,6 +190,31 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class InspectConfig:
+    """The inspector that audits the backbone and the export (``datasetdm.evaluate.inspector``).
+
+    It is trained on rendered scenes from its own seed range and feeds nothing but
+    ``metrics/backbone.json``: no training, filtering or prompt choice reads it.
+    """
+
+    out: str = "metrics/backbone.json"
+    grid: str = "reports/fidelity_grid.png"  # generated samples captioned with what the inspector read
+    model: str = "datasetdm/assets/inspector"  # shipped trained (make inspector)
+    classes: tuple[str, ...] = SHAPES
+    train_images: int = 4000
+    steps: int = 1500
+    batch_size: int = 32
+    lr: float = 0.003
+    width: int = 16
+    min_area: int = 12  # pieces smaller than this are not read as objects
+    seed: int = 5_000_000
+    num_test: int = 300
+    num_fidelity: int = 100  # generated images per group (single object, two objects)
+    fidelity_seed: int = 600_000
+    num_frechet: int = 500  # exported images compared with the held-out real images
+
+
+@dataclass(frozen=True)
 class DownstreamConfig:
     """Downstream uplift: one small model per task trained on (a) the K real images, (b) the
     synthetic export, (c) both; all evaluated on the held-out real set."""
@@ -175,6 +226,13 @@ class DownstreamConfig:
     lr: float = 0.003
     width: int = 16
     seed: int = 0
+    colour_jitter: bool = True
+    seeds: int = 1  # runs per arm (seed, seed + 1, ...): fields <metric>_mean / _std
+    # The 3-seed table with the fully supervised ceiling (make uplift; not part of make run).
+    uplift_out: str = "metrics/uplift.json"
+    uplift_seeds: int = 3
+    ceiling_images: int = 2000  # labelled real images for the ceiling row (own seed range)
+    ceiling_seed: int = 2_000_000
 
 
 @dataclass(frozen=True)
@@ -195,6 +253,7 @@ class Params:
     export: ExportConfig = field(default_factory=ExportConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     source: str = "params.yaml"  # where these were read from, for error messages
@@ -231,6 +290,27 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "pretrain.block_out_channels": (lambda v: len(v) > 0 and all(c > 0 for c in v), "must be a non-empty list of positive widths"),
     "pretrain.text_dim": _POSITIVE,
     "pretrain.text_layers": _POSITIVE,
+    "inspect.train_images": _POSITIVE,
+    "downstream.seeds": _POSITIVE,
+    "downstream.uplift_seeds": _POSITIVE,
+    "downstream.ceiling_images": (lambda v: v >= 0, "must be >= 0"),
+    "inspect.steps": _POSITIVE,
+    "inspect.batch_size": _POSITIVE,
+    "inspect.lr": _POSITIVE,
+    "inspect.width": _POSITIVE,
+    "inspect.num_test": _POSITIVE,
+    "inspect.num_fidelity": _POSITIVE,
+    "inspect.num_frechet": _POSITIVE,
+    "pretrain.checkpoint_every": _POSITIVE,
+    "pretrain.max_length": (lambda v: v >= 8, "must be at least 8 tokens"),
+    "pretrain.min_snr_gamma": _POSITIVE,
+    "pretrain.vae.steps": _POSITIVE,
+    "pretrain.vae.batch_size": _POSITIVE,
+    "pretrain.vae.lr": _POSITIVE,
+    "pretrain.vae.block_out_channels": (lambda v: len(v) == 3 and all(c > 0 for c in v), "must be three positive widths (downsampling x4)"),
+    "pretrain.vae.layers_per_block": _POSITIVE,
+    "pretrain.vae.kl_weight": (lambda v: v >= 0, "must be >= 0"),
+    "pretrain.vae.edge_weight": (lambda v: v >= 0, "must be >= 0"),
     "decoder.heads": (lambda v: "semantic" in v and set(v) <= {"semantic", "depth", "keypoints"} and len(set(v)) == len(v),
                       "must list semantic and any of depth, keypoints, without repeats"),
     "decoder.channels": _POSITIVE,
@@ -349,6 +429,9 @@ def _check_cross_fields(p: Params) -> None:
     for i, c in enumerate(p.pretrain.classes):
         if c not in SHAPES:
             raise DatasetDMError(s, f"pretrain.classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")
+    for i, c in enumerate(p.inspect.classes):
+        if c not in SHAPES:
+            raise DatasetDMError(s, f"inspect.classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")
     for i, c in enumerate(p.evaluate.unseen_classes):
         if c not in SHAPES:
             raise DatasetDMError(s, f"evaluate.unseen_classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")

@@ -58,10 +58,15 @@ STAGE_IO: dict[str, StageIO] = {
     "evaluate": StageIO(("backbone", "filter.min_score", "evaluate", "world.classes"),
                         lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", f"{p.real.dir}/zero-shot", p.decoder.out],
                         lambda p: [p.evaluate.out], ("evaluate", "filtering.py")),
+    "inspect": StageIO(("world", "backbone", "inspect"),
+                       lambda p: [p.inspect.model, p.export.out, f"{p.real.dir}/test", p.backbone.path],
+                       lambda p: [p.inspect.out, p.inspect.grid], ("evaluate/inspector.py", "evaluate/backbone.py")),
     "downstream": StageIO(("world.classes", "downstream"),
                           lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", p.export.out],
                           lambda p: [p.downstream.out, p.downstream.plot], ("downstream",)),
-    "report": StageIO(("report",), lambda p: [p.export.out, p.evaluate.out, p.downstream.out], lambda p: [p.report.out],
+    "uplift": StageIO(("world", "real", "downstream"), lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", p.export.out],
+                      lambda p: [p.downstream.uplift_out], ("downstream",)),
+    "report": StageIO(("report",), lambda p: [p.export.out, p.evaluate.out, p.downstream.out, p.inspect.out], lambda p: [p.report.out],
                       ("report.py",)),
 }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from datasetdm.config import Params
 
 
-def render_report(card: dict, metrics: dict, params: Params, downstream: dict | None = None) -> str:
+def render_report(card: dict, metrics: dict, params: Params, downstream: dict | None = None, backbone: dict | None = None) -> str:
     counts = card.get("counts", {})
     models = card.get("models", {})
     sem = metrics.get("semantic", {})
@@ -33,6 +33,7 @@ def render_report(card: dict, metrics: dict, params: Params, downstream: dict | 
         "Plots (filter score distribution and any other DVC plots): `make plots` renders them offline to "
         "[plots/index.md](plots/index.md).",
         "",
+        *_backbone_section(backbone, params, here),
         "## P-Decoder quality on the held-out real set",
         "",
         f"{metrics.get('num_images', '?')} held-out images, features from noised real images.",
@@ -102,6 +103,31 @@ def render_report(card: dict, metrics: dict, params: Params, downstream: dict | 
                                                               ("real", "synthetic", "real+synthetic")) + f" | {change} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _backbone_section(backbone: dict | None, params: Params, here: Path) -> list[str]:
+    """The inspector's audit of the generator (``metrics/backbone.json``), with the captioned samples it judged."""
+    if not backbone:
+        return []
+    pf, la, ins = backbone.get("prompt_fidelity", {}), backbone.get("label_agreement", {}), backbone.get("inspector", {})
+    by_shape = ", ".join(f"{k} {_num(v)}" for k, v in pf.get("single_object_by_shape", {}).items())
+    grid = os.path.relpath(Path(params.inspect.grid), here)
+    return [
+        "## Backbone, audited by the inspector",
+        "",
+        f"The inspector is a segmenter trained on rendered scenes of its own seed range (held-out mIoU {_num(ins.get('mIoU'))}; "
+        f"it reads exactly the objects of {_num(ins.get('reading_accuracy'))} of rendered scenes, its ceiling). "
+        "Nothing in training, filtering or prompt choice reads these figures.",
+        "",
+        "| prompt fidelity, one object | prompt fidelity, two objects | label agreement (mIoU) | Fréchet distance |",
+        "|---:|---:|---:|---:|",
+        f"| {_num(pf.get('single_object'))} | {_num(pf.get('two_objects'))} | {_num(la.get('mIoU'))} | {_num(backbone.get('frechet'))} |",
+        "",
+        f"One object, by shape: {by_shape}.",
+        "",
+        f"![fidelity samples]({grid})",
+        "",
+    ]
 
 
 def _num(v: float | None) -> str:

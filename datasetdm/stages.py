@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from datasetdm.backbones.base import Backbone
@@ -143,6 +145,41 @@ def evaluate_stage(params: Params) -> dict:
     return metrics
 
 
+def train_inspector_stage(params: Params) -> dict:
+    """Train the inspector (``make inspector``; it ships trained, like the backbone) and save it to ``inspect.model``."""
+    from datasetdm.evaluate.inspector import train_inspector
+
+    inspector, stats = train_inspector(params.world, params.inspect)
+    inspector.save(params.inspect.model, extra={"held_out": stats})
+    return stats
+
+
+def pretrain_curve_stage(params: Params) -> dict:
+    """Prompt fidelity of every pretraining snapshot, written as a DVC plot (``make pretrain`` runs it last)."""
+    from datasetdm.evaluate.backbone import fidelity_curve
+    from datasetdm.evaluate.inspector import Inspector
+
+    rows = fidelity_curve(params, Inspector.load(params.inspect.model))
+    write_json(params.pretrain.curve, rows)
+    return {"snapshots": len(rows), "last": rows[-1] if rows else None}
+
+
+def inspect_stage(params: Params) -> dict:
+    """Audit the backbone and the export with the inspector: prompt fidelity, label agreement, Fréchet distance."""
+    from datasetdm.evaluate.backbone import measure_backbone
+    from datasetdm.evaluate.inspector import Inspector, held_out_quality
+
+    inspector = Inspector.load(params.inspect.model)
+    _, test_dir = real_set_split_dirs(params.real.dir)
+    real = np.stack([x.image for x in load_real_set(test_dir, params.world.classes)])
+    metrics = measure_backbone(load_backbone(params), inspector, params, real_images=real, export_dir=params.export.out,
+                               grid=params.inspect.grid)
+    metrics["inspector"] = held_out_quality(inspector, params.world, params.inspect)
+    write_json(params.inspect.out, metrics)
+    return {"prompt_fidelity": metrics["prompt_fidelity"], "label_agreement_mIoU": metrics["label_agreement"]["mIoU"],
+            "frechet": metrics["frechet"]}
+
+
 def downstream_stage(params: Params) -> dict:
     """Train one small model per task on real, synthetic and real + synthetic data; score all on held-out real."""
     cfg = params.downstream
@@ -156,12 +193,34 @@ def downstream_stage(params: Params) -> dict:
     return results["metrics"]
 
 
+def uplift_stage(params: Params) -> dict:
+    """The uplift table over ``downstream.uplift_seeds`` seeds with the fully supervised ceiling row (``make uplift``).
+
+    The ceiling's labelled images are rendered from their own seed range, never the
+    held-out test images, and written and read as a COCO set as any labelled set is.
+    """
+    cfg = params.downstream
+    train_dir, test_dir = real_set_split_dirs(params.real.dir)
+    real = from_labelled(load_real_set(train_dir, params.world.classes))
+    synthetic = from_export(params.export.out)
+    test = load_real_set(test_dir, params.world.classes)
+    ceiling = None
+    if cfg.ceiling_images:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_real_set(params.world, Path(tmp) / "ceiling", cfg.ceiling_images, cfg.ceiling_seed)
+            ceiling = from_labelled(load_real_set(Path(tmp) / "ceiling", params.world.classes))
+    results = uplift_table(real, synthetic, test, params.world.classes, cfg, seeds=cfg.uplift_seeds, ceiling=ceiling)
+    write_json(cfg.uplift_out, results["metrics"])
+    return results["metrics"]
+
+
 def report_stage(params: Params) -> dict:
     """A markdown run report: what was made, how good the annotator is, where things are."""
     card = _read_json(Path(params.export.out) / "dataset.json")
     metrics = _read_json(Path(params.evaluate.out))
     downstream = _read_json(Path(params.downstream.out)) if Path(params.downstream.out).is_file() else None
-    text = render_report(card, metrics, params, downstream)
+    backbone = _read_json(Path(params.inspect.out)) if Path(params.inspect.out).is_file() else None
+    text = render_report(card, metrics, params, downstream, backbone)
     write_text(params.report.out, text)
     return {"report": params.report.out}
 
@@ -184,7 +243,9 @@ STAGES = {
     "export": export_stage,
     "curate": curate_stage,
     "evaluate": evaluate_stage,
+    "inspect": inspect_stage,
     "downstream": downstream_stage,
+    "uplift": uplift_stage,
     "report": report_stage,
 }
 

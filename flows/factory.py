@@ -28,11 +28,12 @@ def factory(params_path: str = "params.yaml") -> dict:
     exported = stages.export(params, wait_for=[kept])
     curated = stages.curate(params, wait_for=[exported])
     metrics = stages.evaluate(params, wait_for=[decoder])
+    audit = stages.inspect_backbone(params, wait_for=[exported])
     uplift = stages.downstream(params, wait_for=[exported])
-    stages.report(params, wait_for=[exported, metrics, uplift])
+    stages.report(params, wait_for=[exported, metrics, audit, uplift])
     summary = {"real": real, "decoder": decoder, "prompts": prompts, "generated": generated,
                "filtered": kept, "exported": exported, "curated": curated, "mIoU": metrics["semantic"]["mIoU"],
-               "downstream": uplift["semantic"]}
+               "prompt_fidelity": audit["prompt_fidelity"], "downstream": uplift["semantic"]}
     stages.publish_report(params, summary)
     print(summary)
     return summary

@@ -54,6 +54,7 @@ export = stage_task("export")
 # The curate stage starts FiftyOne's MongoDB; a slow first start can time out once.
 curate = stage_task("curate", retries=2)
 evaluate = stage_task("evaluate")
+inspect_backbone = stage_task("inspect")
 downstream = stage_task("downstream")
 report = stage_task("report")
 

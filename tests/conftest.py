@@ -9,13 +9,16 @@ import torch
 import yaml
 
 from datasetdm.backbones.toy import ToyBackbone, toy_config
-from datasetdm.config import Params, params_from_dict
+from datasetdm.config import SHAPES, Params, params_from_dict
+from datasetdm.downstream.models import SmallUNet
+from datasetdm.evaluate.inspector import Inspector
 
 REPO = Path(__file__).resolve().parents[1]
+TINY_INSPECTOR = "tiny-inspector"  # saved beside the tiny backbone
 
 
 def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
-    """A params mapping that runs the whole factory in seconds."""
+    """A params mapping that runs the whole factory in seconds (the inspector sits beside the backbone)."""
     return {
         "world": {"image_size": 32, "classes": ["circle", "square"], "colours": ["red", "blue"], "max_objects": 2},
         "real": {"dir": str(tmp / "data/real"), "num_train": 4, "num_test": 4},
@@ -31,8 +34,16 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
         # DVC needs every params key a stage lists (real-data lists these two) in params.yaml itself.
         "evaluate": {"out": str(tmp / "metrics/decoder.json"), "num_zero_shot": 4, "unseen_classes": ["hexagon"],
                      "zero_shot_seed": 800000, "num_regenerated": 4, "regenerated_seed": 700000, "regenerate_strength": 0.6},
+        "inspect": {"out": str(tmp / "metrics/backbone.json"), "grid": str(tmp / "reports/fidelity_grid.png"),
+                    "model": str(backbone_path.parent / TINY_INSPECTOR), "num_fidelity": 2, "num_frechet": 4, "num_test": 8},
         "report": {"out": str(tmp / "reports/report.md")},
     }
+
+
+def build_tiny_inspector() -> Inspector:
+    """An untrained inspector of the real architecture (its readings are arbitrary, its plumbing real)."""
+    torch.manual_seed(0)
+    return Inspector(SmallUNet(1 + len(SHAPES), width=8).eval(), SHAPES, ("red", "blue"), min_area=4)
 
 
 def build_tiny_backbone(image_size: int = 32) -> ToyBackbone:
@@ -44,6 +55,7 @@ def build_tiny_backbone(image_size: int = 32) -> ToyBackbone:
 def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("backbone") / "toy"
     build_tiny_backbone().save(path)
+    build_tiny_inspector().save(path.parent / TINY_INSPECTOR)
     return path
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.conftest import REPO, build_tiny_backbone, tiny_raw
+from tests.conftest import REPO, TINY_INSPECTOR, build_tiny_backbone, build_tiny_inspector, tiny_raw
 
 
 def run(root: Path, *args: str) -> str:
@@ -34,6 +34,7 @@ def make_tiny_repo(tmp_path: Path) -> tuple[Path, dict]:
     shutil.copytree(REPO / "datasetdm", root / "datasetdm", ignore=shutil.ignore_patterns("__pycache__", "assets"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     build_tiny_backbone().save(root / "models/tiny-backbone")
+    build_tiny_inspector().save(root / "models" / TINY_INSPECTOR)
     raw = tiny_raw(Path("."), Path("models/tiny-backbone"))
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return root, raw

@@ -30,6 +30,9 @@ def check_export(root: Path, num_samples: int) -> None:
     assert (export / "grid.png").stat().st_size > 0
     metrics = json.loads((root / "metrics/decoder.json").read_text())
     assert 0.0 <= metrics["semantic"]["mIoU"] <= 1.0
+    audit = json.loads((root / "metrics/backbone.json").read_text())
+    assert {"single_object", "two_objects"} <= set(audit["prompt_fidelity"]) and 0 <= audit["label_agreement"]["mIoU"] <= 1
+    assert audit["frechet"] >= 0 and (root / "reports/fidelity_grid.png").stat().st_size > 0
     report = (root / "reports/report.md").read_text()
     assert report.startswith("#") and card["models"]["backbone"][:12] in report and f"{metrics['semantic']['mIoU']:.3f}" in report
 
@@ -57,7 +60,8 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
     run(root, "dvc", "config", "core.analytics", "false")
 
     first = run(root, "dvc", "repro")
-    assert {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate", "evaluate", "downstream", "report"} <= stages_run(first)
+    assert {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate", "evaluate", "inspect",
+            "downstream", "report"} <= stages_run(first)
     check_export(root, 6)
 
     again = run(root, "dvc", "repro")
@@ -66,5 +70,5 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
     raw["generate"]["num_samples"] = 5
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     third = run(root, "dvc", "repro")
-    assert stages_run(third) == {"generate", "filter", "export", "curate", "downstream", "report"}, third
+    assert stages_run(third) == {"generate", "filter", "export", "curate", "inspect", "downstream", "report"}, third
     check_export(root, 5)

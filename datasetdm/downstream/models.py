@@ -101,10 +101,18 @@ def usable(task: str, data: ArraySet) -> bool:
     return {"semantic": True, "depth": data.depth is not None, "keypoints": data.heatmaps is not None}[task]
 
 
+def colour_jitter(x: torch.Tensor, rng: np.random.Generator, strength: float = 0.2) -> torch.Tensor:
+    """Per-image, per-channel gain and offset on inputs in [-1, 1]: colour is not what any task's label depends on."""
+    gain = torch.from_numpy(1 + strength * rng.uniform(-1, 1, size=(len(x), 3, 1, 1))).float()
+    offset = torch.from_numpy(0.5 * strength * rng.uniform(-1, 1, size=(len(x), 3, 1, 1))).float()
+    return (x * gain + offset).clamp(-1, 1)
+
+
 def train_model(task: str, sources: list[ArraySet], num_labels: int, steps: int, batch_size: int, lr: float, seed: int,
-                width: int = 24, desc: str | None = None) -> SmallUNet:
+                width: int = 24, desc: str | None = None, jitter: bool = False) -> SmallUNet:
     """Train the ``task`` model on ``sources``; each batch draws equally from every source
-    (so 20 real images are not drowned by 2,000 synthetic ones)."""
+    (so 20 real images are not drowned by 2,000 synthetic ones). ``jitter`` adds colour jitter
+    to the dihedral views every batch gets."""
     if task not in TASKS:
         raise ValueError(f"unknown downstream task {task!r}")
     if not all(usable(task, s) for s in sources):
@@ -122,6 +130,8 @@ def train_model(task: str, sources: list[ArraySet], num_labels: int, steps: int,
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
         parts = [_batch(task, src, rng.integers(0, len(src), size=n), rng) for src, n in zip(sources, per_source) if n]
         x = torch.cat([p[0] for p in parts])
+        if jitter:
+            x = colour_jitter(x, rng)
         targets = {key: torch.cat([p[1][key] for p in parts]) for key in parts[0][1]}
         loss = task_loss(task, model(x), targets, num_labels)
         opt.zero_grad(set_to_none=True)

@@ -1,11 +1,19 @@
 """The uplift table, DatasetDM's headline re-done on our world: (a) K real, (b) synthetic, (c) both.
 
 One small model per task (``models.py``) is trained on each training set with the
-same architecture, steps and seed, and scored on the held-out real images
-(``evaluate.py``). Written as DVC metrics (one entry per task) and plot rows.
+same recipe (architecture, steps, dihedral views + colour jitter, seeds), and scored on
+the held-out real images (``evaluate.py``). Each arm is trained with ``seeds`` seeds;
+the table gives the mean (under today's field names) with ``_mean`` / ``_std`` beside
+it, since about two points move with the seed alone. An optional **ceiling** arm trains
+the same model on many labelled real images, so the table shows how much of the fully
+supervised result K real + synthetic recovers. Written as DVC metrics and plot rows.
 """
 
 from __future__ import annotations
+
+import logging
+
+import numpy as np
 
 from datasetdm.config import DownstreamConfig
 from datasetdm.downstream.data import ArraySet
@@ -13,43 +21,89 @@ from datasetdm.downstream.evaluate import evaluate_model
 from datasetdm.downstream.models import TASKS, train_model, usable
 from datasetdm.realset import LabelledImage
 
+logger = logging.getLogger(__name__)
+# (task in the metrics file, model, metric key inside its result, name in the plot)
+TABLE = (("semantic", "semantic", ("mIoU",), "semantic mIoU"), ("instances", "semantic", ("instances", "AP"), "instance mask AP"),
+         ("depth", "depth", ("delta1",), "depth delta<1.25"), ("keypoints", "keypoints", ("AP",), "keypoint AP"))
 
-def uplift_table(real: ArraySet, synthetic: ArraySet, test: list[LabelledImage], classes: tuple[str, ...], cfg: DownstreamConfig) -> dict:
-    """The uplift table: per task and training set, the held-out metric; plus rows for the DVC plot.
+
+def _arms(real: ArraySet, synthetic: ArraySet, ceiling: ArraySet | None) -> dict[str, list[ArraySet]]:
+    arms = {"real": [real], "synthetic": [synthetic], "real+synthetic": [real, synthetic]}
+    if ceiling is not None:
+        arms["ceiling"] = [ceiling]
+    return arms
+
+
+def _train_and_score(real: ArraySet, synthetic: ArraySet, test: list[LabelledImage], classes: tuple[str, ...],
+                     cfg: DownstreamConfig, seeds: int, ceiling: ArraySet | None) -> dict[str, dict[str, list[dict]]]:
+    """task -> arm -> one result per seed (a task an arm has no labels for is left out)."""
+    scores: dict[str, dict[str, list[dict]]] = {}
+    for task in TASKS:
+        scores[task] = {}
+        for name, sources in _arms(real, synthetic, ceiling).items():
+            if not all(usable(task, src) for src in sources):
+                continue
+            scores[task][name] = []
+            for k in range(seeds):
+                model = train_model(task, sources, 1 + len(classes), cfg.steps, cfg.batch_size, cfg.lr, cfg.seed + k, cfg.width,
+                                    desc=f"downstream {task} ({name}, seed {cfg.seed + k})", jitter=cfg.colour_jitter)
+                scores[task][name].append(evaluate_model(task, model, test, classes))
+    return scores
+
+
+def _pick(result: dict, key: tuple[str, ...]) -> float:
+    for k in key:
+        result = result[k]
+    return float(result)
+
+
+def _entry(runs: dict[str, list[dict]], key: tuple[str, ...], task: str, counts: dict) -> dict:
+    """One task's metrics: per arm the mean (today's name), ``_mean`` and ``_std``; the change (c) vs (a) per seed."""
+    entry = dict(counts)
+    per_seed: dict[str, np.ndarray] = {}
+    for name, results in runs.items():
+        values = np.array([_pick(r, key) for r in results])
+        per_seed[name] = values
+        metric = f"{key[-1]}_{name}"
+        entry[metric], entry[f"{metric}_mean"], entry[f"{metric}_std"] = float(values.mean()), float(values.mean()), float(values.std())
+        if task == "depth":
+            abs_rel = np.array([r["abs_rel"] for r in results])
+            per_seed[f"abs_rel_{name}"] = abs_rel
+            entry[f"abs_rel_{name}"], entry[f"abs_rel_{name}_mean"], entry[f"abs_rel_{name}_std"] = (
+                float(abs_rel.mean()), float(abs_rel.mean()), float(abs_rel.std()))
+    if "real+synthetic" in runs and "real" in runs:
+        if task == "depth":  # the target is relative: (c) has >= 30% lower AbsRel than (a)
+            change = 1 - per_seed["abs_rel_real+synthetic"] / per_seed["abs_rel_real"]
+            entry["abs_rel_reduction"], entry["abs_rel_reduction_mean"], entry["abs_rel_reduction_std"] = (
+                float(1 - entry["abs_rel_real+synthetic"] / entry["abs_rel_real"]), float(change.mean()), float(change.std()))
+        else:
+            change = per_seed["real+synthetic"] - per_seed["real"]
+            entry["uplift"], entry["uplift_mean"], entry["uplift_std"] = float(change.mean()), float(change.mean()), float(change.std())
+    if "ceiling" in runs and "real+synthetic" in runs and task != "depth":
+        # how much of the gap from K real to the fully supervised ceiling K real + synthetic closes
+        gap = entry[f"{key[-1]}_ceiling"] - entry[f"{key[-1]}_real"]
+        entry["gap_recovered"] = float((entry[f"{key[-1]}_real+synthetic"] - entry[f"{key[-1]}_real"]) / gap) if gap else None
+    return entry
+
+
+def uplift_table(real: ArraySet, synthetic: ArraySet, test: list[LabelledImage], classes: tuple[str, ...], cfg: DownstreamConfig,
+                 seeds: int | None = None, ceiling: ArraySet | None = None) -> dict:
+    """The uplift table: per task and training set, the held-out metric over ``seeds`` seeds; plus rows for the DVC plot.
 
     A task the synthetic set has no labels for (a decoder without that head) gets the
     real-only row and no others.
     """
-    counts = {"num_real": len(real), "num_synthetic": len(synthetic), "num_test": len(test)}
-    runs = {"real": [real], "synthetic": [synthetic], "real+synthetic": [real, synthetic]}
-    scores: dict[str, dict[str, dict]] = {}
-    for task in TASKS:
-        scores[task] = {}
-        for name, sources in runs.items():
-            if all(usable(task, src) for src in sources):
-                model = train_model(task, sources, 1 + len(classes), cfg.steps, cfg.batch_size, cfg.lr, cfg.seed, cfg.width,
-                                    desc=f"downstream {task} ({name})")
-                scores[task][name] = evaluate_model(task, model, test, classes)
-    # (task in the metrics file, model, metric key inside its result, name in the plot)
-    table = (("semantic", "semantic", ("mIoU",), "semantic mIoU"), ("instances", "semantic", ("instances", "AP"), "instance mask AP"),
-             ("depth", "depth", ("delta1",), "depth delta<1.25"), ("keypoints", "keypoints", ("AP",), "keypoint AP"))
+    seeds = seeds or cfg.seeds
+    counts = {"num_real": len(real), "num_synthetic": len(synthetic), "num_test": len(test), "seeds": seeds}
+    if ceiling is not None:
+        counts["num_ceiling"] = len(ceiling)
+    scores = _train_and_score(real, synthetic, test, classes, cfg, seeds, ceiling)
     metrics: dict = {}
     plot = []
-    for task, model_task, key, label in table:
-        entry = dict(counts)
-        for name, result in scores[model_task].items():
-            value = result
-            for k in key:
-                value = value[k]
-            entry[f"{key[-1]}_{name}"] = value
-            plot.append({"run": f"{label} | {name}", "task": task, "training data": name, "value": round(float(value), 4)})
-            if task == "depth":
-                entry[f"abs_rel_{name}"] = result["abs_rel"]
-        if "real+synthetic" in scores[model_task]:
-            if task == "depth":
-                # The target is relative: (c) has >= 30% lower AbsRel than (a).
-                entry["abs_rel_reduction"] = 1 - entry["abs_rel_real+synthetic"] / entry["abs_rel_real"]
-            else:
-                entry["uplift"] = entry[f"{key[-1]}_real+synthetic"] - entry[f"{key[-1]}_real"]
-        metrics[task] = entry
+    for task, model_task, key, label in TABLE:
+        metrics[task] = _entry(scores[model_task], key, task, counts)
+        for name in scores[model_task]:
+            value = metrics[task][f"{key[-1]}_{name}"]
+            plot.append({"run": f"{label} | {name}", "task": task, "training data": name, "value": round(value, 4)})
+        logger.info("%s: %s", task, {k: round(v, 4) for k, v in metrics[task].items() if isinstance(v, float)})
     return {"metrics": metrics, "plot": plot}

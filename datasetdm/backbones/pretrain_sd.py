@@ -1,0 +1,313 @@
+"""Training the embedded miniature Stable Diffusion on the shapes world (``make pretrain``).
+
+Two stages, as SD itself was built:
+
+1. the AutoencoderKL on rendered scenes (L1 + image-gradient L1 + a tiny KL), then its
+   ``scaling_factor`` set so latents have unit variance, as SD's 0.18215 was chosen;
+2. the UNet and the CLIP text encoder on the frozen VAE's latents: v-prediction,
+   Min-SNR weighting, caption dropout (for classifier-free guidance), an EMA of the
+   weights for sampling.
+
+It is a long job on two CPU cores, so it checkpoints every ``checkpoint_every`` steps and
+resumes from its own checkpoint; every random draw of step ``s`` comes from a generator
+seeded by ``(seed, s)``, so a resumed run makes the same draws as an unbroken one. Each
+checkpoint also keeps an EMA snapshot, from which the fidelity-against-steps curve is
+measured afterwards (by ``datasetdm.evaluate.backbone``, never by this loop).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from datasetdm.backbones.mini_sd import mini_sd_configs
+from datasetdm.backbones.tiny_sd import build_sd_components, save_sd_folder
+from datasetdm.config import Params
+from datasetdm.io import atomic_path, write_json
+from datasetdm.worlds.shapes import render_scene
+
+logger = logging.getLogger(__name__)
+VAE_DIR, VAE_FINAL, UNET_STATE, SNAPSHOTS = "vae", "vae-final", "unet-state", "snapshots"
+
+
+def render_pool(params: Params, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    """Pre-render ``size`` scenes as uint8 (N, 3, H, W) plus captions (rendering per step would cost more than the UNet)."""
+    world = dataclasses.replace(params.world, classes=params.pretrain.classes)
+    images = np.empty((size, world.image_size, world.image_size, 3), dtype=np.uint8)
+    captions = []
+    for i in tqdm(range(size), desc="render shapes world", unit="img", mininterval=2):
+        scene = render_scene(world, seed * 10_000_019 + i)
+        images[i] = scene.image
+        captions.append(scene.caption)
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def _lr(base: float, step: int, total: int, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay to a tenth of ``base``."""
+    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+
+
+def _step_rng(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    """The draws of one step depend on (seed, step) only: resuming repeats them exactly."""
+    return np.random.default_rng([seed, step]), torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
+
+
+def _save_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """A checkpoint written whole or not at all (temp folder, then rename)."""
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def _load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    if not (folder / "meta.json").is_file():
+        return None
+    return load_file(folder / "state.safetensors"), json.loads((folder / "meta.json").read_text())
+
+
+def _flat(prefix: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in state.items()}
+
+
+def _unflat(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, st in opt.state_dict()["state"].items():
+        for name, value in st.items():
+            out[f"opt.{i}.{name}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state = opt.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            state["state"].setdefault(int(i), {})[name] = value
+    opt.load_state_dict(state)
+
+
+def train_vae(params: Params, vae: torch.nn.Module, images: torch.Tensor, work: Path, device: torch.device) -> torch.nn.Module:
+    """Stage 1: reconstruct rendered scenes; resumable; returns the trained VAE (eval mode)."""
+    cfg, vcfg = params.pretrain, params.pretrain.vae
+    done = work / VAE_DIR
+    if (done / "meta.json").is_file() and json.loads((done / "meta.json").read_text()).get("step") == vcfg.steps:
+        logger.info("VAE already trained (%s), reusing it", done)
+        vae.load_state_dict(_unflat("vae", _load_state(done)[0]))
+        return vae.to(device).eval()
+    vae = vae.to(device).train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=vcfg.lr, weight_decay=0.0)
+    step = 0
+    if (loaded := _load_state(done)) is not None:
+        vae.load_state_dict(_unflat("vae", loaded[0]))
+        _restore_optimizer(opt, loaded[0])
+        step = int(loaded[1]["step"])
+        logger.info("resuming VAE training at step %d", step)
+    bar = tqdm(total=vcfg.steps, initial=step, desc="pretrain VAE", unit="step", mininterval=5)
+    losses: list[float] = []
+    while step < vcfg.steps:
+        for g in opt.param_groups:
+            g["lr"] = _lr(vcfg.lr, step, vcfg.steps)
+        rng, gen = _step_rng(cfg.seed + 1, step)
+        x = images[torch.from_numpy(rng.integers(0, len(images), size=vcfg.batch_size))].to(device).float() / 127.5 - 1
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + vcfg.kl_weight * posterior.kl().mean()
+        if vcfg.edge_weight:
+            loss = loss + vcfg.edge_weight * sum(F.l1_loss(a, b) for a, b in zip(_image_gradients(recon), _image_gradients(x)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % cfg.checkpoint_every == 0 or step == vcfg.steps:
+            _save_state(done, {**_flat("vae", vae.state_dict()), **_optimizer_tensors(opt)},
+                        {"step": step, "loss": float(np.mean(losses[-50:]))})
+    bar.close()
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode_pool(vae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every pool image (encoded once: the UNet stage never runs the encoder)."""
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch), desc="encode pool", unit="batch", mininterval=5):
+        dist = vae.encode(images[i:i + batch].to(device).float() / 127.5 - 1).latent_dist
+        means.append(dist.mean.cpu())
+        stds.append(dist.std.cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(params: Params, components: dict[str, Any], means: torch.Tensor, stds: torch.Tensor, captions: list[str],
+               work: Path, device: torch.device, until_step: int | None = None) -> tuple[torch.nn.Module, torch.nn.Module, list[dict]]:
+    """Stage 2: UNet + text encoder on scaled latents; resumable; returns the EMA modules and the loss log.
+
+    ``until_step`` stops early (after checkpointing there), to split the job across sessions.
+    """
+    from diffusers import DDPMScheduler
+
+    cfg = params.pretrain
+    unet, text, tokenizer = components["unet"].to(device).train(), components["text_encoder"].to(device).train(), components["tokenizer"]
+    ema = [copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(text).eval().requires_grad_(False)]
+    trainable = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.01)
+    noise_sched = DDPMScheduler.from_config(components["scheduler"].config)
+    alphas = noise_sched.alphas_cumprod.to(device)
+    scale = float(components["vae"].config.scaling_factor)
+    state_dir, snapshots = work / UNET_STATE, work / SNAPSHOTS
+    step, log = 0, []
+    if (loaded := _load_state(state_dir)) is not None:
+        tensors, meta = loaded
+        unet.load_state_dict(_unflat("unet", tensors))
+        text.load_state_dict(_unflat("text", tensors))
+        ema[0].load_state_dict(_unflat("ema_unet", tensors))
+        ema[1].load_state_dict(_unflat("ema_text", tensors))
+        _restore_optimizer(opt, tensors)
+        step, log = int(meta["step"]), meta["log"]
+        logger.info("resuming UNet training at step %d", step)
+    bar = tqdm(total=cfg.steps, initial=step, desc="pretrain UNet + text encoder", unit="step", mininterval=5)
+    losses: list[float] = []
+    start = time.monotonic() - (log[-1]["minutes"] * 60 if log else 0.0)
+    stop = cfg.steps if until_step is None else min(cfg.steps, until_step)
+    while step < stop:
+        lr = _lr(cfg.lr, step, cfg.steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        rng, gen = _step_rng(cfg.seed, step)
+        idx = torch.from_numpy(rng.integers(0, len(captions), size=cfg.batch_size))
+        prompts = ["" if rng.random() < cfg.caption_dropout else captions[i] for i in idx.tolist()]
+        flip = torch.from_numpy(rng.random(cfg.batch_size) < 0.5)  # captions say nothing of left/right
+        z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)
+        z[flip] = z[flip].flip(-1)
+        x0 = (z * scale).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
+        xt = noise_sched.add_noise(x0, noise, t)
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        pred = unet(xt, t, encoder_hidden_states=text(ids)[0]).sample
+        target = noise_sched.get_velocity(x0, noise, t)
+        snr = alphas[t] / (1 - alphas[t])
+        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)  # Min-SNR-gamma for v-prediction
+        loss = (weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for shadow, live in zip(ema, (unet, text)):
+                for ps, pl in zip(shadow.parameters(), live.parameters()):
+                    ps.lerp_(pl, 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr:.1e}")
+        if step % cfg.checkpoint_every == 0 or step == stop:
+            log.append({"step": step, "loss": float(np.mean(losses[-cfg.checkpoint_every:])),
+                        "minutes": (time.monotonic() - start) / 60})
+            ema_tensors = {**_flat("ema_unet", ema[0].state_dict()), **_flat("ema_text", ema[1].state_dict())}
+            _save_state(snapshots / f"step-{step:06d}", ema_tensors, log[-1])
+            _save_state(state_dir, {**_flat("unet", unet.state_dict()), **_flat("text", text.state_dict()), **ema_tensors,
+                                    **_optimizer_tensors(opt)}, {"step": step, "log": log})
+    bar.close()
+    return ema[0], ema[1], log
+
+
+def snapshot_components(params: Params, snapshot: Path) -> dict[str, Any]:
+    """The pipeline as it stood at one snapshot: trained VAE, EMA UNet and text encoder (for the fidelity curve)."""
+    from diffusers import AutoencoderKL
+
+    components = build_components(params)
+    components["vae"] = AutoencoderKL.from_pretrained(work_dir(params) / VAE_FINAL, use_safetensors=True).eval()
+    tensors, _ = _load_state(snapshot)
+    components["unet"].load_state_dict(_unflat("ema_unet", tensors))
+    components["text_encoder"].load_state_dict(_unflat("ema_text", tensors))
+    return components
+
+
+def snapshots(params: Params) -> list[tuple[int, Path]]:
+    """(step, folder) of every EMA snapshot written so far, in step order."""
+    found = sorted((work_dir(params) / SNAPSHOTS).glob("step-*"))
+    return [(int(json.loads((f / "meta.json").read_text())["step"]), f) for f in found if (f / "meta.json").is_file()]
+
+
+def work_dir(params: Params) -> Path:
+    """Checkpoints live beside the output folder, never inside what ships."""
+    out = Path(params.pretrain.out)
+    return out.parent / f"{out.name}.work"
+
+
+def build_components(params: Params) -> dict[str, Any]:
+    """Fresh components from ``params.pretrain`` (deterministic per seed)."""
+    return build_sd_components(mini_sd_configs(params.pretrain, params.world.image_size), seed=params.pretrain.seed)
+
+
+def pretrain_sd(params: Params, out: str | Path | None = None, device: str = "cpu", preview: bool = True,
+                until_step: int | None = None) -> dict[str, Any]:
+    """Train the miniature SD (VAE, then UNet + text encoder) and save it as a pipeline folder at ``out``.
+
+    With ``until_step`` below ``pretrain.steps`` it stops there, checkpointed, and saves nothing
+    to ``out``: run it again (with or without ``until_step``) to go on from that step.
+    """
+    cfg = params.pretrain
+    out = Path(out or cfg.out)
+    dev = torch.device(device)
+    work = work_dir(params)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.monotonic()
+    # 1. data and fresh modules
+    images, captions = render_pool(params, cfg.pool_size, cfg.seed)
+    components = build_components(params)
+    # 2. the VAE, and its scaling factor from the pool's latents
+    vae = train_vae(params, components["vae"], images, work, dev)
+    means, stds = encode_pool(vae, images, dev)
+    scaling = float(1.0 / means.std().item())
+    vae.register_to_config(scaling_factor=scaling)
+    components["vae"] = vae.cpu().eval()
+    components["vae"].save_pretrained(work / VAE_FINAL, safe_serialization=True)  # snapshots are measured with it
+    logger.info("VAE scaling_factor %.5f", scaling)
+    # 3. UNet + text encoder
+    unet, text, log = train_unet(params, components, means, stds, captions, work, dev, until_step)
+    if log and log[-1]["step"] < cfg.steps:
+        logger.info("stopped at step %d of %d (checkpointed in %s)", log[-1]["step"], cfg.steps, work)
+        return {"stopped_at": log[-1]["step"], "steps": cfg.steps, "work": str(work)}
+    components.update(unet=unet.cpu().eval(), text_encoder=text.cpu().eval())
+    # 4. save as a diffusers pipeline folder, preview beside it
+    with atomic_path(out) as tmp:
+        save_sd_folder(components, tmp)
+        write_json(tmp / "pretrain_log.json", {"scaling_factor": scaling, "log": log})
+    if preview:
+        from datasetdm.backbones.preview import preview_grid
+        from datasetdm.backbones.sd import StableDiffusionBackbone
+
+        preview_grid(StableDiffusionBackbone.load(str(out)), out / "preview.png")
+    return {"steps": cfg.steps, "vae_steps": cfg.vae.steps, "minutes": (time.monotonic() - start) / 60,
+            "final_loss": log[-1]["loss"] if log else None, "scaling_factor": scaling}

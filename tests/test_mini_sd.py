@@ -1,0 +1,61 @@
+"""Pretraining the embedded miniature Stable Diffusion: a real diffusers pipeline folder, resumable to the same weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from datasetdm.backbones.pretrain_sd import pretrain_sd, snapshots, work_dir
+from datasetdm.backbones.sd import StableDiffusionBackbone
+from datasetdm.config import params_from_dict
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_pretrain(tmp_path: Path, name: str, **over) -> dict:
+    cfg = {"out": str(tmp_path / name / "mini-sd"), "pool_size": 48, "steps": 6, "batch_size": 4, "checkpoint_every": 3,
+           "block_out_channels": [48, 32, 32], "text_dim": 16, "text_layers": 1, "max_length": 16,
+           "vae": {"steps": 4, "batch_size": 4, "block_out_channels": [16, 16, 16]}, **over}
+    return {"world": {"image_size": 32}, "pretrain": cfg}
+
+
+def unet_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_pretrain_writes_a_pipeline_stable_diffusion_loads(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    params = params_from_dict(tiny_pretrain(tmp_path, "a"), source="test")
+    result = pretrain_sd(params, preview=False)
+    out = Path(params.pretrain.out)
+    assert result["steps"] == 6 and result["scaling_factor"] > 0
+    assert not list(out.rglob("*.bin")) and len(list(out.rglob("*.safetensors"))) == 3  # safetensors only
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.vae.config.scaling_factor == pytest.approx(result["scaling_factor"])
+    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images
+    assert image.shape == (1, 32, 32, 3)
+    backbone = StableDiffusionBackbone.load(str(out))  # and the factory's own loader
+    images, features = backbone.sample(["a blue star"], [1], steps=2, guidance_scale=2.0, capture_timestep=500)
+    assert images.shape == (1, 3, 32, 32) and features is not None and features.attention.shape[0] == 1
+    assert [step for step, _ in snapshots(params)] == [3, 6]
+    log = json.loads((out / "pretrain_log.json").read_text())["log"]
+    assert [row["step"] for row in log] == [3, 6]
+
+
+def test_stopped_and_resumed_pretraining_gives_the_weights_of_an_unbroken_run(tmp_path):
+    unbroken = params_from_dict(tiny_pretrain(tmp_path, "unbroken"), source="test")
+    pretrain_sd(unbroken, preview=False)
+    split = params_from_dict(tiny_pretrain(tmp_path, "split"), source="test")
+    stopped = pretrain_sd(split, preview=False, until_step=4)
+    assert stopped["stopped_at"] == 4 and not Path(split.pretrain.out).exists()
+    assert (work_dir(split) / "unet-state" / "meta.json").is_file()
+    pretrain_sd(split, preview=False)
+    a, b = unet_weights(Path(unbroken.pretrain.out)), unet_weights(Path(split.pretrain.out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
