@@ -70,7 +70,7 @@ uplift: setup
 	dvc repro uplift
 
 bench: setup
-	python benchmarks/capture_overhead.py
+	python benchmarks/sd_overhead.py
 
 ## serve: local Prefect server (127.0.0.1:$(PREFECT_PORT), SQLite in .prefect/) + work pool + deployments + worker
 serve: setup

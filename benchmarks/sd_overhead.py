@@ -4,8 +4,9 @@ Same weights, prompts, per-sample seeds (CPU generators), DDIM scheduler, steps 
 guidance; both timed in this one process, interleaved round by round, so machine
 load hits them alike. Prints images/s of each and their ratio (target <= 1.10).
 
-    python benchmarks/sd_overhead.py                      # tiny random-weight SD, CPU, float32
+    python benchmarks/sd_overhead.py                      # the embedded default (params.yaml backbone.model), CPU
     python benchmarks/sd_overhead.py --model DIR          # a local diffusers SD folder
+    python benchmarks/sd_overhead.py --tiny               # tiny random-weight SD, CPU, float32
     python benchmarks/sd_overhead.py --sd15-shaped        # random SD-1.5-shaped model, 512 px, float16, cuda
 
 "Plain" is ``StableDiffusionPipeline.__call__`` (its own UNet copy, stock attention
@@ -46,9 +47,9 @@ from datasetdm.prompts import expand_prompts
 def components_for(args: argparse.Namespace, tmp: Path) -> tuple[dict[str, Any], str]:
     if args.sd15_shaped:
         return build_sd_components(sd15_shaped_configs(), seed=0), "random-weight SD-1.5-shaped (860M UNet, 512 px)"
-    folder = resolve_folder(args.model) if args.model else build_tiny_sd(tmp / "tiny-sd", image_size=32)
+    folder = build_tiny_sd(tmp / "tiny-sd", image_size=32) if args.tiny else resolve_folder(args.model)
     check_model_index(folder)
-    return load_components(folder, DTYPES[args.dtype]), str(folder) if args.model else "tiny random-weight SD (32 px)"
+    return load_components(folder, DTYPES[args.dtype]), "tiny random-weight SD (32 px)" if args.tiny else str(folder)
 
 
 def timed(fn: Callable[[], Any], device: torch.device) -> float:
@@ -64,7 +65,8 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml", help="world, prompts, decoder and backbone steps/guidance/timestep")
-    ap.add_argument("--model", default="", help="diffusers SD folder (default: build a tiny random one)")
+    ap.add_argument("--model", default="", help="diffusers SD folder (default: backbone.model of --params)")
+    ap.add_argument("--tiny", action="store_true", help="build a tiny random-weight SD instead")
     ap.add_argument("--sd15-shaped", action="store_true", help="random SD-1.5-shaped model at 512 px (defaults: float16, cuda)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=list(DTYPES))
@@ -80,6 +82,7 @@ def main() -> None:
     args.device = args.device or ("cuda" if args.sd15_shaped else "cpu")
     args.dtype = args.dtype or ("float16" if args.sd15_shaped else "float32")
     params = load_params(args.params)
+    args.model = args.model or params.backbone.model
     bb = dataclasses.replace(params.backbone, steps=args.steps or params.backbone.steps)
     classes = params.world.classes
     batch = args.batch or params.generate.batch_size

@@ -51,16 +51,17 @@ class RealConfig:
 class BackboneConfig:
     """Which text-to-image model generates images and provides features."""
 
-    kind: Literal["toy", "stable-diffusion"] = "toy"
-    path: str = "datasetdm/assets/toy-backbone"  # the toy backbone's folder (kind: toy)
-    model: str = ""  # kind stable-diffusion: a local diffusers pipeline folder, or a hub id already in the HF cache
+    kind: Literal["stable-diffusion"] = "stable-diffusion"
+    # A local diffusers Stable Diffusion pipeline folder, or a hub id already in the HF
+    # cache. The default is the embedded miniature SD trained on the shapes world.
+    model: str = "datasetdm/assets/mini-sd"
     steps: int = 20
     guidance_scale: float = 3.0
     feature_timestep: int = 100  # t at which features are read, for real and generated images
     device: str = "cpu"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # stable-diffusion only
-    channels_last: bool = False  # stable-diffusion only
-    compile: bool = False  # stable-diffusion only: torch.compile the UNet
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    channels_last: bool = False  # channels-last memory format for UNet and VAE (faster on GPUs)
+    compile: bool = False  # torch.compile the UNet (slow first batch)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,10 @@ class VAEPretrainConfig:
     layers_per_block: int = 1
     kl_weight: float = 1e-6
     edge_weight: float = 1.0
+    # Then the decoder alone, on the frozen encoder's latents (as SD's ft-MSE VAE decoder
+    # was made): sharper edges without moving the latent space the UNet learns.
+    decoder_steps: int = 3000
+    decoder_lr: float = 5e-4
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,7 @@ class PretrainConfig:
     pool_size: int = 16000
     # UNet + text encoder (stage 2). A step count, not a time budget, so the shipped
     # checkpoint is reproducible from params.yaml.
-    steps: int = 10000
+    steps: int = 7000
     batch_size: int = 32
     lr: float = 1e-3
     ema_decay: float = 0.999
@@ -110,8 +115,6 @@ class PretrainConfig:
     text_layers: int = 2
     max_length: int = 32  # tokens the CLIP text encoder reads (SD: 77)
     vae: VAEPretrainConfig = field(default_factory=VAEPretrainConfig)
-    # toy backbone only (kept until the miniature SD replaces it everywhere)
-    patch_size: int = 4
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ class PromptsConfig:
     out: str = "data/prompts.json"
     num_prompts: int = 200
     max_objects: int = 2
-    # "{objects}" is replaced by the caption; the toy backbone knows only world words.
+    # "{objects}" is replaced by the caption; the embedded backbone knows only world words.
     templates: tuple[str, ...] = ("{objects}",)
     seed: int = 0
 
@@ -285,7 +288,6 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "pretrain.caption_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "pretrain.pool_size": _POSITIVE,
     "pretrain.ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
-    "pretrain.patch_size": (lambda v: v in (1, 2, 4, 8), "must be 1, 2, 4 or 8"),
     "pretrain.layers_per_block": _POSITIVE,
     "pretrain.block_out_channels": (lambda v: len(v) > 0 and all(c > 0 for c in v), "must be a non-empty list of positive widths"),
     "pretrain.text_dim": _POSITIVE,
@@ -311,6 +313,8 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "pretrain.vae.layers_per_block": _POSITIVE,
     "pretrain.vae.kl_weight": (lambda v: v >= 0, "must be >= 0"),
     "pretrain.vae.edge_weight": (lambda v: v >= 0, "must be >= 0"),
+    "pretrain.vae.decoder_steps": (lambda v: v >= 0, "must be >= 0"),
+    "pretrain.vae.decoder_lr": _POSITIVE,
     "decoder.heads": (lambda v: "semantic" in v and set(v) <= {"semantic", "depth", "keypoints"} and len(set(v)) == len(v),
                       "must list semantic and any of depth, keypoints, without repeats"),
     "decoder.channels": _POSITIVE,
@@ -437,10 +441,13 @@ def _check_cross_fields(p: Params) -> None:
             raise DatasetDMError(s, f"evaluate.unseen_classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")
         if c in p.world.classes:
             raise DatasetDMError(s, f"evaluate.unseen_classes[{i}]", f"{c!r} is in world.classes, so it is not unseen")
-    latent_channels = 3 * p.pretrain.patch_size**2
-    if p.pretrain.block_out_channels and p.pretrain.block_out_channels[0] < latent_channels:
-        # Narrower than the latent, the UNet cannot carry the noise through to predict it.
-        raise DatasetDMError(s, "pretrain.block_out_channels[0]", f"must be >= {latent_channels} (3 x patch_size^2 latent channels)")
+    # GroupNorm in the UNet and the VAE works in groups of 16 channels; heads split the width.
+    for section, widths in (("pretrain", p.pretrain.block_out_channels), ("pretrain.vae", p.pretrain.vae.block_out_channels)):
+        for i, w in enumerate(widths):
+            if w % 16:
+                raise DatasetDMError(s, f"{section}.block_out_channels[{i}]", f"must be a multiple of 16 (GroupNorm groups), got {w}")
+    if p.pretrain.text_dim % 4:
+        raise DatasetDMError(s, "pretrain.text_dim", f"must be a multiple of 4 (attention heads), got {p.pretrain.text_dim}")
     if p.world.min_size > p.world.max_size:
         raise DatasetDMError(s, "world.min_size", "must not exceed world.max_size")
     for i, t in enumerate(p.prompts.templates):
@@ -448,11 +455,5 @@ def _check_cross_fields(p: Params) -> None:
             raise DatasetDMError(s, f"prompts.templates[{i}]", "must contain {objects}")
     if p.prompts.max_objects > p.world.max_objects:
         raise DatasetDMError(s, "prompts.max_objects", "must not exceed world.max_objects")
-    if p.backbone.kind == "stable-diffusion" and not p.backbone.model:
-        raise DatasetDMError(s, "backbone.model", "kind stable-diffusion needs a model: a local diffusers pipeline folder or a cached hub id")
-    if p.backbone.kind == "toy":  # a setting the toy backbone would silently ignore is an error
-        sd_only = {"model": p.backbone.model != "", "dtype": p.backbone.dtype != "float32",
-                   "channels_last": p.backbone.channels_last, "compile": p.backbone.compile}
-        for key, set_ in sd_only.items():
-            if set_:
-                raise DatasetDMError(s, f"backbone.{key}", "applies to kind stable-diffusion only (backbone.kind is toy)")
+    if not p.backbone.model:
+        raise DatasetDMError(s, "backbone.model", "needs a model: a local diffusers pipeline folder or a cached hub id")

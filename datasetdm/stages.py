@@ -17,7 +17,6 @@ import torch
 
 from datasetdm.backbones.base import Backbone
 from datasetdm.backbones.sd import StableDiffusionBackbone
-from datasetdm.backbones.toy import ToyBackbone
 from datasetdm.config import Params
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import train_decoder
@@ -37,15 +36,13 @@ from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
 
 
 def load_backbone(params: Params) -> Backbone:
-    """The backbone ``params.backbone`` names: the embedded toy model or a local Stable Diffusion folder."""
+    """The Stable Diffusion folder ``params.backbone.model`` names (by default the embedded miniature SD)."""
     torch.manual_seed(0)
     bb = params.backbone
-    if bb.kind == "stable-diffusion":
-        backbone = StableDiffusionBackbone.load(bb.model, dtype=bb.dtype, device=bb.device, channels_last=bb.channels_last,
-                                                compile=bb.compile, source=params.source)
-        backbone.output_device = torch.device(bb.device)  # the decoder runs there too (see load_decoder)
-        return backbone
-    return ToyBackbone.load(bb.path, device=bb.device)
+    backbone = StableDiffusionBackbone.load(bb.model, dtype=bb.dtype, device=bb.device, channels_last=bb.channels_last,
+                                            compile=bb.compile, source=params.source)
+    backbone.output_device = torch.device(bb.device)  # the decoder runs there too (see load_decoder)
+    return backbone
 
 
 def make_real_sets(params: Params) -> dict:

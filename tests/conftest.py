@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from datasetdm.backbones.toy import ToyBackbone, toy_config
+from datasetdm.backbones.sd import StableDiffusionBackbone
+from datasetdm.backbones.tiny_sd import build_tiny_sd
 from datasetdm.config import SHAPES, Params, params_from_dict
 from datasetdm.downstream.models import SmallUNet
 from datasetdm.evaluate.inspector import Inspector
@@ -22,7 +23,7 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
     return {
         "world": {"image_size": 32, "classes": ["circle", "square"], "colours": ["red", "blue"], "max_objects": 2},
         "real": {"dir": str(tmp / "data/real"), "num_train": 4, "num_test": 4},
-        "backbone": {"path": str(backbone_path), "steps": 3, "guidance_scale": 2.0},
+        "backbone": {"model": str(backbone_path), "steps": 3, "guidance_scale": 2.0},
         "decoder": {"out": str(tmp / "models/decoder"), "channels": 16, "steps": 6, "batch_size": 4},
         "prompts": {"out": str(tmp / "data/prompts.json"), "num_prompts": 6},
         "generate": {"out": str(tmp / "data/generated"), "num_samples": 6, "batch_size": 4, "shard_size": 4},
@@ -30,7 +31,8 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
         "export": {"out": str(tmp / "data/export"), "grid_samples": 4},
         "curate": {"out": str(tmp / "data/curated")},
         "downstream": {"out": str(tmp / "metrics/downstream.json"), "plot": str(tmp / "metrics/downstream_plot.json"),
-                       "steps": 4, "batch_size": 4, "width": 8},
+                       "steps": 4, "batch_size": 4, "width": 8, "uplift_out": str(tmp / "metrics/uplift.json"),
+                       "uplift_seeds": 2, "ceiling_images": 8},
         # DVC needs every params key a stage lists (real-data lists these two) in params.yaml itself.
         "evaluate": {"out": str(tmp / "metrics/decoder.json"), "num_zero_shot": 4, "unseen_classes": ["hexagon"],
                      "zero_shot_seed": 800000, "num_regenerated": 4, "regenerated_seed": 700000, "regenerate_strength": 0.6},
@@ -46,22 +48,21 @@ def build_tiny_inspector() -> Inspector:
     return Inspector(SmallUNet(1 + len(SHAPES), width=8).eval(), SHAPES, ("red", "blue"), min_area=4)
 
 
-def build_tiny_backbone(image_size: int = 32) -> ToyBackbone:
-    torch.manual_seed(0)
-    return ToyBackbone.from_config(toy_config(image_size=image_size, patch_size=4, block_out_channels=(16, 32), text_dim=16, text_layers=1))
+def build_tiny_backbone(folder: Path, image_size: int = 32) -> Path:
+    """A tiny random-weight Stable Diffusion pipeline folder (the embedded model's architecture in miniature)."""
+    return build_tiny_sd(folder, image_size=image_size)
 
 
 @pytest.fixture(scope="session")
 def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("backbone") / "toy"
-    build_tiny_backbone().save(path)
+    path = build_tiny_backbone(tmp_path_factory.mktemp("backbone") / "tiny-sd")
     build_tiny_inspector().save(path.parent / TINY_INSPECTOR)
     return path
 
 
 @pytest.fixture
-def tiny_backbone(tiny_backbone_dir: Path) -> ToyBackbone:
-    return ToyBackbone.load(tiny_backbone_dir)
+def tiny_backbone(tiny_backbone_dir: Path) -> StableDiffusionBackbone:
+    return StableDiffusionBackbone.load(str(tiny_backbone_dir))
 
 
 @pytest.fixture

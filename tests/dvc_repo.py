@@ -33,7 +33,7 @@ def make_tiny_repo(tmp_path: Path) -> tuple[Path, dict]:
     root.mkdir()
     shutil.copytree(REPO / "datasetdm", root / "datasetdm", ignore=shutil.ignore_patterns("__pycache__", "assets"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    build_tiny_backbone().save(root / "models/tiny-backbone")
+    build_tiny_backbone(root / "models/tiny-backbone")
     build_tiny_inspector().save(root / "models" / TINY_INSPECTOR)
     raw = tiny_raw(Path("."), Path("models/tiny-backbone"))
     (root / "params.yaml").write_text(yaml.safe_dump(raw))

@@ -37,8 +37,8 @@ from tests.conftest import REPO, tiny_raw
 def finished(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Path:
     """A workspace after every stage up to export ran: backbone, sets, decoder, prompts, data."""
     root = tmp_path_factory.mktemp("finished")
-    shutil.copytree(tiny_backbone_dir, root / "toy")
-    params = params_from_dict(tiny_raw(root, root / "toy"), source=str(root / "params.yaml"))
+    shutil.copytree(tiny_backbone_dir, root / "sd")
+    params = params_from_dict(tiny_raw(root, root / "sd"), source=str(root / "params.yaml"))
     for stage in ("real-data", "train-decoder", "expand-prompts", "generate", "filter", "export"):
         stages.STAGES[stage](params)
     return root
@@ -131,7 +131,8 @@ def eight_bit_depth(root: Path, raw: dict) -> None:
 
 SET = "data/real/train/annotations.json"
 PROMPTS = "data/prompts.json"
-UNET, TEXT, BB_CONFIG = "toy/unet.safetensors", "toy/text_encoder.safetensors", "toy/config.json"
+UNET, TEXT = "sd/unet/diffusion_pytorch_model.safetensors", "sd/text_encoder/model.safetensors"
+UNET_CONFIG, MODEL_INDEX = "sd/unet/config.json", "sd/model_index.json"
 DEC, DEC_CONFIG = "models/decoder/decoder.safetensors", "models/decoder/config.json"
 
 
@@ -189,14 +190,14 @@ CASES = [
     Case("set-rle-garbage", "train-decoder", edit_json(SET, lambda c: _first_ann(c)["segmentation"].update(counts="\u00e9\u00e9")),
          SET, "annotations[0].segmentation"),
     Case("set-8-bit-depth", "train-decoder", eight_bit_depth, SET, "images[0].depth_file"),
-    # -- the toy backbone's checkpoint (train-decoder must keep the decoder it had)
-    Case("backbone-truncated", "train-decoder", write_bytes(UNET, lambda b: b[: len(b) // 2]), UNET, None,
-         "not a readable safetensors file"),
-    Case("backbone-pickle", "train-decoder", pickled_state(TEXT), TEXT, None, "pickle"),
+    # -- the backbone's pipeline folder (train-decoder must keep the decoder it had)
+    Case("backbone-truncated", "train-decoder", write_bytes(UNET, lambda b: b[: len(b) // 2]), "sd/unet", "backbone.model",
+         "cannot load unet"),
+    Case("backbone-pickle", "train-decoder", pickled_state(TEXT), "sd/text_encoder", "backbone.model", "cannot load text_encoder"),
     Case("backbone-wrong-architecture", "train-decoder",
-         edit_json(BB_CONFIG, lambda c: c["unet"].update(block_out_channels=[16, 16])), UNET, "down_blocks.1.", "wrong architecture"),
-    Case("backbone-config-not-json", "train-decoder", write_bytes(BB_CONFIG, lambda b: b"{not json"), BB_CONFIG, None,
-         "not a toy backbone config"),
+         edit_json(UNET_CONFIG, lambda c: c.update(block_out_channels=[16, 16, 16])), "sd/unet", "backbone.model", "wrong architecture"),
+    Case("backbone-index-not-json", "train-decoder", write_bytes(MODEL_INDEX, lambda b: b"{not json"), MODEL_INDEX, "backbone.model",
+         "not valid JSON"),
     # -- the trained decoder's checkpoint (generate must keep the generated set it had)
     Case("decoder-truncated", "generate", write_bytes(DEC, lambda b: b[: len(b) // 2]), DEC, None, "not a readable safetensors file"),
     Case("decoder-pickle", "generate", pickled_state(DEC), DEC, None, "pickle"),
@@ -205,10 +206,11 @@ CASES = [
     Case("decoder-config-not-json", "generate", write_bytes(DEC_CONFIG, lambda b: b"[1, 2"), DEC_CONFIG, None, "not a decoder config"),
     # -- the prompts (generate must keep the generated set it had)
     Case("prompt-empty", "generate", edit_json(PROMPTS, _set_prompt(0, "")), PROMPTS, "prompts[0]"),
-    Case("prompt-unknown-word", "generate", edit_json(PROMPTS, _set_prompt(1, "a red dragon")), PROMPTS, "prompts[1]"),
+    Case("prompt-cannot-encode", "generate", edit_json(PROMPTS, _set_prompt(1, "a red circle $$")), PROMPTS, "prompts[1]",
+         "cannot encode"),
     Case("prompt-path-traversal", "generate", edit_json(PROMPTS, _set_prompt(2, "a red circle ../../etc/passwd")), PROMPTS, "prompts[2]"),
     Case("prompt-names-no-class", "generate", edit_json(PROMPTS, _set_prompt(0, "a red star")), PROMPTS, "prompts[0]"),
-    Case("prompt-too-long", "generate", edit_json(PROMPTS, _set_prompt(0, " ".join(["red circle"] * 12))), PROMPTS, "prompts[0]"),
+    Case("prompt-too-long", "generate", edit_json(PROMPTS, _set_prompt(0, " ".join(["red circle"] * 40))), PROMPTS, "prompts[0]"),
     Case("prompts-none", "generate", edit_json(PROMPTS, lambda d: d.update(prompts=[])), PROMPTS, "prompts"),
     Case("prompts-plain-strings", "generate", edit_json(PROMPTS, lambda d: d.update(prompts=["a red circle"])), PROMPTS, "prompts"),
     Case("prompts-not-json", "generate", write_bytes(PROMPTS, lambda b: b"{\"prompts\": ["), PROMPTS, "line"),
@@ -226,7 +228,7 @@ FAST = {"params-unknown-key", "set-mask-size-differs", "decoder-pickle", "prompt
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=() if c.id in FAST else pytest.mark.slow) for c in CASES])
 def test_bad_input_is_one_named_line_and_touches_nothing(case: Case, workspace: Path) -> None:
-    raw = tiny_raw(workspace, workspace / "toy")
+    raw = tiny_raw(workspace, workspace / "sd")
     params_file = workspace / "params.yaml"
     if case.break_(workspace, raw) != "params written":
         params_file.write_text(yaml.safe_dump(raw))
@@ -257,7 +259,7 @@ def test_the_matrix_is_big_enough() -> None:
 # ----------------------------------------------------------------------------- property
 
 
-VALID = tiny_raw(Path("/tmp/datasetdm-property"), Path("/tmp/datasetdm-property/toy"))
+VALID = tiny_raw(Path("/tmp/datasetdm-property"), Path("/tmp/datasetdm-property/sd"))
 
 _leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8),
                   st.lists(st.one_of(st.integers(-3, 70), st.text(max_size=6), st.floats()), max_size=3))

@@ -2,6 +2,7 @@
 
 import torch
 
+from datasetdm.backbones.tiny_sd import build_sd_components, tiny_sd_configs
 from datasetdm.capture import FeatureCapture
 
 PROMPTS = ["a red circle", "two blue squares and a red circle"]
@@ -9,15 +10,15 @@ PROMPTS = ["a red circle", "two blue squares and a red circle"]
 
 def test_capture_shapes_and_attention_is_a_distribution(tiny_backbone):
     feats = tiny_backbone.extract_features(torch.rand(2, 3, 32, 32), PROMPTS, 100, [1, 2])
-    # up blocks coarse -> fine over an 8x8 latent (32 px / patch 4)
-    assert [m.shape[-1] for m in feats.maps] == [4, 8]
+    # up blocks coarse -> fine over the 8x8 latent of a 32 px image (VAE x4)
+    assert [m.shape[-1] for m in feats.maps] == [2, 4, 8]
     assert all(m.shape[0] == 2 for m in feats.maps)
-    assert feats.attention.shape == (2, 16, 4, 4)  # 16 tokens; attention only at the coarse level here
-    torch.testing.assert_close(feats.attention.sum(1), torch.ones(2, 4, 4))
+    assert feats.attention.shape == (2, 77, 8, 8)  # CLIP's 77 tokens, at the finest cross-attention level
+    torch.testing.assert_close(feats.attention.sum(1), torch.ones(2, 8, 8))
 
 
-def test_capture_leaves_the_unet_as_it_was(tiny_backbone):
-    unet = tiny_backbone.unet
+def test_capture_leaves_the_unet_as_it_was():
+    unet = build_sd_components(tiny_sd_configs())["unet"]  # a fresh one: a backbone keeps its capture installed
     before = {k: type(v) for k, v in unet.attn_processors.items()}
     hooks_before = sum(len(m._forward_hooks) for m in unet.modules())
     with FeatureCapture(unet):

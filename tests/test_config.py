@@ -12,8 +12,9 @@ def test_repo_params_parse_and_match_defaults_where_documented():
     p = load_params(REPO / "params.yaml")
     assert p.world.image_size == 64
     assert p.real.num_train == 20
-    assert p.backbone.kind == "toy"
-    assert Path(REPO / p.backbone.path / "config.json").is_file(), "the shipped toy backbone must exist"
+    assert p.backbone.kind == "stable-diffusion" and p.backbone.model == "datasetdm/assets/mini-sd"
+    assert Path(REPO / p.backbone.model / "model_index.json").is_file(), "the shipped miniature SD must exist"
+    assert Path(REPO / p.inspect.model / "inspector.json").is_file(), "the shipped inspector must exist"
 
 
 def test_empty_mapping_gives_defaults():

@@ -24,10 +24,10 @@ def labelled(tiny_params, tmp_path):
 
 def test_class_attention_picks_named_classes(tiny_backbone):
     classes = ("circle", "square", "star")
-    att = torch.rand(2, 16, 4, 4)
+    att = torch.rand(2, 77, 8, 8)  # CLIP's 77 tokens at the 8x8 latent of the tiny SD
     feats = Features([], att, ["two red circles", "a blue square and a red circle"])
     out = class_attention(feats, tiny_backbone, classes)
-    assert out.shape == (2, 3, 4, 4)
+    assert out.shape == (2, 3, 8, 8)
     torch.testing.assert_close(out[0, 0], att[0, 3] / att[0, 3].max())  # "circles" is token 3
     assert out[0, 1].abs().sum() == 0 and out[0, 2].abs().sum() == 0
     assert prompt_classes("a blue square and a red circle", tiny_backbone, classes) == ["circle", "square"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -95,6 +97,33 @@ def test_uplift_table_covers_every_task(exported):
     no_depth = dataclasses.replace(from_export(p.export.out), depth=None)
     partial = uplift_table(real, no_depth, test, p.world.classes, cfg)["metrics"]["depth"]
     assert "abs_rel_real" in partial and "abs_rel_synthetic" not in partial and "abs_rel_reduction" not in partial
+
+
+def test_seeds_give_mean_and_std_and_the_ceiling_row_what_it_recovers(exported):
+    p = exported
+    train_dir, test_dir = stages.real_set_split_dirs(p.real.dir)
+    real = from_labelled(load_real_set(train_dir, p.world.classes))
+    test = load_real_set(test_dir, p.world.classes)
+    cfg = DownstreamConfig(steps=3, batch_size=4, width=8)
+    synthetic = from_export(p.export.out)
+    table = uplift_table(real, synthetic, test, p.world.classes, cfg, seeds=2, ceiling=synthetic)["metrics"]
+    sem = table["semantic"]
+    assert sem["seeds"] == 2 and sem["num_ceiling"] == len(synthetic)
+    for arm in ("real", "synthetic", "real+synthetic", "ceiling"):
+        assert sem[f"mIoU_{arm}"] == sem[f"mIoU_{arm}_mean"] and sem[f"mIoU_{arm}_std"] >= 0
+    assert sem["uplift_mean"] == pytest.approx(sem["mIoU_real+synthetic"] - sem["mIoU_real"])
+    assert "gap_recovered" in sem and "abs_rel_reduction_std" in table["depth"]
+    one = uplift_table(real, synthetic, test, p.world.classes, cfg, seeds=1)["metrics"]["semantic"]
+    assert one["mIoU_real_std"] == 0.0 and "mIoU_ceiling" not in one
+
+
+def test_uplift_stage_writes_its_own_metrics(exported):
+    p = dataclasses.replace(exported, downstream=dataclasses.replace(exported.downstream, steps=2, batch_size=4, width=8,
+                                                                        uplift_seeds=2, ceiling_images=6))
+    metrics = stages.STAGES["uplift"](p)
+    written = json.loads(Path(p.downstream.uplift_out).read_text())
+    assert written == json.loads(json.dumps(metrics)) and written["semantic"]["num_ceiling"] == 6
+    assert written["semantic"]["seeds"] == 2
 
 
 def test_export_without_card_is_one_line(tmp_path):

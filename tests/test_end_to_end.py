@@ -61,7 +61,7 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
 
     first = run(root, "dvc", "repro")
     assert {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate", "evaluate", "inspect",
-            "downstream", "report"} <= stages_run(first)
+            "downstream", "uplift", "report"} <= stages_run(first)
     check_export(root, 6)
 
     again = run(root, "dvc", "repro")
@@ -70,5 +70,5 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
     raw["generate"]["num_samples"] = 5
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     third = run(root, "dvc", "repro")
-    assert stages_run(third) == {"generate", "filter", "export", "curate", "inspect", "downstream", "report"}, third
+    assert stages_run(third) == {"generate", "filter", "export", "curate", "inspect", "downstream", "uplift", "report"}, third
     check_export(root, 5)

@@ -19,12 +19,8 @@ pytestmark = pytest.mark.slow
 def tiny_pretrain(tmp_path: Path, name: str, **over) -> dict:
     cfg = {"out": str(tmp_path / name / "mini-sd"), "pool_size": 48, "steps": 6, "batch_size": 4, "checkpoint_every": 3,
            "block_out_channels": [48, 32, 32], "text_dim": 16, "text_layers": 1, "max_length": 16,
-           "vae": {"steps": 4, "batch_size": 4, "block_out_channels": [16, 16, 16]}, **over}
+           "vae": {"steps": 4, "batch_size": 4, "block_out_channels": [16, 16, 16], "decoder_steps": 3}, **over}
     return {"world": {"image_size": 32}, "pretrain": cfg}
-
-
-def unet_weights(out: Path) -> dict[str, torch.Tensor]:
-    return load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 def test_pretrain_writes_a_pipeline_stable_diffusion_loads(tmp_path):
@@ -57,5 +53,9 @@ def test_stopped_and_resumed_pretraining_gives_the_weights_of_an_unbroken_run(tm
     assert stopped["stopped_at"] == 4 and not Path(split.pretrain.out).exists()
     assert (work_dir(split) / "unet-state" / "meta.json").is_file()
     pretrain_sd(split, preview=False)
-    a, b = unet_weights(Path(unbroken.pretrain.out)), unet_weights(Path(split.pretrain.out))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "vae/diffusion_pytorch_model"):
+        a, b = (load_file(Path(p.pretrain.out) / f"{part}.safetensors") for p in (unbroken, split))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert [s for s, _ in snapshots(split)] == [s for s, _ in snapshots(unbroken)] == [3, 6]
+    with pytest.raises(ValueError, match="until_step"):
+        pretrain_sd(split, preview=False, until_step=0)

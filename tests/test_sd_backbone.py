@@ -88,13 +88,13 @@ def test_bad_dtype_and_device(sd_dir):
     _one_line_error(r"backbone.device: not a torch device", model=str(sd_dir), device="gpu0")
 
 
-def test_params_need_a_model_for_stable_diffusion(tmp_path):
-    raw = tiny_raw(tmp_path, tmp_path / "toy")
-    raw["backbone"] = {"kind": "stable-diffusion"}
-    with pytest.raises(DatasetDMError, match="backbone.model: kind stable-diffusion needs a model"):
+def test_params_need_a_model_and_a_known_kind(tmp_path):
+    raw = tiny_raw(tmp_path, tmp_path / "sd")
+    raw["backbone"] = {"model": ""}
+    with pytest.raises(DatasetDMError, match="backbone.model: needs a model"):
         params_from_dict(raw, source="params.yaml")
-    raw["backbone"] = {"kind": "toy", "dtype": "float16"}
-    with pytest.raises(DatasetDMError, match="backbone.dtype: applies to kind stable-diffusion only"):
+    raw["backbone"] = {"kind": "toy"}  # the toy backbone is gone: one backbone path, two sizes
+    with pytest.raises(DatasetDMError, match=r"backbone.kind: must be one of \['stable-diffusion'\]"):
         params_from_dict(raw, source="params.yaml")
 
 
@@ -165,8 +165,7 @@ def test_bfloat16_runs_and_hands_back_float32(sd_dir, sd):
 
 # -- the decoder and the stages on SD features ---------------------------------------------
 def _sd_params(tmp_path: Path, sd_dir: Path):
-    raw = tiny_raw(tmp_path, tmp_path / "unused-toy")
-    raw["backbone"] = {"kind": "stable-diffusion", "model": str(sd_dir), "steps": 3, "guidance_scale": 2.0}
+    raw = tiny_raw(tmp_path, sd_dir)
     return params_from_dict(raw, source=str(tmp_path / "params.yaml"))
 
 

@@ -1,7 +1,7 @@
-"""The contract every backbone (toy, Stable Diffusion) fulfils.
+"""The contract a backbone fulfils (``StableDiffusionBackbone``: SD 1.x/2.x folders and the embedded miniature SD).
 
 The decoder, generation, filtering and export code only ever see this interface, so
-swapping the embedded toy model for real Stable Diffusion is a params change.
+swapping the embedded miniature SD for real Stable Diffusion is a params change.
 """
 
 from __future__ import annotations

@@ -19,7 +19,10 @@ from datasetdm.backbones.tiny_sd import BOS, EOS, SD_SCHEDULER, clip_bpe
 from datasetdm.config import PretrainConfig
 
 NORM_GROUPS = 16
-MINI_SD_SCHEDULER: dict[str, Any] = {**SD_SCHEDULER, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction"}
+# "trailing" spacing starts sampling at t = 999, where the cosine schedule has no signal
+# left; the default "leading" would start at t = 951 (alpha_bar ~ 0.006) from pure noise.
+MINI_SD_SCHEDULER: dict[str, Any] = {**SD_SCHEDULER, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction",
+                                     "timestep_spacing": "trailing"}
 
 
 def mini_sd_configs(cfg: PretrainConfig, image_size: int) -> dict[str, dict[str, Any]]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -35,11 +36,12 @@ from tqdm import tqdm
 from datasetdm.backbones.mini_sd import mini_sd_configs
 from datasetdm.backbones.tiny_sd import build_sd_components, save_sd_folder
 from datasetdm.config import Params
+from datasetdm.errors import DatasetDMError
 from datasetdm.io import atomic_path, write_json
 from datasetdm.worlds.shapes import render_scene
 
 logger = logging.getLogger(__name__)
-VAE_DIR, VAE_FINAL, UNET_STATE, SNAPSHOTS = "vae", "vae-final", "unet-state", "snapshots"
+VAE_DIR, DECODER_DIR, VAE_FINAL, UNET_STATE, SNAPSHOTS = "vae", "vae-decoder", "vae-final", "unet-state", "snapshots"
 
 
 def render_pool(params: Params, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -76,10 +78,28 @@ def _save_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def _load_state(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+def _load_state(folder: Path, key: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """A checkpoint, or ``None`` if there is none; one written under other settings (``key``) is refused."""
     if not (folder / "meta.json").is_file():
         return None
-    return load_file(folder / "state.safetensors"), json.loads((folder / "meta.json").read_text())
+    meta = json.loads((folder / "meta.json").read_text())
+    if key is not None and meta.get("settings") != key:
+        raise DatasetDMError(folder, "pretrain", "this checkpoint was written under other pretrain/world settings; "
+                                                 "restore them to resume, or delete the folder to start over")
+    return load_file(folder / "state.safetensors"), meta
+
+
+def settings_key(params: Params, stage: str) -> str:
+    """Hash of the settings a stage's checkpoint depends on (not where outputs go or how often it saves)."""
+    cfg = dataclasses.asdict(params.pretrain)
+    for k in ("out", "curve", "checkpoint_every"):
+        cfg.pop(k)
+    if stage != "decoder":  # the encoder's latents, all the UNet sees, do not depend on the decoder's fine-tuning
+        cfg["vae"] = {k: v for k, v in cfg["vae"].items() if not k.startswith("decoder_")}
+    if stage in ("vae", "decoder"):
+        cfg = {k: cfg[k] for k in ("classes", "pool_size", "seed", "vae")}
+    payload = {"world": dataclasses.asdict(params.world), "pretrain": cfg}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
 def _flat(prefix: str, state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -111,15 +131,16 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 def train_vae(params: Params, vae: torch.nn.Module, images: torch.Tensor, work: Path, device: torch.device) -> torch.nn.Module:
     """Stage 1: reconstruct rendered scenes; resumable; returns the trained VAE (eval mode)."""
     cfg, vcfg = params.pretrain, params.pretrain.vae
-    done = work / VAE_DIR
-    if (done / "meta.json").is_file() and json.loads((done / "meta.json").read_text()).get("step") == vcfg.steps:
+    done, key = work / VAE_DIR, settings_key(params, "vae")
+    loaded = _load_state(done, key)
+    if loaded is not None and loaded[1]["step"] == vcfg.steps:
         logger.info("VAE already trained (%s), reusing it", done)
-        vae.load_state_dict(_unflat("vae", _load_state(done)[0]))
+        vae.load_state_dict(_unflat("vae", loaded[0]))
         return vae.to(device).eval()
     vae = vae.to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=vcfg.lr, weight_decay=0.0)
     step = 0
-    if (loaded := _load_state(done)) is not None:
+    if loaded is not None:
         vae.load_state_dict(_unflat("vae", loaded[0]))
         _restore_optimizer(opt, loaded[0])
         step = int(loaded[1]["step"])
@@ -148,7 +169,58 @@ def train_vae(params: Params, vae: torch.nn.Module, images: torch.Tensor, work: 
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % cfg.checkpoint_every == 0 or step == vcfg.steps:
             _save_state(done, {**_flat("vae", vae.state_dict()), **_optimizer_tensors(opt)},
-                        {"step": step, "loss": float(np.mean(losses[-50:]))})
+                        {"step": step, "loss": float(np.mean(losses[-50:])), "settings": key})
+    bar.close()
+    return vae.eval()
+
+
+def finetune_decoder(params: Params, vae: torch.nn.Module, images: torch.Tensor, means: torch.Tensor, stds: torch.Tensor,
+                     work: Path, device: torch.device) -> torch.nn.Module:
+    """Stage 1b: the VAE decoder alone on the frozen encoder's latents (resumable); the latent space stays as it was."""
+    cfg, vcfg = params.pretrain, params.pretrain.vae
+    if not vcfg.decoder_steps:
+        return vae
+    done, key = work / DECODER_DIR, settings_key(params, "decoder")
+    decoder = [vae.post_quant_conv, vae.decoder]
+    loaded = _load_state(done, key)
+    if loaded is not None:
+        vae.load_state_dict({**vae.state_dict(), **_unflat("vae", loaded[0])})
+        if loaded[1]["step"] == vcfg.decoder_steps:
+            logger.info("VAE decoder already fine-tuned (%s), reusing it", done)
+            return vae.eval()
+    params_ = [p for m in decoder for p in m.parameters()]
+    opt = torch.optim.AdamW(params_, lr=vcfg.decoder_lr, weight_decay=0.0)
+    step = 0
+    if loaded is not None:
+        _restore_optimizer(opt, loaded[0])
+        step = int(loaded[1]["step"])
+        logger.info("resuming VAE decoder fine-tuning at step %d", step)
+    for m in decoder:
+        m.train()
+    bar = tqdm(total=vcfg.decoder_steps, initial=step, desc="fine-tune VAE decoder", unit="step", mininterval=5)
+    losses: list[float] = []
+    while step < vcfg.decoder_steps:
+        for g in opt.param_groups:
+            g["lr"] = _lr(vcfg.decoder_lr, step, vcfg.decoder_steps)
+        rng, gen = _step_rng(cfg.seed + 2, step)
+        idx = torch.from_numpy(rng.integers(0, len(images), size=vcfg.batch_size))
+        x = images[idx].to(device).float() / 127.5 - 1
+        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)).to(device)
+        recon = vae.decode(z).sample
+        loss = F.l1_loss(recon, x) + vcfg.edge_weight * sum(F.l1_loss(a, b) for a, b in zip(_image_gradients(recon), _image_gradients(x)))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params_, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        step += 1
+        bar.update(1)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if step % cfg.checkpoint_every == 0 or step == vcfg.decoder_steps:
+            decoder_state = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
+            _save_state(done, {**_flat("vae", decoder_state), **_optimizer_tensors(opt)},
+                        {"step": step, "loss": float(np.mean(losses[-50:])), "settings": key})
     bar.close()
     return vae.eval()
 
@@ -165,8 +237,9 @@ def encode_pool(vae: torch.nn.Module, images: torch.Tensor, device: torch.device
 
 
 def train_unet(params: Params, components: dict[str, Any], means: torch.Tensor, stds: torch.Tensor, captions: list[str],
-               work: Path, device: torch.device, until_step: int | None = None) -> tuple[torch.nn.Module, torch.nn.Module, list[dict]]:
-    """Stage 2: UNet + text encoder on scaled latents; resumable; returns the EMA modules and the loss log.
+               work: Path, device: torch.device, until_step: int | None = None
+               ) -> tuple[torch.nn.Module, torch.nn.Module, list[dict], int]:
+    """Stage 2: UNet + text encoder on scaled latents; resumable; returns the EMA modules, the loss log and the step reached.
 
     ``until_step`` stops early (after checkpointing there), to split the job across sessions.
     """
@@ -180,9 +253,9 @@ def train_unet(params: Params, components: dict[str, Any], means: torch.Tensor, 
     noise_sched = DDPMScheduler.from_config(components["scheduler"].config)
     alphas = noise_sched.alphas_cumprod.to(device)
     scale = float(components["vae"].config.scaling_factor)
-    state_dir, snapshots = work / UNET_STATE, work / SNAPSHOTS
+    state_dir, snapshots, key = work / UNET_STATE, work / SNAPSHOTS, settings_key(params, "unet")
     step, log = 0, []
-    if (loaded := _load_state(state_dir)) is not None:
+    if (loaded := _load_state(state_dir, key)) is not None:
         tensors, meta = loaded
         unet.load_state_dict(_unflat("unet", tensors))
         text.load_state_dict(_unflat("text", tensors))
@@ -202,9 +275,9 @@ def train_unet(params: Params, components: dict[str, Any], means: torch.Tensor, 
         rng, gen = _step_rng(cfg.seed, step)
         idx = torch.from_numpy(rng.integers(0, len(captions), size=cfg.batch_size))
         prompts = ["" if rng.random() < cfg.caption_dropout else captions[i] for i in idx.tolist()]
-        flip = torch.from_numpy(rng.random(cfg.batch_size) < 0.5)  # captions say nothing of left/right
+        # No flip augmentation: the world draws mirror images equally often already, and a
+        # flipped latent is not the latent of the flipped image (the VAE's kernels are not symmetric).
         z = means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)
-        z[flip] = z[flip].flip(-1)
         x0 = (z * scale).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
@@ -230,15 +303,20 @@ def train_unet(params: Params, components: dict[str, Any], means: torch.Tensor, 
         bar.update(1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr:.1e}")
-        if step % cfg.checkpoint_every == 0 or step == stop:
+        on_grid = step % cfg.checkpoint_every == 0 or step == cfg.steps
+        if on_grid:  # a log row and an EMA snapshot (a point of the fidelity curve)
             log.append({"step": step, "loss": float(np.mean(losses[-cfg.checkpoint_every:])),
                         "minutes": (time.monotonic() - start) / 60})
-            ema_tensors = {**_flat("ema_unet", ema[0].state_dict()), **_flat("ema_text", ema[1].state_dict())}
-            _save_state(snapshots / f"step-{step:06d}", ema_tensors, log[-1])
-            _save_state(state_dir, {**_flat("unet", unet.state_dict()), **_flat("text", text.state_dict()), **ema_tensors,
-                                    **_optimizer_tensors(opt)}, {"step": step, "log": log})
+            _save_state(snapshots / f"step-{step:06d}", _ema_tensors(ema), {**log[-1], "settings": key})
+        if on_grid or step == stop:
+            _save_state(state_dir, {**_flat("unet", unet.state_dict()), **_flat("text", text.state_dict()), **_ema_tensors(ema),
+                                    **_optimizer_tensors(opt)}, {"step": step, "log": log, "settings": key})
     bar.close()
-    return ema[0], ema[1], log
+    return ema[0], ema[1], log, step
+
+
+def _ema_tensors(ema: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
+    return {**_flat("ema_unet", ema[0].state_dict()), **_flat("ema_text", ema[1].state_dict())}
 
 
 def snapshot_components(params: Params, snapshot: Path) -> dict[str, Any]:
@@ -247,7 +325,7 @@ def snapshot_components(params: Params, snapshot: Path) -> dict[str, Any]:
 
     components = build_components(params)
     components["vae"] = AutoencoderKL.from_pretrained(work_dir(params) / VAE_FINAL, use_safetensors=True).eval()
-    tensors, _ = _load_state(snapshot)
+    tensors, _ = _load_state(snapshot, settings_key(params, "unet"))
     components["unet"].load_state_dict(_unflat("ema_unet", tensors))
     components["text_encoder"].load_state_dict(_unflat("ema_text", tensors))
     return components
@@ -255,8 +333,10 @@ def snapshot_components(params: Params, snapshot: Path) -> dict[str, Any]:
 
 def snapshots(params: Params) -> list[tuple[int, Path]]:
     """(step, folder) of every EMA snapshot written so far, in step order."""
+    key = settings_key(params, "unet")
     found = sorted((work_dir(params) / SNAPSHOTS).glob("step-*"))
-    return [(int(json.loads((f / "meta.json").read_text())["step"]), f) for f in found if (f / "meta.json").is_file()]
+    metas = [(json.loads((f / "meta.json").read_text()), f) for f in found if (f / "meta.json").is_file()]
+    return [(int(meta["step"]), f) for meta, f in metas if meta.get("settings") == key]
 
 
 def work_dir(params: Params) -> Path:
@@ -277,6 +357,8 @@ def pretrain_sd(params: Params, out: str | Path | None = None, device: str = "cp
     With ``until_step`` below ``pretrain.steps`` it stops there, checkpointed, and saves nothing
     to ``out``: run it again (with or without ``until_step``) to go on from that step.
     """
+    if until_step is not None and until_step < 1:
+        raise ValueError(f"until_step must be >= 1, got {until_step}")
     cfg = params.pretrain
     out = Path(out or cfg.out)
     dev = torch.device(device)
@@ -289,16 +371,17 @@ def pretrain_sd(params: Params, out: str | Path | None = None, device: str = "cp
     # 2. the VAE, and its scaling factor from the pool's latents
     vae = train_vae(params, components["vae"], images, work, dev)
     means, stds = encode_pool(vae, images, dev)
+    vae = finetune_decoder(params, vae, images, means, stds, work, dev)
     scaling = float(1.0 / means.std().item())
     vae.register_to_config(scaling_factor=scaling)
     components["vae"] = vae.cpu().eval()
     components["vae"].save_pretrained(work / VAE_FINAL, safe_serialization=True)  # snapshots are measured with it
     logger.info("VAE scaling_factor %.5f", scaling)
     # 3. UNet + text encoder
-    unet, text, log = train_unet(params, components, means, stds, captions, work, dev, until_step)
-    if log and log[-1]["step"] < cfg.steps:
-        logger.info("stopped at step %d of %d (checkpointed in %s)", log[-1]["step"], cfg.steps, work)
-        return {"stopped_at": log[-1]["step"], "steps": cfg.steps, "work": str(work)}
+    unet, text, log, reached = train_unet(params, components, means, stds, captions, work, dev, until_step)
+    if reached < cfg.steps:
+        logger.info("stopped at step %d of %d (checkpointed in %s)", reached, cfg.steps, work)
+        return {"stopped_at": reached, "steps": cfg.steps, "work": str(work)}
     components.update(unet=unet.cpu().eval(), text_encoder=text.cpu().eval())
     # 4. save as a diffusers pipeline folder, preview beside it
     with atomic_path(out) as tmp:

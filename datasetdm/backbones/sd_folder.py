@@ -15,8 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 from datasetdm.errors import DatasetDMError
 
@@ -72,10 +74,12 @@ def check_model_index(folder: Path) -> None:
 def load_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
     """Load unet, vae, text_encoder, tokenizer and a DDIM scheduler (on the CPU, in ``dtype``)."""
     loaders: dict[str, Any] = {
+        # low_cpu_mem_usage=False says outright what diffusers falls back to without accelerate
+        # (instead of a warning on stderr every load).
         "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True,
-                                                              use_safetensors=True),
+                                                              use_safetensors=True, low_cpu_mem_usage=False),
         "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True,
-                                                      use_safetensors=True),
+                                                      use_safetensors=True, low_cpu_mem_usage=False),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, local_files_only=True,
                                                                use_safetensors=True),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
@@ -83,10 +87,11 @@ def load_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
         "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
     }
     out = {}
+    transformers_logging.disable_progress_bar()  # one error line, not a loading bar, when a stage fails after loading
     for name, load in loaders.items():
         try:
             out[name] = load()
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError) as e:
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as e:
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise DatasetDMError(folder / name, FIELD, f"cannot load {name} (wrong architecture or damaged weights: "
                                                        f"{first[:300]}); {HOW_TO_GET}") from None

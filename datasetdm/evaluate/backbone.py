@@ -49,7 +49,7 @@ def to_uint8(images, size: int) -> np.ndarray:
     """Backbone images (B, 3, H, W) float in [0, 1] -> uint8 (B, size, size, 3), resized if the model draws another size."""
     out = []
     for img in images:
-        pixels = (img.permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        pixels = (img.detach().cpu().permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
         if pixels.shape[0] != size:
             pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
         out.append(pixels)
@@ -87,7 +87,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D), as FID computes it."""
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # near-singular product: nudge both, as the reference FID code does
         eps = np.eye(len(s1)) * 1e-6
         covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))

@@ -152,7 +152,7 @@ def train_inspector(world: WorldConfig, cfg: InspectConfig) -> tuple[Inspector, 
 
 def held_out_quality(inspector: Inspector, world: WorldConfig, cfg: InspectConfig) -> dict:
     """mIoU on rendered scenes of its own held-out seeds, and how often the objects it reads are exactly the scene's."""
-    iworld = inspector_world(world, cfg)
+    iworld = dataclasses.replace(world, classes=inspector.classes, colours=inspector.colours)
     test, objects = render_set(iworld, cfg.num_test, cfg.seed + cfg.train_images + 1_000_000, "render inspector test scenes")
     labels = inspector.segment(test.images)
     conf = confusion_matrix(labels, test.semantic, 1 + len(inspector.classes))
