@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.utils.torch_utils import randn_tensor
+from transformers.utils import logging as transformers_logging
 
 from datasetdm.backbones.base import Features, img2img_timesteps
 from datasetdm.backbones.sd_folder import check_model_index, folder_fingerprint, load_components, resolve_folder
@@ -131,7 +132,13 @@ class StableDiffusionBackbone:
     # -- text -----------------------------------------------------------------------
     def _tokens(self, text: str) -> list[str]:
         if text not in self._token_cache:
-            self._token_cache[text] = list(self.tokenizer.tokenize(text))
+            # A prompt longer than the encoder takes is validate_prompt's one-line error, not a tokenizer warning.
+            level = transformers_logging.get_verbosity()
+            transformers_logging.set_verbosity_error()
+            try:
+                self._token_cache[text] = list(self.tokenizer.tokenize(text))
+            finally:
+                transformers_logging.set_verbosity(level)
         return self._token_cache[text]
 
     def validate_prompt(self, prompt: str) -> None:
