@@ -82,7 +82,7 @@ def test_deployment_runs_the_factory_through_a_worker(prefect_stack, tiny_params
         assert f"Task run '{stage}-" in log
     cached = set(re.findall(r"Task run '([a-z-]+)-[0-9a-f]+' - Finished in state Cached", log))
     assert cached == {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate",
-                      "evaluate", "downstream", "report"}, cached
+                      "evaluate", "inspect", "downstream", "report"}, cached
 
     report = prefect(env, "artifact", "inspect", "factory-report")
     assert "datasetdm factory run" in report and "mIoU" in report, report

@@ -91,7 +91,7 @@ def test_bad_dtype_and_device(sd_dir):
 def test_params_need_a_model_and_a_known_kind(tmp_path):
     raw = tiny_raw(tmp_path, tmp_path / "sd")
     raw["backbone"] = {"model": ""}
-    with pytest.raises(DatasetDMError, match="backbone.model: needs a model"):
+    with pytest.raises(DatasetDMError, match="backbone.model: must be a non-empty string"):
         params_from_dict(raw, source="params.yaml")
     raw["backbone"] = {"kind": "toy"}  # the toy backbone is gone: one backbone path, two sizes
     with pytest.raises(DatasetDMError, match=r"backbone.kind: must be one of \['stable-diffusion'\]"):
