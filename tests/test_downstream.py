@@ -82,12 +82,16 @@ def test_export_gives_depth_and_keypoint_targets(exported):
     assert data.heatmaps.shape == (n, 2, 32, 32)
 
 
-def test_uplift_table_covers_every_task(exported):
-    p = exported
+def _real_test_cfg(p):
+    """The K real images as arrays, the held-out set and a tiny downstream recipe."""
     train_dir, test_dir = stages.real_set_split_dirs(p.real.dir)
     real = from_labelled(load_real_set(train_dir, p.world.classes))
-    test = load_real_set(test_dir, p.world.classes)
-    cfg = DownstreamConfig(steps=3, batch_size=4, width=8)
+    return real, load_real_set(test_dir, p.world.classes), DownstreamConfig(steps=3, batch_size=4, width=8)
+
+
+def test_uplift_table_covers_every_task(exported):
+    p = exported
+    real, test, cfg = _real_test_cfg(p)
     table = uplift_table(real, from_export(p.export.out), test, p.world.classes, cfg)
     assert set(table["metrics"]) == {"semantic", "instances", "depth", "keypoints"}
     assert {"mIoU_real", "mIoU_synthetic", "mIoU_real+synthetic", "uplift"} <= set(table["metrics"]["semantic"])
@@ -101,10 +105,7 @@ def test_uplift_table_covers_every_task(exported):
 
 def test_seeds_give_mean_and_std_and_the_ceiling_row_what_it_recovers(exported):
     p = exported
-    train_dir, test_dir = stages.real_set_split_dirs(p.real.dir)
-    real = from_labelled(load_real_set(train_dir, p.world.classes))
-    test = load_real_set(test_dir, p.world.classes)
-    cfg = DownstreamConfig(steps=3, batch_size=4, width=8)
+    real, test, cfg = _real_test_cfg(p)
     synthetic = from_export(p.export.out)
     table = uplift_table(real, synthetic, test, p.world.classes, cfg, seeds=2, ceiling=synthetic)["metrics"]
     sem = table["semantic"]

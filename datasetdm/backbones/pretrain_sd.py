@@ -70,6 +70,29 @@ def _image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
+def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, edge_weight: float, kl: torch.Tensor | None = None) -> torch.Tensor:
+    """L1 on pixels (+ the weighted KL term, if given) plus, if weighted, L1 on image gradients (edges are what the labels depend on)."""
+    loss = F.l1_loss(recon, x)
+    if kl is not None:
+        loss = loss + kl
+    if edge_weight:
+        loss = loss + edge_weight * sum(F.l1_loss(a, b) for a, b in zip(_image_gradients(recon), _image_gradients(x)))
+    return loss
+
+
+def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], losses: list[float],
+                    bar: tqdm) -> None:
+    """Backward, clip to norm 1, step; log the loss and advance the progress bar."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    losses.append(loss.item())
+    bar.update(1)
+    if len(losses) % 50 == 0:
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+
+
 def _save_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
     """A checkpoint written whole or not at all (temp folder, then rename)."""
     with atomic_path(folder) as tmp:
@@ -155,18 +178,9 @@ def train_vae(params: Params, vae: torch.nn.Module, images: torch.Tensor, work: 
         posterior = vae.encode(x).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + vcfg.kl_weight * posterior.kl().mean()
-        if vcfg.edge_weight:
-            loss = loss + vcfg.edge_weight * sum(F.l1_loss(a, b) for a, b in zip(_image_gradients(recon), _image_gradients(x)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
+        loss = _reconstruction_loss(recon, x, vcfg.edge_weight, kl=vcfg.kl_weight * posterior.kl().mean())
+        _optimizer_step(opt, loss, list(vae.parameters()), losses, bar)
         step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % cfg.checkpoint_every == 0 or step == vcfg.steps:
             _save_state(done, {**_flat("vae", vae.state_dict()), **_optimizer_tensors(opt)},
                         {"step": step, "loss": float(np.mean(losses[-50:])), "settings": key})
@@ -207,16 +221,8 @@ def finetune_decoder(params: Params, vae: torch.nn.Module, images: torch.Tensor,
         x = images[idx].to(device).float() / 127.5 - 1
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)).to(device)
         recon = vae.decode(z).sample
-        loss = F.l1_loss(recon, x) + vcfg.edge_weight * sum(F.l1_loss(a, b) for a, b in zip(_image_gradients(recon), _image_gradients(x)))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params_, 1.0)
-        opt.step()
-        losses.append(loss.item())
+        _optimizer_step(opt, _reconstruction_loss(recon, x, vcfg.edge_weight), params_, losses, bar)
         step += 1
-        bar.update(1)
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % cfg.checkpoint_every == 0 or step == vcfg.decoder_steps:
             decoder_state = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
             _save_state(done, {**_flat("vae", decoder_state), **_optimizer_tensors(opt)},
