@@ -19,7 +19,7 @@ export FIFTYONE_DATABASE_VALIDATION := false
 PREFECT_PORT ?= 4200
 APP_PORT ?= 5151
 
-.PHONY: setup run flow test test-fast pretrain inspector uplift bench clean serve serve-stop app plots bench-dask browser
+.PHONY: setup run flow test test-fast lint style pretrain inspector uplift bench clean serve serve-stop app plots bench-dask browser
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -49,8 +49,18 @@ flow: setup
 	python -m flows.factory params.yaml
 
 ## test: the whole suite, end-to-end tests included
-test: setup
+test: setup lint
 	python -m pytest -q
+
+## lint: ruff (pyproject.toml [tool.ruff]: diffusers' line length and rules E, F, I, W) and its formatter, checked
+lint: setup
+	ruff check .
+	ruff format --check .
+
+## style: apply ruff's fixes and formatting
+style: setup
+	ruff check --fix .
+	ruff format .
 
 test-fast: setup
 	python -m pytest -q -m "not slow"

@@ -36,22 +36,35 @@ def main() -> int:
     times, hashes = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):
-            gen = dataclasses.replace(params.generate, num_samples=args.samples, shard_size=args.shard_size,
-                                      out=str(Path(tmp) / f"gen-{workers}"))
+            gen = dataclasses.replace(
+                params.generate,
+                num_samples=args.samples,
+                shard_size=args.shard_size,
+                out=str(Path(tmp) / f"gen-{workers}"),
+            )
             # The user's params file with only the generate section changed (validated on load).
             raw = yaml.safe_load(Path(args.params).read_text())
-            raw["generate"] = {**raw.get("generate", {}), "num_samples": gen.num_samples, "shard_size": gen.shard_size,
-                               "out": gen.out}
+            raw["generate"] = {
+                **raw.get("generate", {}),
+                "num_samples": gen.num_samples,
+                "shard_size": gen.shard_size,
+                "out": gen.out,
+            }
             path = Path(tmp) / f"params-{workers}.yaml"
             path.write_text(yaml.safe_dump(raw))
             t0 = time.perf_counter()
             result = generate_sharded(str(path), workers=workers)
             times[workers] = time.perf_counter() - t0
             hashes[workers] = sha256_dir(gen.out)
-            print(f"{workers} worker(s): {result['num_samples']} samples in {result['shards']} shards, "
-                  f"{times[workers]:.1f} s", flush=True)
-    print(f"1 worker {times[1]:.1f} s, 2 workers {times[2]:.1f} s, speed-up x{times[1] / times[2]:.2f}; "
-          f"identical output: {hashes[1] == hashes[2]}")
+            print(
+                f"{workers} worker(s): {result['num_samples']} samples in {result['shards']} shards, "
+                f"{times[workers]:.1f} s",
+                flush=True,
+            )
+    print(
+        f"1 worker {times[1]:.1f} s, 2 workers {times[2]:.1f} s, speed-up x{times[1] / times[2]:.2f}; "
+        f"identical output: {hashes[1] == hashes[2]}"
+    )
     return 0 if hashes[1] == hashes[2] else 1
 
 

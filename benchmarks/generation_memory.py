@@ -8,7 +8,8 @@ records and the manifest entries; images, masks and features must not pile up, s
 ratio should stay near 1. Uses the trained decoder and prompts of the params (run the
 train-decoder and expand-prompts stages, or ``make run``, first).
 
-    python benchmarks/generation_memory.py [--params params.yaml] [--samples 64] [--factor 4] [--steps 4] [--shard-size 16]
+    python benchmarks/generation_memory.py [--params params.yaml] [--samples 64] [--factor 4] [--steps 4] \
+        [--shard-size 16]
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ def run_generate(params_file: Path, log: Path) -> tuple[float, float]:
     """Run the generate stage once; return (peak RSS in MiB, wall seconds)."""
     t0 = time.perf_counter()
     with log.open("w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "datasetdm", "generate", "--params", str(params_file)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "datasetdm", "generate", "--params", str(params_file)],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
         # RUSAGE_CHILDREN would report the largest child so far; wait4 reports this one alone.
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -56,21 +61,33 @@ def main() -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n in (args.samples, args.factor * args.samples):
-            raw = {**base, "generate": {**base.get("generate", {}), "num_samples": n, "shard_size": args.shard_size,
-                                        "out": str(Path(tmp) / f"gen-{n}")},
-                   "backbone": {**base.get("backbone", {}), "steps": args.steps}}
+            raw = {
+                **base,
+                "generate": {
+                    **base.get("generate", {}),
+                    "num_samples": n,
+                    "shard_size": args.shard_size,
+                    "out": str(Path(tmp) / f"gen-{n}"),
+                },
+                "backbone": {**base.get("backbone", {}), "steps": args.steps},
+            }
             params = params_from_dict(raw, source=args.params)  # the same validation the stage applies
             path = Path(tmp) / f"params-{n}.yaml"
             path.write_text(yaml.safe_dump(raw))
             rss, seconds = run_generate(path, Path(tmp) / f"stderr-{n}.txt")
             results[n] = rss
-            print(f"N={n:5d}: peak RSS {rss:7.1f} MiB, {seconds:5.1f} s "
-                  f"(batch {params.generate.batch_size}, shard {args.shard_size}, {args.steps} steps)", flush=True)
+            print(
+                f"N={n:5d}: peak RSS {rss:7.1f} MiB, {seconds:5.1f} s "
+                f"(batch {params.generate.batch_size}, shard {args.shard_size}, {args.steps} steps)",
+                flush=True,
+            )
     small, large = results[args.samples], results[args.factor * args.samples]
     size = params.world.image_size
     per_sample = (large - small) * 2**20 / ((args.factor - 1) * args.samples)
-    print(f"ratio {args.factor}N/N: {large / small:.3f}; growth {per_sample / 1024:.1f} KiB per extra sample "
-          f"(one image + mask in memory: {size * size * 4 / 1024:.0f} KiB)")
+    print(
+        f"ratio {args.factor}N/N: {large / small:.3f}; growth {per_sample / 1024:.1f} KiB per extra sample "
+        f"(one image + mask in memory: {size * size * 4 / 1024:.0f} KiB)"
+    )
     return 0
 
 

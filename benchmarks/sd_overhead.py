@@ -64,10 +64,14 @@ def timed(fn: Callable[[], Any], device: torch.device) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml", help="world, prompts, decoder and backbone steps/guidance/timestep")
+    ap.add_argument(
+        "--params", default="params.yaml", help="world, prompts, decoder and backbone steps/guidance/timestep"
+    )
     ap.add_argument("--model", default="", help="diffusers SD folder (default: backbone.model of --params)")
     ap.add_argument("--tiny", action="store_true", help="build a tiny random-weight SD instead")
-    ap.add_argument("--sd15-shaped", action="store_true", help="random SD-1.5-shaped model at 512 px (defaults: float16, cuda)")
+    ap.add_argument(
+        "--sd15-shaped", action="store_true", help="random SD-1.5-shaped model at 512 px (defaults: float16, cuda)"
+    )
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=list(DTYPES))
     ap.add_argument("--batch", type=int, default=None, help="default: generate.batch_size")
@@ -75,7 +79,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--compile", action="store_true")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 steadies timings on a busy machine")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); 1 steadies timings on a busy machine",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,23 +102,40 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         components, model_name = components_for(args, Path(tmp))
     plain_unet = copy.deepcopy(components["unet"])  # the backbone instruments its own UNet for capture
-    backbone = StableDiffusionBackbone(components, dtype=args.dtype, device=args.device, channels_last=args.channels_last,
-                                       compile=args.compile)
+    backbone = StableDiffusionBackbone(
+        components, dtype=args.dtype, device=args.device, channels_last=args.channels_last, compile=args.compile
+    )
     device = backbone.device
     plain_unet = plain_unet.to(device) if plain_unet.dtype == backbone.dtype else plain_unet.to(device, backbone.dtype)
     if args.channels_last:
         plain_unet.to(memory_format=torch.channels_last)
     if args.compile:
         plain_unet.compile()
-    pipe = StableDiffusionPipeline(vae=backbone.vae, text_encoder=backbone.text_encoder, tokenizer=backbone.tokenizer,
-                                   unet=plain_unet, scheduler=DDIMScheduler.from_config(backbone.scheduler_config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=backbone.vae,
+        text_encoder=backbone.text_encoder,
+        tokenizer=backbone.tokenizer,
+        unet=plain_unet,
+        scheduler=DDIMScheduler.from_config(backbone.scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
 
     def plain() -> torch.Tensor:
         gens = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        return pipe(prompts, num_inference_steps=bb.steps, guidance_scale=bb.guidance_scale, generator=gens,
-                    output_type="pt").images.float().cpu()
+        return (
+            pipe(
+                prompts,
+                num_inference_steps=bb.steps,
+                guidance_scale=bb.guidance_scale,
+                generator=gens,
+                output_type="pt",
+            )
+            .images.float()
+            .cpu()
+        )
 
     _, probe = backbone.sample(prompts[:1], seeds[:1], 1, bb.guidance_scale, capture_timestep=bb.feature_timestep)
     assert probe is not None
@@ -126,7 +152,8 @@ def main() -> None:
         finally:
             backbone.output_device = torch.device("cpu")
 
-    capture_only = lambda: backbone.sample(prompts, seeds, bb.steps, bb.guidance_scale, capture_timestep=bb.feature_timestep)  # noqa: E731
+    def capture_only():
+        return backbone.sample(prompts, seeds, bb.steps, bb.guidance_scale, capture_timestep=bb.feature_timestep)
 
     same = (plain() - capture_only()[0]).abs().max().item()  # also the warm-up of both paths
     annotated()
@@ -140,19 +167,42 @@ def main() -> None:
             times[key].append(timed(fn, device))
     med = {k: statistics.median(v) for k, v in times.items()}
     best = {k: min(v) for k, v in times.items()}
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU"
-    print(f"model {model_name}  {args.dtype} on {device} ({where}, torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    print(f"batch {batch}  steps {bb.steps}  guidance {bb.guidance_scale}  capture at t={bb.feature_timestep}  "
-          f"image {backbone.image_size}px  rounds {args.rounds}  channels_last {args.channels_last}  compile {args.compile}")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} CPU"
+    )
+    print(
+        f"model {model_name}  {args.dtype} on {device} ({where}, torch {torch.__version__}, {torch.get_num_threads()} "
+        "threads)"
+    )
+    print(
+        f"batch {batch}  steps {bb.steps}  guidance {bb.guidance_scale}  capture at t={bb.feature_timestep}  "
+        f"image {backbone.image_size}px  rounds {args.rounds}  channels_last {args.channels_last}  compile "
+        f"{args.compile}"
+    )
     print(f"same images as the pipeline: max |diff| = {same:.2e}")
-    labels = {"plain": "plain StableDiffusionPipeline", "capture": "sampling + capture (no decoder)",
-              "annotated": "annotated (annotate_batch)", "annotated_dev": f"annotated, P-Decoder on {device.type}"}
+    labels = {
+        "plain": "plain StableDiffusionPipeline",
+        "capture": "sampling + capture (no decoder)",
+        "annotated": "annotated (annotate_batch)",
+        "annotated_dev": f"annotated, P-Decoder on {device.type}",
+    }
     for key in runs:
-        print(f"{labels[key]:36s}: {med[key]:.3f} s/batch  {batch / med[key]:.2f} it/s (images/s, median; best {best[key]:.3f} s)")
-    for key, label in (("annotated", "annotated"), ("capture", "capture-only"), ("annotated_dev", f"annotated, decoder on {device.type},")):
+        print(
+            f"{labels[key]:36s}: {med[key]:.3f} s/batch  {batch / med[key]:.2f} it/s (images/s, median; best "
+            f"{best[key]:.3f} s)"
+        )
+    for key, label in (
+        ("annotated", "annotated"),
+        ("capture", "capture-only"),
+        ("annotated_dev", f"annotated, decoder on {device.type},"),
+    ):
         if key in med:
-            print(f"ratio {label} / plain: {med[key] / med['plain']:.3f} median, {best[key] / best['plain']:.3f} best"
-                  + ("  (target <= 1.10)" if key == "annotated" else ""))
+            print(
+                f"ratio {label} / plain: {med[key] / med['plain']:.3f} median, {best[key] / best['plain']:.3f} best"
+                + ("  (target <= 1.10)" if key == "annotated" else "")
+            )
 
 
 if __name__ == "__main__":

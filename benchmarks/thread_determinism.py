@@ -45,11 +45,17 @@ def main() -> int:
         torch.set_num_threads(threads)
         out[threads] = pixels(backbone, prompts, seeds, args.steps, g)
     half = len(prompts) // 2
-    split = np.concatenate([pixels(backbone, prompts[:half], seeds[:half], args.steps, g),
-                            pixels(backbone, prompts[half:], seeds[half:], args.steps, g)])
+    split = np.concatenate(
+        [
+            pixels(backbone, prompts[:half], seeds[:half], args.steps, g),
+            pixels(backbone, prompts[half:], seeds[half:], args.steps, g),
+        ]
+    )
     total = out[1].size
-    print(f"1 vs 2 threads: {int((out[1] != out[2]).sum())} of {total} pixel values differ "
-          f"(max |diff| {int(np.abs(out[1].astype(int) - out[2]).max())})")
+    print(
+        f"1 vs 2 threads: {int((out[1] != out[2]).sum())} of {total} pixel values differ "
+        f"(max |diff| {int(np.abs(out[1].astype(int) - out[2]).max())})"
+    )
     print(f"batch {len(prompts)} vs 2 x {half} (2 threads): {int((out[2] != split).sum())} of {total} differ")
     return 0
 

@@ -28,8 +28,15 @@ class _CapturingCrossAttnProcessor:
         self.capture = capture
         self.fast = fast
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if not self.capture.active:
             return self.fast(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         # The classic (non-fused) path of diffusers' AttnProcessor, keeping the probabilities.
@@ -111,6 +118,7 @@ class FeatureCapture:
             if self.active:
                 out = output.sample if hasattr(output, "sample") else output
                 self._maps[index] = out[0] if isinstance(out, tuple) else out
+
         return hook
 
     def collected(self, latent_hw: tuple[int, int]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -128,7 +136,9 @@ class FeatureCapture:
             scale = round((lh * lw / hw) ** 0.5)
             grids.append(probs.transpose(1, 2).reshape(b, t, lh // scale, lw // scale))
         size = max(g.shape[-2:] for g in grids)
-        attention = torch.stack([F.interpolate(g, size=size, mode="bilinear", align_corners=False) for g in grids]).mean(0)
+        attention = torch.stack(
+            [F.interpolate(g, size=size, mode="bilinear", align_corners=False) for g in grids]
+        ).mean(0)
         maps = [self._maps[i] for i in sorted(self._maps)]
         maps.sort(key=lambda m: m.shape[-1])
         return maps, attention

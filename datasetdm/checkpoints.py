@@ -38,13 +38,24 @@ def load_weights(file: str | Path, module: torch.nn.Module, config_name: str = "
     for key, tensor in expected.items():
         if key not in state:
             missing = sum(1 for k in expected if k not in state)
-            raise DatasetDMError(file, key, f"missing, but {config_name} builds a model with it "
-                                 f"(wrong architecture: {missing} of {len(expected)} tensors missing)")
+            raise DatasetDMError(
+                file,
+                key,
+                f"missing, but {config_name} builds a model with it "
+                f"(wrong architecture: {missing} of {len(expected)} tensors missing)",
+            )
         if tuple(state[key].shape) != tuple(tensor.shape):
-            raise DatasetDMError(file, key, f"shape {tuple(state[key].shape)}, but {config_name} builds "
-                                 f"{tuple(tensor.shape)} (wrong architecture)")
+            raise DatasetDMError(
+                file,
+                key,
+                f"shape {tuple(state[key].shape)}, but {config_name} builds "
+                f"{tuple(tensor.shape)} (wrong architecture)",
+            )
     unexpected = [k for k in state if k not in expected]
     if unexpected:
-        raise DatasetDMError(file, unexpected[0], f"not in the model {config_name} builds "
-                             f"(wrong architecture: {len(unexpected)} unexpected tensors)")
+        raise DatasetDMError(
+            file,
+            unexpected[0],
+            f"not in the model {config_name} builds (wrong architecture: {len(unexpected)} unexpected tensors)",
+        )
     module.load_state_dict(state, strict=True)

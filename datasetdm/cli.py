@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("stage", choices=commands)
     parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
     parser.add_argument("--device", default="cpu", help="pretrain only: torch device to train on (cpu, cuda, cuda:N)")
-    parser.add_argument("--until-step", type=int, default=None, help="pretrain only: stop (checkpointed) after this UNet step")
+    parser.add_argument(
+        "--until-step", type=int, default=None, help="pretrain only: stop (checkpointed) after this UNet step"
+    )
     args = parser.parse_args(argv)
     if args.until_step is not None and args.until_step < 1:
         parser.error("--until-step must be >= 1")

@@ -77,9 +77,15 @@ def load_export(export_dir: str | Path, name: str, overwrite: bool = True):
         if not overwrite:
             return fo.load_dataset(name)
         fo.delete_dataset(name)
-    ds = fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, data_path=str(export_dir),
-                             labels_path=str(ann_file), label_types=["segmentations"], label_field="ground_truth",
-                             name=name, progress=False)
+    ds = fo.Dataset.from_dir(
+        dataset_type=fo.types.COCODetectionDataset,
+        data_path=str(export_dir),
+        labels_path=str(ann_file),
+        label_types=["segmentations"],
+        label_field="ground_truth",
+        name=name,
+        progress=False,
+    )
     ds.persistent = True
     classes = [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])]
     ds.default_mask_targets = {0: "background", **{i: c for i, c in enumerate(classes, start=1)}}
@@ -98,7 +104,9 @@ def load_export(export_dir: str | Path, name: str, overwrite: bool = True):
                 metres = np.asarray(d, dtype=np.float32) / scale
             sample["depth"] = fo.Heatmap(map=metres, range=[0.0, float(metres.max()) or 1.0])
         if im["id"] in keypoints:
-            sample["keypoints"] = fo.Keypoints(keypoints=[_keypoint(a, classes, im["width"], im["height"]) for a in keypoints[im["id"]]])
+            sample["keypoints"] = fo.Keypoints(
+                keypoints=[_keypoint(a, classes, im["width"], im["height"]) for a in keypoints[im["id"]]]
+            )
         with Image.open(export_dir / "masks" / f"{im['sample_id']}.png") as m:
             mask = np.asarray(m, dtype=np.uint8)  # palette PNG: the indices are the class ids
         sample["semantic"] = fo.Segmentation(mask=mask)
@@ -130,7 +138,9 @@ def tag_samples(ds, cfg: CurateConfig) -> dict[str, int]:
     embeddings = thumbnail_embeddings(ds.values("filepath"))
     if len(ds) > 1:
         fob.compute_uniqueness(ds, embeddings=embeddings, progress=False)
-        index = fob.compute_near_duplicates(ds, embeddings=embeddings, threshold=cfg.duplicate_threshold, progress=False)
+        index = fob.compute_near_duplicates(
+            ds, embeddings=embeddings, threshold=cfg.duplicate_threshold, progress=False
+        )
         duplicate_ids = list(index.duplicate_ids)
     else:
         ds.set_values("uniqueness", [1.0])
@@ -152,9 +162,12 @@ def write_curated(ds, export_dir: str | Path, out_dir: str | Path, cfg: CurateCo
         "fiftyone_dataset": ds.name,
         "source": str(export_dir),
         "thresholds": {"min_quality": cfg.min_quality, "duplicate_threshold": cfg.duplicate_threshold},
-        "counts": {"exported": len(coco["images"]), "curated": len(keep_images),
-                   LOW_QUALITY: sum(LOW_QUALITY in t for t in dropped.values()),
-                   DUPLICATE: sum(DUPLICATE in t for t in dropped.values())},
+        "counts": {
+            "exported": len(coco["images"]),
+            "curated": len(keep_images),
+            LOW_QUALITY: sum(LOW_QUALITY in t for t in dropped.values()),
+            DUPLICATE: sum(DUPLICATE in t for t in dropped.values()),
+        },
         "dropped": {sid: sorted(t) for sid, t in sorted(dropped.items())},
     }
     with atomic_path(out_dir) as tmp:
@@ -167,8 +180,14 @@ def write_curated(ds, export_dir: str | Path, out_dir: str | Path, cfg: CurateCo
             if im.get("depth_file"):
                 (tmp / "depth").mkdir(exist_ok=True)
                 shutil.copyfile(export_dir / im["depth_file"], tmp / im["depth_file"])
-        write_json(tmp / "annotations.json", {**coco, "images": keep_images,
-                                              "annotations": [a for a in coco["annotations"] if a["image_id"] in keep_ids]})
+        write_json(
+            tmp / "annotations.json",
+            {
+                **coco,
+                "images": keep_images,
+                "annotations": [a for a in coco["annotations"] if a["image_id"] in keep_ids],
+            },
+        )
         write_json(tmp / "curation.json", summary)
     return summary
 

@@ -10,9 +10,9 @@ disagree when an annotation is likely wrong:
 * ``agreement``   – mean IoU, over named classes, between the decoder's mask and the
   class's cross-attention map thresholded at half its peak (DiffuMask-style mask);
 * ``area``        – mask-area sanity: for the smallest named class, the area of its
-  solid pieces (connected, >= ``BLOB_PIXELS``) over ``OBJECT_AREA`` (capped at 1). A named object with (almost) no pixels is the one
-  failure the other three miss: a failed, noisy image gets a confident, all-background
-  mask, and a few stray pixels of the named class make ``classes`` look perfect.
+  solid pieces (connected, >= ``BLOB_PIXELS``) over ``OBJECT_AREA`` (capped at 1). A named
+  object with (almost) no pixels is the one failure the other three miss: a failed, noisy
+  image gets a confident, all-background mask, and a few stray pixels of the named class make ``classes`` look perfect.
 
 ``area`` gates the score (multiplies the mean of the other three): seen in the
 first default run, where a pure-noise "a yellow triangle" scored 0.66 without it.
@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy import ndimage
 import torch.nn.functional as F
+from scipy import ndimage
 
 MIN_AREA = 0.005  # fraction of pixels for a class to count as present
 OBJECT_AREA = 0.02  # a named object smaller than this fraction of the image is suspect
@@ -46,6 +46,8 @@ def _object_area(mask: torch.Tensor) -> float:
         return 0.0
     sizes = np.bincount(pieces.ravel())[1:]
     return float(sizes[sizes >= BLOB_PIXELS].sum()) / mask.numel()
+
+
 ATTENTION_THRESHOLD = 0.5
 
 
@@ -96,12 +98,14 @@ def quality_components(probs: torch.Tensor, attention: torch.Tensor, named: list
             inter = (pred & att[i, c]).sum().item()
             union = (pred | att[i, c]).sum().item()
             ious.append(inter / union if union else 0.0)
-        out.append({
-            "confidence": float(confidence[i]),
-            "classes": float(classes),
-            "agreement": float(np.mean(ious)) if ious else 0.0,
-            "area": area,
-        })
+        out.append(
+            {
+                "confidence": float(confidence[i]),
+                "classes": float(classes),
+                "agreement": float(np.mean(ious)) if ious else 0.0,
+                "area": area,
+            }
+        )
     return out
 
 
@@ -116,6 +120,14 @@ def filter_samples(records: list[dict], min_score: float) -> dict:
     samples = []
     for r in records:
         score = quality_score(r["quality"])
-        samples.append({"id": r["id"], "shard": r["shard"], "score": round(score, 6), "components": r["quality"], "kept": score >= min_score})
+        samples.append(
+            {
+                "id": r["id"],
+                "shard": r["shard"],
+                "score": round(score, 6),
+                "components": r["quality"],
+                "kept": score >= min_score,
+            }
+        )
     kept = sum(s["kept"] for s in samples)
     return {"min_score": min_score, "kept": kept, "dropped": len(samples) - kept, "samples": samples}

@@ -25,9 +25,9 @@ from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import predict
 from datasetdm.errors import DatasetDMError
 from datasetdm.filtering import quality_components, remove_speckle
+from datasetdm.io import atomic_path, remove_temporaries, save_png, sha256_dir, write_json
 from datasetdm.keypoints import CHANNELS, find_peaks
 from datasetdm.realset import depth_to_png
-from datasetdm.io import atomic_path, remove_temporaries, save_png, sha256_dir, write_json
 
 MANIFEST = "manifest.json"
 
@@ -60,7 +60,7 @@ def load_prompts(path: str | Path) -> list[str]:
     except json.JSONDecodeError as e:
         raise DatasetDMError(path, f"line {e.lineno}", f"not valid JSON ({e.msg})") from None
     except (KeyError, TypeError):
-        raise DatasetDMError(path, "prompts", "expected {\"prompts\": [{\"prompt\": ...}, ...]}") from None
+        raise DatasetDMError(path, "prompts", 'expected {"prompts": [{"prompt": ...}, ...]}') from None
     return prompts
 
 
@@ -74,19 +74,34 @@ def check_prompts(prompts: list[str], backbone: Backbone, classes: tuple[str, ..
         except DatasetDMError as e:
             raise DatasetDMError(source, f"prompts[{i}]", e.message) from None
         if not prompt_classes(p, backbone, classes):
-            raise DatasetDMError(source, f"prompts[{i}]", f"{p!r} names no class the decoder labels (classes: {', '.join(classes)})")
+            raise DatasetDMError(
+                source, f"prompts[{i}]", f"{p!r} names no class the decoder labels (classes: {', '.join(classes)})"
+            )
 
 
-def generate(backbone: Backbone, decoder: PDecoder, prompts: list[str], gen: GenerateConfig, bb: BackboneConfig,
-             out_dir: str | Path, prompts_source: str = "prompts") -> dict:
+def generate(
+    backbone: Backbone,
+    decoder: PDecoder,
+    prompts: list[str],
+    gen: GenerateConfig,
+    bb: BackboneConfig,
+    out_dir: str | Path,
+    prompts_source: str = "prompts",
+) -> dict:
     """Generate ``gen.num_samples`` annotated samples into ``out_dir``; return the manifest."""
     out_dir = Path(out_dir)
     classes = tuple(decoder.config["classes"])
     check_prompts(prompts, backbone, classes, prompts_source)
     plan = plan_samples(prompts, gen)
-    shards = [plan[i:i + gen.shard_size] for i in range(0, len(plan), gen.shard_size)]
-    provenance = {"backbone": backbone.fingerprint(), "decoder": decoder.fingerprint(), "scheduler": "DDIMScheduler",
-                  "steps": bb.steps, "guidance_scale": bb.guidance_scale, "feature_timestep": bb.feature_timestep}
+    shards = [plan[i : i + gen.shard_size] for i in range(0, len(plan), gen.shard_size)]
+    provenance = {
+        "backbone": backbone.fingerprint(),
+        "decoder": decoder.fingerprint(),
+        "scheduler": "DDIMScheduler",
+        "steps": bb.steps,
+        "guidance_scale": bb.guidance_scale,
+        "feature_timestep": bb.feature_timestep,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     _discard_leftovers(out_dir)
     entries = []
@@ -102,7 +117,13 @@ def generate(backbone: Backbone, decoder: PDecoder, prompts: list[str], gen: Gen
     for stale in out_dir.glob("shard-*"):
         if stale.name not in {e["name"] for e in entries}:
             shutil.rmtree(stale)
-    manifest = {"classes": list(classes), "image_size": backbone.image_size, **provenance, "num_samples": len(plan), "shards": entries}
+    manifest = {
+        "classes": list(classes),
+        "image_size": backbone.image_size,
+        **provenance,
+        "num_samples": len(plan),
+        "shards": entries,
+    }
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -133,8 +154,13 @@ def _shard_matches(shard_dir: Path, shard: list[PlannedSample], provenance: dict
         want = [(s.id, s.prompt, s.seed) for s in shard]
         have = [(r.get("id"), r.get("prompt"), r.get("seed")) for r in records]
         same_models = all(r.get(k) == v for r in records for k, v in provenance.items())
-        return want == have and same_models and all(
-            (shard_dir / r[key]).is_file() for r in records for key in ("image", "semantic", "depth") if key in r)
+        return (
+            want == have
+            and same_models
+            and all(
+                (shard_dir / r[key]).is_file() for r in records for key in ("image", "semantic", "depth") if key in r
+            )
+        )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError is a ValueError
         return False
 
@@ -156,8 +182,16 @@ class AnnotatedBatch:
     keypoints: list[dict[str, list[list[float]]]] | None = None
 
 
-def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], seeds: list[int], classes: tuple[str, ...],
-                   bb: BackboneConfig, init_images: torch.Tensor | None = None, strength: float = 1.0) -> AnnotatedBatch:
+def annotate_batch(
+    backbone: Backbone,
+    decoder: PDecoder,
+    prompts: list[str],
+    seeds: list[int],
+    classes: tuple[str, ...],
+    bb: BackboneConfig,
+    init_images: torch.Tensor | None = None,
+    strength: float = 1.0,
+) -> AnnotatedBatch:
     """Generate one batch and annotate it with every head of the decoder.
 
     This is all the work per sample that the factory adds to plain sampling; the
@@ -165,8 +199,15 @@ def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], se
     ``strength`` regenerate given images instead (img2img; the filter's measurement
     on known layouts uses it).
     """
-    images, features = backbone.sample(prompts, seeds, bb.steps, bb.guidance_scale, capture_timestep=bb.feature_timestep,
-                                       init_images=init_images, strength=strength)
+    images, features = backbone.sample(
+        prompts,
+        seeds,
+        bb.steps,
+        bb.guidance_scale,
+        capture_timestep=bb.feature_timestep,
+        init_images=init_images,
+        strength=strength,
+    )
     assert features is not None
     device = next(decoder.parameters()).device
     images, features = images.to(device), features.to(device)
@@ -181,13 +222,24 @@ def annotate_batch(backbone: Backbone, decoder: PDecoder, prompts: list[str], se
     if "depth" in out:
         batch.depth = depth_to_png(out["depth"].cpu().numpy())
     if "keypoints" in out:
-        batch.keypoints = [{name: np.round(p.astype(np.float64), 3).tolist() for name, p in zip(CHANNELS, find_peaks(h))}
-                           for h in out["keypoints"].cpu().numpy()]
+        batch.keypoints = [
+            {name: np.round(p.astype(np.float64), 3).tolist() for name, p in zip(CHANNELS, find_peaks(h))}
+            for h in out["keypoints"].cpu().numpy()
+        ]
     return batch
 
 
-def _write_shard(shard_dir: Path, name: str, shard: list[PlannedSample], backbone: Backbone, decoder: PDecoder,
-                 classes: tuple[str, ...], gen: GenerateConfig, bb: BackboneConfig, provenance: dict) -> None:
+def _write_shard(
+    shard_dir: Path,
+    name: str,
+    shard: list[PlannedSample],
+    backbone: Backbone,
+    decoder: PDecoder,
+    classes: tuple[str, ...],
+    gen: GenerateConfig,
+    bb: BackboneConfig,
+    provenance: dict,
+) -> None:
     records = []
     # This shard is about to change, so no manifest may vouch for the folder any more;
     # a killed earlier attempt at this shard may have left its temporary behind.
@@ -197,20 +249,28 @@ def _write_shard(shard_dir: Path, name: str, shard: list[PlannedSample], backbon
         (tmp / "images").mkdir(parents=True)
         (tmp / "semantic").mkdir()
         for start in range(0, len(shard), gen.batch_size):
-            batch = shard[start:start + gen.batch_size]
+            batch = shard[start : start + gen.batch_size]
             made = annotate_batch(backbone, decoder, [s.prompt for s in batch], [s.seed for s in batch], classes, bb)
             for j, s in enumerate(batch):
                 save_png(tmp / "images" / f"{s.id}.png", made.pixels[j])
                 save_png(tmp / "semantic" / f"{s.id}.png", made.labels[j])
-                record = {"id": s.id, "shard": name, "prompt": s.prompt, "seed": s.seed,
-                          "image": f"images/{s.id}.png", "semantic": f"semantic/{s.id}.png"}
+                record = {
+                    "id": s.id,
+                    "shard": name,
+                    "prompt": s.prompt,
+                    "seed": s.seed,
+                    "image": f"images/{s.id}.png",
+                    "semantic": f"semantic/{s.id}.png",
+                }
                 if made.depth is not None:
                     (tmp / "depth").mkdir(exist_ok=True)
                     save_png(tmp / "depth" / f"{s.id}.png", made.depth[j])
                     record["depth"] = f"depth/{s.id}.png"
                 if made.keypoints is not None:
                     record["keypoints"] = made.keypoints[j]
-                records.append({**record, **provenance, "quality": {k: round(v, 6) for k, v in made.quality[j].items()}})
+                records.append(
+                    {**record, **provenance, "quality": {k: round(v, 6) for k, v in made.quality[j].items()}}
+                )
         write_json(tmp / "records.json", records)
 
 
@@ -241,20 +301,34 @@ def read_records(gen_dir: str | Path) -> list[dict]:
 # manifest is written once every shard exists. ``generate`` above is the same thing in
 # one process; both give byte-identical shards and manifests.
 
+
 def shard_plan(prompts: list[str], gen: GenerateConfig) -> list[list[PlannedSample]]:
     """The plan cut into shards of ``gen.shard_size`` samples, in sample order."""
     plan = plan_samples(prompts, gen)
-    return [plan[i:i + gen.shard_size] for i in range(0, len(plan), gen.shard_size)]
+    return [plan[i : i + gen.shard_size] for i in range(0, len(plan), gen.shard_size)]
 
 
 def generation_provenance(backbone: Backbone, decoder: PDecoder, bb: BackboneConfig) -> dict:
     """What every record and the manifest carry about the models and sampler."""
-    return {"backbone": backbone.fingerprint(), "decoder": decoder.fingerprint(), "scheduler": "DDIMScheduler",
-            "steps": bb.steps, "guidance_scale": bb.guidance_scale, "feature_timestep": bb.feature_timestep}
+    return {
+        "backbone": backbone.fingerprint(),
+        "decoder": decoder.fingerprint(),
+        "scheduler": "DDIMScheduler",
+        "steps": bb.steps,
+        "guidance_scale": bb.guidance_scale,
+        "feature_timestep": bb.feature_timestep,
+    }
 
 
-def generate_shard(backbone: Backbone, decoder: PDecoder, prompts: list[str], gen: GenerateConfig, bb: BackboneConfig,
-                   out_dir: str | Path, k: int) -> dict:
+def generate_shard(
+    backbone: Backbone,
+    decoder: PDecoder,
+    prompts: list[str],
+    gen: GenerateConfig,
+    bb: BackboneConfig,
+    out_dir: str | Path,
+    k: int,
+) -> dict:
     """Make shard ``k`` of the plan in ``out_dir`` (reused if already complete); return its manifest entry."""
     shards = shard_plan(prompts, gen)
     if not 0 <= k < len(shards):
@@ -268,8 +342,9 @@ def generate_shard(backbone: Backbone, decoder: PDecoder, prompts: list[str], ge
     return {"name": name, "sha256": sha256_dir(shard_dir), "num_samples": len(shards[k])}
 
 
-def write_manifest(out_dir: str | Path, entries: list[dict], classes: tuple[str, ...], image_size: int,
-                   provenance: dict) -> dict:
+def write_manifest(
+    out_dir: str | Path, entries: list[dict], classes: tuple[str, ...], image_size: int, provenance: dict
+) -> dict:
     """Write the manifest over ``entries`` (in shard order) and drop shards not listed."""
     out_dir = Path(out_dir)
     names = {e["name"] for e in entries}
@@ -277,7 +352,12 @@ def write_manifest(out_dir: str | Path, entries: list[dict], classes: tuple[str,
     for stale in out_dir.glob("shard-*"):
         if stale.name not in names:
             shutil.rmtree(stale)
-    manifest = {"classes": list(classes), "image_size": image_size, **provenance,
-                "num_samples": sum(e["num_samples"] for e in entries), "shards": entries}
+    manifest = {
+        "classes": list(classes),
+        "image_size": image_size,
+        **provenance,
+        "num_samples": sum(e["num_samples"] for e in entries),
+        "shards": entries,
+    }
     write_json(out_dir / MANIFEST, manifest)
     return manifest

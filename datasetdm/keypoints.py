@@ -79,7 +79,7 @@ def find_peaks(heat: np.ndarray, threshold: float = PEAK_THRESHOLD) -> list[np.n
         ys, xs = np.nonzero(is_max[c])
         peaks = []
         for y, x in zip(ys, xs):
-            win = padded[c, y:y + 3, x:x + 3]
+            win = padded[c, y : y + 3, x : x + 3]
             total = float(win.sum())
             dy = float((win.sum(1) * np.array([-1, 0, 1])).sum()) / total
             dx = float((win.sum(0) * np.array([-1, 0, 1])).sum()) / total
@@ -89,7 +89,9 @@ def find_peaks(heat: np.ndarray, threshold: float = PEAK_THRESHOLD) -> list[np.n
     return out
 
 
-def group_keypoints(instances: list[tuple[str, np.ndarray]], peaks: list[np.ndarray]) -> list[tuple[np.ndarray, float]]:
+def group_keypoints(
+    instances: list[tuple[str, np.ndarray]], peaks: list[np.ndarray]
+) -> list[tuple[np.ndarray, float]]:
     """COCO keypoints (K, 3) and a score for each (shape, bool mask) instance of one image.
 
     Centre: the strongest centre peak within ``REACH`` px of the mask, else the mask's
@@ -140,9 +142,9 @@ def group_keypoints(instances: list[tuple[str, np.ndarray]], peaks: list[np.ndar
         if len(chosen):
             angle = np.mod(np.arctan2(chosen[:, 0] - kps[0, 0], -(chosen[:, 1] - kps[0, 1])), 2 * math.pi)
             chosen = chosen[np.argsort(angle, kind="stable")]
-            kps[1:1 + len(chosen)] = np.column_stack([chosen[:, :2], np.full(len(chosen), 2, np.float32)])
-            strength[1:1 + len(chosen)] = chosen[:, 2]
-        kps[1 + len(chosen):] = (kps[0, 0], kps[0, 1], 0)
+            kps[1 : 1 + len(chosen)] = np.column_stack([chosen[:, :2], np.full(len(chosen), 2, np.float32)])
+            strength[1 : 1 + len(chosen)] = chosen[:, 2]
+        kps[1 + len(chosen) :] = (kps[0, 0], kps[0, 1], 0)
         result.append((kps, float(strength.mean())))
     return result
 
@@ -150,10 +152,15 @@ def group_keypoints(instances: list[tuple[str, np.ndarray]], peaks: list[np.ndar
 def _pixels(points: np.ndarray, shape_hw: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """Index arrays (rows, columns) of the pixels nearest (N, >= 2) x, y points, clipped to the image."""
     h, w = shape_hw
-    return (np.clip(np.round(points[:, 1]).astype(int), 0, h - 1), np.clip(np.round(points[:, 0]).astype(int), 0, w - 1))
+    return (
+        np.clip(np.round(points[:, 1]).astype(int), 0, h - 1),
+        np.clip(np.round(points[:, 0]).astype(int), 0, w - 1),
+    )
 
 
-def predict_keypoints(instances: list[tuple[int, np.ndarray, float]], heat: np.ndarray, classes: tuple[str, ...]) -> list[tuple[int, np.ndarray, float]]:
+def predict_keypoints(
+    instances: list[tuple[int, np.ndarray, float]], heat: np.ndarray, classes: tuple[str, ...]
+) -> list[tuple[int, np.ndarray, float]]:
     """(category id, (K, 3) keypoints, score) for each (category id, mask, score) instance, from heatmaps (2, H, W).
 
     The score multiplies the instance's mask score by its keypoints' peak strength, so
@@ -163,7 +170,9 @@ def predict_keypoints(instances: list[tuple[int, np.ndarray, float]], heat: np.n
     return [(k, kps, score * strength) for (k, _, score), (kps, strength) in zip(instances, grouped)]
 
 
-def gt_keypoints(instance_masks: np.ndarray, instance_classes: list[str], keypoints: list[np.ndarray]) -> list[tuple[str, np.ndarray, float, list[float]]]:
+def gt_keypoints(
+    instance_masks: np.ndarray, instance_classes: list[str], keypoints: list[np.ndarray]
+) -> list[tuple[str, np.ndarray, float, list[float]]]:
     """A labelled image's instances as ``KeypointAP.update`` wants them: (class, keypoints, area, bbox)."""
     out = []
     for mask, name, kps in zip(instance_masks, instance_classes, keypoints):

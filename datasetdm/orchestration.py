@@ -43,31 +43,63 @@ class StageIO:
 
 
 STAGE_IO: dict[str, StageIO] = {
-    "real-data": StageIO(("world", "real", "evaluate.unseen_classes", "evaluate.num_zero_shot", "evaluate.zero_shot_seed"),
-                         lambda p: [], lambda p: [p.real.dir], ("worlds", "realset.py")),
-    "train-decoder": StageIO(("world.classes", "backbone", "decoder"),
-                             lambda p: [f"{p.real.dir}/train", p.backbone.model], lambda p: [p.decoder.out],
-                             ("backbones", "capture.py", "decoder")),
+    "real-data": StageIO(
+        ("world", "real", "evaluate.unseen_classes", "evaluate.num_zero_shot", "evaluate.zero_shot_seed"),
+        lambda p: [],
+        lambda p: [p.real.dir],
+        ("worlds", "realset.py"),
+    ),
+    "train-decoder": StageIO(
+        ("world.classes", "backbone", "decoder"),
+        lambda p: [f"{p.real.dir}/train", p.backbone.model],
+        lambda p: [p.decoder.out],
+        ("backbones", "capture.py", "decoder"),
+    ),
     "expand-prompts": StageIO(("world", "prompts"), lambda p: [], lambda p: [p.prompts.out], ("prompts.py",)),
-    "generate": StageIO(("backbone", "generate"), lambda p: [p.prompts.out, p.decoder.out, p.backbone.model],
-                        lambda p: [p.generate.out], ("generate.py", "filtering.py")),
+    "generate": StageIO(
+        ("backbone", "generate"),
+        lambda p: [p.prompts.out, p.decoder.out, p.backbone.model],
+        lambda p: [p.generate.out],
+        ("generate.py", "filtering.py"),
+    ),
     "filter": StageIO(("filter",), lambda p: [p.generate.out], lambda p: [p.filter.out], ("filtering.py",)),
-    "export": StageIO(("world", "real", "backbone", "decoder", "prompts", "generate", "filter", "export"),
-                      lambda p: [p.generate.out, p.filter.out], lambda p: [p.export.out], ("export",)),
+    "export": StageIO(
+        ("world", "real", "backbone", "decoder", "prompts", "generate", "filter", "export"),
+        lambda p: [p.generate.out, p.filter.out],
+        lambda p: [p.export.out],
+        ("export",),
+    ),
     "curate": StageIO(("curate",), lambda p: [p.export.out], lambda p: [p.curate.out], ("curate.py",)),
-    "evaluate": StageIO(("backbone", "filter.min_score", "evaluate", "world.classes"),
-                        lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", f"{p.real.dir}/zero-shot", p.decoder.out],
-                        lambda p: [p.evaluate.out], ("evaluate", "filtering.py")),
-    "inspect": StageIO(("world", "backbone", "inspect"),
-                       lambda p: [p.inspect.model, p.export.out, f"{p.real.dir}/test", p.backbone.model],
-                       lambda p: [p.inspect.out, p.inspect.grid], ("evaluate/inspector.py", "evaluate/backbone.py")),
-    "downstream": StageIO(("world.classes", "downstream"),
-                          lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", p.export.out],
-                          lambda p: [p.downstream.out, p.downstream.plot], ("downstream",)),
-    "uplift": StageIO(("world", "real", "downstream"), lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", p.export.out],
-                      lambda p: [p.downstream.uplift_out], ("downstream",)),
-    "report": StageIO(("report",), lambda p: [p.export.out, p.evaluate.out, p.downstream.out, p.inspect.out], lambda p: [p.report.out],
-                      ("report.py",)),
+    "evaluate": StageIO(
+        ("backbone", "filter.min_score", "evaluate", "world.classes"),
+        lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", f"{p.real.dir}/zero-shot", p.decoder.out],
+        lambda p: [p.evaluate.out],
+        ("evaluate", "filtering.py"),
+    ),
+    "inspect": StageIO(
+        ("world", "backbone", "inspect"),
+        lambda p: [p.inspect.model, p.export.out, f"{p.real.dir}/test", p.backbone.model],
+        lambda p: [p.inspect.out, p.inspect.grid],
+        ("evaluate/inspector.py", "evaluate/backbone.py"),
+    ),
+    "downstream": StageIO(
+        ("world.classes", "downstream"),
+        lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", p.export.out],
+        lambda p: [p.downstream.out, p.downstream.plot],
+        ("downstream",),
+    ),
+    "uplift": StageIO(
+        ("world", "real", "downstream"),
+        lambda p: [f"{p.real.dir}/train", f"{p.real.dir}/test", p.export.out],
+        lambda p: [p.downstream.uplift_out],
+        ("downstream",),
+    ),
+    "report": StageIO(
+        ("report",),
+        lambda p: [p.export.out, p.evaluate.out, p.downstream.out, p.inspect.out],
+        lambda p: [p.report.out],
+        ("report.py",),
+    ),
 }
 
 
@@ -150,6 +182,7 @@ def run_stage(stage: str, params: Params) -> dict:
 # Sharded generation: the plan's shards are independent, so an orchestrator can map
 # them over workers; the manifest and the stamp are written once all are done.
 
+
 def plan_shards(params: Params) -> int:
     """Check the prompts against the models and return the number of shards to make."""
     from datasetdm.generate import check_prompts, load_prompts, shard_plan
@@ -167,8 +200,9 @@ def make_shard(params: Params, k: int) -> dict:
 
     backbone = stages.load_backbone(params)
     decoder = stages.load_decoder(params, backbone)
-    return generate_shard(backbone, decoder, load_prompts(params.prompts.out), params.generate, params.backbone,
-                          params.generate.out, k)
+    return generate_shard(
+        backbone, decoder, load_prompts(params.prompts.out), params.generate, params.backbone, params.generate.out, k
+    )
 
 
 def finish_generate(params: Params, entries: list[dict], fp: str) -> dict:
@@ -177,10 +211,17 @@ def finish_generate(params: Params, entries: list[dict], fp: str) -> dict:
 
     backbone = stages.load_backbone(params)
     decoder = stages.load_decoder(params, backbone)
-    manifest = write_manifest(params.generate.out, entries, tuple(decoder.config["classes"]), backbone.image_size,
-                              generation_provenance(backbone, decoder, params.backbone))
-    write_json(stamp_path("generate", params), {"stage": "generate", "fingerprint": fp,
-                                                 "outs": outputs_hash("generate", params)})
+    manifest = write_manifest(
+        params.generate.out,
+        entries,
+        tuple(decoder.config["classes"]),
+        backbone.image_size,
+        generation_provenance(backbone, decoder, params.backbone),
+    )
+    write_json(
+        stamp_path("generate", params),
+        {"stage": "generate", "fingerprint": fp, "outs": outputs_hash("generate", params)},
+    )
     return {"num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}
 
 

@@ -41,4 +41,3 @@ def expand_prompts(world: WorldConfig, cfg: PromptsConfig) -> list[dict]:
                 seen.add(prompt)
                 records.append({"prompt": prompt, "layout": [list(p) for p in layout]})
     return records[: cfg.num_prompts]
-

@@ -21,6 +21,7 @@ def git_revision(root: str | Path = ".") -> dict[str, Any] | None:
     ``dirty`` ignores ``dvc.lock`` (DVC rewrites it during every ``dvc repro``) and
     untracked files: it says whether tracked code or params differ from the revision.
     """
+
     def git(*args: str) -> str | None:
         try:
             proc = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)

@@ -18,9 +18,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -108,31 +108,37 @@ def write_real_set(world: WorldConfig, out_dir: str | Path, num: int, seed: int)
             mask = Image.frombytes("P", (width, height), np.ascontiguousarray(scene.semantic).tobytes())
             mask.putpalette(palette)
             mask.save(tmp / "masks" / name)
-            Image.frombytes("I;16", (width, height), depth_to_png(scene.depth).astype("<u2").tobytes()).save(tmp / "depth" / name)
-            images.append({
-                "id": i,
-                "file_name": f"images/{name}",
-                "width": width,
-                "height": height,
-                "caption": scene.caption,
-                "depth_file": f"depth/{name}",
-            })
+            Image.frombytes("I;16", (width, height), depth_to_png(scene.depth).astype("<u2").tobytes()).save(
+                tmp / "depth" / name
+            )
+            images.append(
+                {
+                    "id": i,
+                    "file_name": f"images/{name}",
+                    "width": width,
+                    "height": height,
+                    "caption": scene.caption,
+                    "depth_file": f"depth/{name}",
+                }
+            )
             for obj, visible, kps in zip(scene.objects, scene.instances, scene.keypoints):
                 if not visible.any():
                     continue
                 rle = mask_util.encode(np.asfortranarray(visible.astype(np.uint8)))
-                annotations.append({
-                    "id": len(annotations) + 1,  # COCOeval treats id 0 as "unmatched"
-                    "image_id": i,
-                    "category_id": 1 + world.classes.index(obj.shape),
-                    "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
-                    "area": float(mask_util.area(rle)),
-                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
-                    "iscrowd": 0,
-                    "keypoints": [float(v) for v in kps.reshape(-1)],
-                    "num_keypoints": int((kps[:, 2] > 0).sum()),
-                    "depth": float(obj.depth),
-                })
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,  # COCOeval treats id 0 as "unmatched"
+                        "image_id": i,
+                        "category_id": 1 + world.classes.index(obj.shape),
+                        "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+                        "area": float(mask_util.area(rle)),
+                        "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                        "iscrowd": 0,
+                        "keypoints": [float(v) for v in kps.reshape(-1)],
+                        "num_keypoints": int((kps[:, 2] > 0).sum()),
+                        "depth": float(obj.depth),
+                    }
+                )
         coco = {
             "info": {
                 "description": "datasetdm labelled set rendered from the shapes world",
@@ -173,18 +179,23 @@ def load_real_set(set_dir: str | Path, classes: tuple[str, ...]) -> list[Labelle
         if "caption" not in entry:
             raise DatasetDMError(src, f"images[{i}].caption", "missing (every image needs its caption)")
         if not isinstance(entry["caption"], str):
-            raise DatasetDMError(src, f"images[{i}].caption", f"must be a string, got {type(entry['caption']).__name__}")
+            raise DatasetDMError(
+                src, f"images[{i}].caption", f"must be a string, got {type(entry['caption']).__name__}"
+            )
     masks: dict[int, np.ndarray] = {}
     for i, entry in enumerate(images):
         height, width = pixels[i].shape[:2]
         for j in anns_by_image[entry["id"]]:
-            masks[j] = _decode_segmentation(src, f"annotations[{j}].segmentation", annotations[j]["segmentation"], height, width)
+            masks[j] = _decode_segmentation(
+                src, f"annotations[{j}].segmentation", annotations[j]["segmentation"], height, width
+            )
     for i, entry in enumerate(images):
         height, width = pixels[i].shape[:2]
         for key, actual in (("width", width), ("height", height)):
             if entry[key] != actual:
-                raise DatasetDMError(src, f"images[{i}].{key}",
-                                     f"is {entry[key]} but {entry['file_name']} is {width}x{height} (WxH)")
+                raise DatasetDMError(
+                    src, f"images[{i}].{key}", f"is {entry[key]} but {entry['file_name']} is {width}x{height} (WxH)"
+                )
     if not images:
         raise DatasetDMError(src, "images", "empty: the set has no images")
 
@@ -198,17 +209,19 @@ def load_real_set(set_dir: str | Path, classes: tuple[str, ...]) -> list[Labelle
         semantic = np.zeros((height, width), dtype=np.uint8)
         for mask, name in zip(inst, names):
             semantic[mask] = 1 + classes.index(name)
-        out.append(LabelledImage(
-            id=entry["id"],
-            file_name=entry["file_name"],
-            image=pixels[i],
-            caption=entry["caption"],
-            semantic=semantic,
-            instance_masks=inst,
-            instance_classes=names,
-            depth=_read_depth(src, set_dir, i, entry, height, width, depth_scale),
-            keypoints=[_keypoints(annotations[j], cat_by_id[annotations[j]["category_id"]]) for j in ids],
-        ))
+        out.append(
+            LabelledImage(
+                id=entry["id"],
+                file_name=entry["file_name"],
+                image=pixels[i],
+                caption=entry["caption"],
+                semantic=semantic,
+                instance_masks=inst,
+                instance_classes=names,
+                depth=_read_depth(src, set_dir, i, entry, height, width, depth_scale),
+                keypoints=[_keypoints(annotations[j], cat_by_id[annotations[j]["category_id"]]) for j in ids],
+            )
+        )
     return out
 
 
@@ -231,7 +244,9 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _entries_with_unique_ids(src: Path, coco: dict[str, Any], section: str, noun: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def _entries_with_unique_ids(
+    src: Path, coco: dict[str, Any], section: str, noun: str
+) -> Iterator[tuple[str, dict[str, Any]]]:
     """(``section[i]``, entry) for each entry of a COCO list, checking it is an object with a new integer id."""
     seen: set[int] = set()
     for i, entry in enumerate(coco[section]):
@@ -256,8 +271,11 @@ def _require(src: Path, obj: dict[str, Any], key: str, where: str, check: Any, w
 def _check_structure(src: Path, coco: Any) -> tuple[list[dict], list[dict], list[dict]]:
     """Check that the file is a COCO dict whose entries have the fields we rely on."""
     if not isinstance(coco, dict):
-        raise DatasetDMError(src, "(top level)",
-                             f"must be a COCO object with images, annotations and categories, got a JSON {type(coco).__name__}")
+        raise DatasetDMError(
+            src,
+            "(top level)",
+            f"must be a COCO object with images, annotations and categories, got a JSON {type(coco).__name__}",
+        )
     for key in ("images", "annotations", "categories"):
         if key not in coco:
             raise DatasetDMError(src, key, "missing (a COCO file needs images, annotations and categories)")
@@ -272,26 +290,49 @@ def _check_structure(src: Path, coco: Any) -> tuple[list[dict], list[dict], list
     for where, cat in _entries_with_unique_ids(src, coco, "categories", "category"):
         _require(src, cat, "name", where, non_empty_str, "a non-empty string")
         if "keypoints" in cat:
-            _require(src, cat, "keypoints", where, lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
-                     "a list of names")
+            _require(
+                src,
+                cat,
+                "keypoints",
+                where,
+                lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                "a list of names",
+            )
     for where, ann in _entries_with_unique_ids(src, coco, "annotations", "annotation"):
         _require(src, ann, "image_id", where, _is_int, "an integer")
         _require(src, ann, "category_id", where, _is_int, "an integer")
-        _require(src, ann, "segmentation", where, lambda v: isinstance(v, (dict, list)), "an RLE object or a list of polygons")
+        _require(
+            src,
+            ann,
+            "segmentation",
+            where,
+            lambda v: isinstance(v, (dict, list)),
+            "an RLE object or a list of polygons",
+        )
         if "keypoints" in ann:
-            _require(src, ann, "keypoints", where, lambda v: isinstance(v, list) and len(v) % 3 == 0 and all(map(_is_number, v)),
-                     "a flat list of numbers x, y, v")
+            _require(
+                src,
+                ann,
+                "keypoints",
+                where,
+                lambda v: isinstance(v, list) and len(v) % 3 == 0 and all(map(_is_number, v)),
+                "a flat list of numbers x, y, v",
+            )
     return coco["images"], coco["categories"], coco["annotations"]
 
 
 def _check_categories(src: Path, categories: list[dict], classes: tuple[str, ...]) -> dict[int, dict]:
     for i, cat in enumerate(categories):
         if cat["name"] not in classes:
-            raise DatasetDMError(src, f"categories[{i}].name", f"unknown category {cat['name']!r} (known: {', '.join(classes)})")
+            raise DatasetDMError(
+                src, f"categories[{i}].name", f"unknown category {cat['name']!r} (known: {', '.join(classes)})"
+            )
     return {cat["id"]: cat for cat in categories}
 
 
-def _check_references(src: Path, annotations: list[dict], images: list[dict], cat_by_id: dict[int, dict]) -> dict[int, list[int]]:
+def _check_references(
+    src: Path, annotations: list[dict], images: list[dict], cat_by_id: dict[int, dict]
+) -> dict[int, list[int]]:
     """Check every annotation points at a real category and image; group them by image."""
     by_image: dict[int, list[int]] = {entry["id"]: [] for entry in images}
     for j, ann in enumerate(annotations):
@@ -301,8 +342,12 @@ def _check_references(src: Path, annotations: list[dict], images: list[dict], ca
         if ann["image_id"] not in by_image:
             raise DatasetDMError(src, f"annotations[{j}].image_id", f"unknown image id {ann['image_id']}")
         if "keypoints" in ann and "keypoints" in cat and len(ann["keypoints"]) != 3 * len(cat["keypoints"]):
-            raise DatasetDMError(src, f"annotations[{j}].keypoints", f"has {len(ann['keypoints']) // 3} points "
-                                 f"but category {cat['name']!r} declares {len(cat['keypoints'])}")
+            raise DatasetDMError(
+                src,
+                f"annotations[{j}].keypoints",
+                f"has {len(ann['keypoints']) // 3} points "
+                f"but category {cat['name']!r} declares {len(cat['keypoints'])}",
+            )
         by_image[ann["image_id"]].append(j)
     return by_image
 
@@ -319,7 +364,9 @@ def _read_image(src: Path, set_dir: Path, i: int, entry: dict[str, Any]) -> np.n
             try:
                 rgb = im.convert("RGB")
             except (OSError, ValueError) as e:
-                raise DatasetDMError(src, field, f"{entry['file_name']} (mode {mode}) cannot be converted to RGB ({e})") from None
+                raise DatasetDMError(
+                    src, field, f"{entry['file_name']} (mode {mode}) cannot be converted to RGB ({e})"
+                ) from None
     except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
         raise DatasetDMError(src, field, f"{entry['file_name']} is not a readable image ({e})") from None
     return np.asarray(rgb, dtype=np.uint8).copy()
@@ -328,25 +375,34 @@ def _read_image(src: Path, set_dir: Path, i: int, entry: dict[str, Any]) -> np.n
 def _decode_segmentation(src: Path, field: str, seg: Any, height: int, width: int) -> np.ndarray:
     """Decode an RLE (compressed or not) or polygon segmentation to a bool (H, W) mask."""
     if isinstance(seg, list):
-        if not seg or not all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_is_number, p)) for p in seg):
-            raise DatasetDMError(src, field,
-                                 "polygons must be a non-empty list of [x1, y1, x2, y2, ...] lists with at least 3 points")
+        if not seg or not all(
+            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(map(_is_number, p)) for p in seg
+        ):
+            raise DatasetDMError(
+                src, field, "polygons must be a non-empty list of [x1, y1, x2, y2, ...] lists with at least 3 points"
+            )
         return mask_util.decode(mask_util.merge(mask_util.frPyObjects(seg, height, width))).astype(bool)
     size, counts = seg.get("size"), seg.get("counts")
     if not (isinstance(size, list) and len(size) == 2 and all(_is_int(s) and s >= 0 for s in size)):
         raise DatasetDMError(src, field, f"RLE size must be [height, width], got {size!r}")
     if size != [height, width]:
-        raise DatasetDMError(src, field, f"mask size {size[0]}x{size[1]} differs from image size {height}x{width} (HxW)")
+        raise DatasetDMError(
+            src, field, f"mask size {size[0]}x{size[1]} differs from image size {height}x{width} (HxW)"
+        )
     if isinstance(counts, list):
         if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
-            raise DatasetDMError(src, field, f"uncompressed RLE counts must be non-negative integers summing to {height * width}")
+            raise DatasetDMError(
+                src, field, f"uncompressed RLE counts must be non-negative integers summing to {height * width}"
+            )
         rle = mask_util.frPyObjects({"size": size, "counts": counts}, height, width)
     elif isinstance(counts, str):
         if not set(counts) <= _RLE_ALPHABET:
             raise DatasetDMError(src, field, "RLE counts contain characters outside COCO's RLE alphabet")
         rle = {"size": size, "counts": counts.encode("ascii")}
     else:
-        raise DatasetDMError(src, field, f"RLE counts must be a string or a list of integers, got {type(counts).__name__}")
+        raise DatasetDMError(
+            src, field, f"RLE counts must be a string or a list of integers, got {type(counts).__name__}"
+        )
     try:
         mask = mask_util.decode(rle)
     except ValueError as e:
@@ -367,8 +423,9 @@ def _depth_scale(src: Path, coco: dict[str, Any]) -> float:
     return float(scale)
 
 
-def _read_depth(src: Path, set_dir: Path, i: int, entry: dict[str, Any], height: int, width: int,
-                scale: float) -> np.ndarray | None:
+def _read_depth(
+    src: Path, set_dir: Path, i: int, entry: dict[str, Any], height: int, width: int, scale: float
+) -> np.ndarray | None:
     if entry.get("depth_file") is None:
         return None
     field = f"images[{i}].depth_file"
@@ -387,7 +444,9 @@ def _read_depth(src: Path, set_dir: Path, i: int, entry: dict[str, Any], height:
     if mode not in ("I;16", "I;16B", "I"):
         raise DatasetDMError(src, field, f"{entry['depth_file']} must be a 16-bit greyscale PNG, got mode {mode}")
     if size != (width, height):
-        raise DatasetDMError(src, field, f"depth size {size[0]}x{size[1]} differs from image size {width}x{height} (WxH)")
+        raise DatasetDMError(
+            src, field, f"depth size {size[0]}x{size[1]} differs from image size {width}x{height} (WxH)"
+        )
     return (raw.astype(np.float32) / np.float32(scale)).astype(np.float32)
 
 

@@ -8,7 +8,9 @@ from pathlib import Path
 from datasetdm.config import Params
 
 
-def render_report(card: dict, metrics: dict, params: Params, downstream: dict | None = None, backbone: dict | None = None) -> str:
+def render_report(
+    card: dict, metrics: dict, params: Params, downstream: dict | None = None, backbone: dict | None = None
+) -> str:
     counts = card.get("counts", {})
     models = card.get("models", {})
     sem = metrics.get("semantic", {})
@@ -17,16 +19,19 @@ def render_report(card: dict, metrics: dict, params: Params, downstream: dict | 
     lines = [
         "# datasetdm run report",
         "",
-        f"Backbone `{params.backbone.kind}` (sha256 {models.get('backbone', '?')[:12]}), decoder (sha256 {models.get('decoder', '?')[:12]}), "
+        f"Backbone `{params.backbone.kind}` (sha256 {models.get('backbone', '?')[:12]}), decoder (sha256 "
+        f"{models.get('decoder', '?')[:12]}), "
         f"trained on K = {params.real.num_train} labelled real images.",
         "",
         "## Dataset",
         "",
         "| generated | kept | dropped | filter threshold |",
         "|---:|---:|---:|---:|",
-        f"| {counts.get('generated', '?')} | {counts.get('kept', '?')} | {counts.get('dropped', '?')} | {params.filter.min_score} |",
+        f"| {counts.get('generated', '?')} | {counts.get('kept', '?')} | {counts.get('dropped', '?')} | "
+        f"{params.filter.min_score} |",
         "",
-        f"Exported to `{params.export.out}`: `annotations.json` (COCO, RLE masks), `masks/` (VOC PNGs), `dataset.json` (card).",
+        f"Exported to `{params.export.out}`: `annotations.json` (COCO, RLE masks), `masks/` (VOC PNGs), "
+        "`dataset.json` (card).",
         "",
         f"![sample grid]({grid})",
         "",
@@ -44,54 +49,92 @@ def render_report(card: dict, metrics: dict, params: Params, downstream: dict | 
         "| label | decoder | decoder, all classes compete | attention only |",
         "|---|---:|---:|---:|",
     ]
-    columns = [metrics.get(k, {}).get("per_class_iou", {}) for k in ("semantic", "semantic_unrestricted", "attention_only")]
+    columns = [
+        metrics.get(k, {}).get("per_class_iou", {}) for k in ("semantic", "semantic_unrestricted", "attention_only")
+    ]
     for name in sem.get("per_class_iou", {}):
         lines.append(f"| {name} | " + " | ".join(_num(col.get(name)) for col in columns) + " |")
-    lines.append("| **mIoU** | " + " | ".join(f"**{_num(metrics.get(k, {}).get('mIoU'))}**"
-                                             for k in ("semantic", "semantic_unrestricted", "attention_only")) + " |")
+    lines.append(
+        "| **mIoU** | "
+        + " | ".join(
+            f"**{_num(metrics.get(k, {}).get('mIoU'))}**"
+            for k in ("semantic", "semantic_unrestricted", "attention_only")
+        )
+        + " |"
+    )
     lines.append("")
     if "instances" in metrics:
         ins = metrics["instances"]
-        lines += [f"Instances (connected components of the semantic labels, COCO mask AP over {ins.get('num_instances', '?')} "
-                  f"true instances): AP {_num(ins.get('AP'))}, AP50 {_num(ins.get('AP50'))}.", ""]
+        lines += [
+            "Instances (connected components of the semantic labels, COCO mask AP over "
+            f"{ins.get('num_instances', '?')} "
+            f"true instances): AP {_num(ins.get('AP'))}, AP50 {_num(ins.get('AP50'))}.",
+            "",
+        ]
     if metrics.get("zero_shot"):
         z = metrics["zero_shot"]
-        lines += [f"Zero-shot ({', '.join(z['unseen_classes'])}: never labelled; masks from decoder foreground + cross-attention), "
-                  f"{z['num_images']} held-out images: mIoU seen {_num(z['mIoU_seen'])}, unseen {_num(z['mIoU_unseen'])}, "
-                  f"harmonic {_num(z['harmonic'])}.", ""]
+        lines += [
+            f"Zero-shot ({', '.join(z['unseen_classes'])}: never labelled; masks from decoder foreground + "
+            "cross-attention), "
+            f"{z['num_images']} held-out images: mIoU seen {_num(z['mIoU_seen'])}, unseen {_num(z['mIoU_unseen'])}, "
+            f"harmonic {_num(z['harmonic'])}.",
+            "",
+        ]
     if metrics.get("filter"):
         f = metrics["filter"]
-        lines += [f"Quality filter, measured on the held-out real images (where truth exists): at threshold {f['min_score']} it keeps "
-                  f"{f['kept_fraction'] * 100:.0f}% of them; their per-image mIoU is {_num(f['image_mIoU_kept'])} against "
-                  f"{_num(f['image_mIoU_all'])} for all and {_num(f['image_mIoU_dropped'])} for those it drops.", ""]
+        lines += [
+            "Quality filter, measured on the held-out real images (where truth exists): at threshold "
+            f"{f['min_score']} it keeps "
+            f"{f['kept_fraction'] * 100:.0f}% of them; their per-image mIoU is {_num(f['image_mIoU_kept'])} against "
+            f"{_num(f['image_mIoU_all'])} for all and {_num(f['image_mIoU_dropped'])} for those it drops.",
+            "",
+        ]
     if metrics.get("filter_regenerated"):
         f = metrics["filter_regenerated"]
-        lines += [f"Quality filter on {f['num_images']} generated images of known layout (the backbone regenerates rendered scenes, "
-                  f"img2img at strength {f['strength']}): it keeps {f['kept_fraction'] * 100:.0f}%; per-image mIoU against the "
-                  f"layout is {_num(f['image_mIoU_kept'])} for kept, {_num(f['image_mIoU_all'])} for all, "
-                  f"{_num(f['image_mIoU_dropped'])} for dropped (score/mIoU correlation {_num(f['score_mIoU_correlation'])}).", ""]
+        lines += [
+            f"Quality filter on {f['num_images']} generated images of known layout (the backbone regenerates rendered "
+            "scenes, "
+            f"img2img at strength {f['strength']}): it keeps {f['kept_fraction'] * 100:.0f}%; per-image mIoU against "
+            "the "
+            f"layout is {_num(f['image_mIoU_kept'])} for kept, {_num(f['image_mIoU_all'])} for all, "
+            f"{_num(f['image_mIoU_dropped'])} for dropped (score/mIoU correlation "
+            f"{_num(f['score_mIoU_correlation'])}).",
+            "",
+        ]
     if "depth" in metrics:
         d = metrics["depth"]
-        lines += ["Depth head: " + f"AbsRel {_num(d['abs_rel'])}, RMSE {_num(d['rmse'])} m, delta<1.25 {_num(d['delta1'])}.", ""]
+        lines += [
+            "Depth head: " + f"AbsRel {_num(d['abs_rel'])}, RMSE {_num(d['rmse'])} m, delta<1.25 {_num(d['delta1'])}.",
+            "",
+        ]
     if "keypoints" in metrics:
         k = metrics["keypoints"]
-        lines += [f"Keypoint head (heatmap peaks grouped per instance; COCO keypoint AP, OKS sigma {k.get('oks_sigma', '?')}, "
-                  f"best cyclic order of corners, over {k.get('num_instances', '?')} instances): "
-                  f"AP {_num(k.get('AP'))}, AP50 {_num(k.get('AP50'))}.", ""]
+        lines += [
+            "Keypoint head (heatmap peaks grouped per instance; COCO keypoint AP, OKS sigma "
+            f"{k.get('oks_sigma', '?')}, "
+            f"best cyclic order of corners, over {k.get('num_instances', '?')} instances): "
+            f"AP {_num(k.get('AP'))}, AP50 {_num(k.get('AP50'))}.",
+            "",
+        ]
     if downstream:
         any_task = next(iter(downstream.values()), {})
         lines += [
             "## Downstream uplift",
             "",
             f"One small model per task trained on (a) {any_task.get('num_real', '?')} real images, (b) "
-            f"{any_task.get('num_synthetic', '?')} synthetic images, (c) both; scored on {any_task.get('num_test', '?')} "
+            f"{any_task.get('num_synthetic', '?')} synthetic images, (c) both; scored on "
+            f"{any_task.get('num_test', '?')} "
             "held-out real images. Depth: AbsRel (lower is better).",
             "",
             "| task | metric | (a) real | (b) synthetic | (c) real + synthetic | (c) vs (a) |",
             "|---|---|---:|---:|---:|---:|",
         ]
-        for task, metric, key in (("semantic", "mIoU", "mIoU"), ("instances", "mask AP", "AP"), ("depth", "AbsRel", "abs_rel"),
-                                  ("keypoints", "keypoint AP", "AP")):
+        for task, metric, key in (
+            ("semantic", "mIoU", "mIoU"),
+            ("instances", "mask AP", "AP"),
+            ("depth", "AbsRel", "abs_rel"),
+            ("keypoints", "keypoint AP", "AP"),
+        ):
             row = downstream.get(task)
             if not row:
                 continue
@@ -99,8 +142,11 @@ def render_report(card: dict, metrics: dict, params: Params, downstream: dict | 
                 change = f"{row['abs_rel_reduction'] * 100:+.1f}% lower" if "abs_rel_reduction" in row else "n/a"
             else:
                 change = f"{row['uplift'] * 100:+.1f} points" if "uplift" in row else "n/a"
-            lines.append(f"| {task} | {metric} | " + " | ".join(_num(row.get(f"{key}_{name}")) for name in
-                                                              ("real", "synthetic", "real+synthetic")) + f" | {change} |")
+            lines.append(
+                f"| {task} | {metric} | "
+                + " | ".join(_num(row.get(f"{key}_{name}")) for name in ("real", "synthetic", "real+synthetic"))
+                + f" | {change} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -109,19 +155,25 @@ def _backbone_section(backbone: dict | None, params: Params, here: Path) -> list
     """The inspector's audit of the generator (``metrics/backbone.json``), with the captioned samples it judged."""
     if not backbone:
         return []
-    pf, la, ins = backbone.get("prompt_fidelity", {}), backbone.get("label_agreement", {}), backbone.get("inspector", {})
+    pf, la, ins = (
+        backbone.get("prompt_fidelity", {}),
+        backbone.get("label_agreement", {}),
+        backbone.get("inspector", {}),
+    )
     by_shape = ", ".join(f"{k} {_num(v)}" for k, v in pf.get("single_object_by_shape", {}).items())
     grid = os.path.relpath(Path(params.inspect.grid), here)
     return [
         "## Backbone, audited by the inspector",
         "",
-        f"The inspector is a segmenter trained on rendered scenes of its own seed range (held-out mIoU {_num(ins.get('mIoU'))}; "
+        "The inspector is a segmenter trained on rendered scenes of its own seed range (held-out mIoU "
+        f"{_num(ins.get('mIoU'))}; "
         f"it reads exactly the objects of {_num(ins.get('reading_accuracy'))} of rendered scenes, its ceiling). "
         "Nothing in training, filtering or prompt choice reads these figures.",
         "",
         "| prompt fidelity, one object | prompt fidelity, two objects | label agreement (mIoU) | Fréchet distance |",
         "|---:|---:|---:|---:|",
-        f"| {_num(pf.get('single_object'))} | {_num(pf.get('two_objects'))} | {_num(la.get('mIoU'))} | {_num(backbone.get('frechet'))} |",
+        f"| {_num(pf.get('single_object'))} | {_num(pf.get('two_objects'))} | {_num(la.get('mIoU'))} | "
+        f"{_num(backbone.get('frechet'))} |",
         "",
         f"One object, by shape: {by_shape}.",
         "",

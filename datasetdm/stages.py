@@ -30,17 +30,23 @@ from datasetdm.export.dataset import export_dataset
 from datasetdm.filtering import filter_samples
 from datasetdm.generate import generate, load_prompts, read_records
 from datasetdm.io import write_json, write_text
-from datasetdm.report import render_report
 from datasetdm.prompts import expand_prompts
 from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
+from datasetdm.report import render_report
 
 
 def load_backbone(params: Params) -> Backbone:
     """The Stable Diffusion folder ``params.backbone.model`` names (by default the embedded miniature SD)."""
     torch.manual_seed(0)
     bb = params.backbone
-    backbone = StableDiffusionBackbone.load(bb.model, dtype=bb.dtype, device=bb.device, channels_last=bb.channels_last,
-                                            compile=bb.compile, source=params.source)
+    backbone = StableDiffusionBackbone.load(
+        bb.model,
+        dtype=bb.dtype,
+        device=bb.device,
+        channels_last=bb.channels_last,
+        compile=bb.compile,
+        source=params.source,
+    )
     backbone.output_device = torch.device(bb.device)  # the decoder runs there too (see load_decoder)
     return backbone
 
@@ -82,11 +88,18 @@ def load_decoder(params: Params, backbone: Backbone) -> PDecoder:
     decoder = PDecoder.load(params.decoder.out)
     trained_for = decoder.config.get("backbone")
     if trained_for and trained_for != backbone.fingerprint():
-        raise DatasetDMError(Path(params.decoder.out) / "config.json", "backbone",
-                             "decoder was trained on features of a different backbone; re-run the train-decoder stage")
+        raise DatasetDMError(
+            Path(params.decoder.out) / "config.json",
+            "backbone",
+            "decoder was trained on features of a different backbone; re-run the train-decoder stage",
+        )
     if tuple(decoder.config["classes"]) != params.world.classes:
-        raise DatasetDMError(Path(params.decoder.out) / "config.json", "classes",
-                             f"decoder labels {decoder.config['classes']} but world.classes is {list(params.world.classes)}; re-run train-decoder")
+        raise DatasetDMError(
+            Path(params.decoder.out) / "config.json",
+            "classes",
+            f"decoder labels {decoder.config['classes']} but world.classes is {list(params.world.classes)}; re-run "
+            "train-decoder",
+        )
     # The decoder runs where the backbone's features are: on a GPU, copying every
     # captured map to the CPU costs more than the decoder itself (measured 2.18x vs 1.03x).
     return decoder.to(params.backbone.device)
@@ -96,7 +109,15 @@ def generate_stage(params: Params) -> dict:
     backbone = load_backbone(params)
     decoder = load_decoder(params, backbone)
     prompts = load_prompts(params.prompts.out)
-    manifest = generate(backbone, decoder, prompts, params.generate, params.backbone, params.generate.out, prompts_source=params.prompts.out)
+    manifest = generate(
+        backbone,
+        decoder,
+        prompts,
+        params.generate,
+        params.backbone,
+        params.generate.out,
+        prompts_source=params.prompts.out,
+    )
     return {"num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}
 
 
@@ -110,8 +131,14 @@ def export_stage(params: Params) -> dict:
     from datasetdm.provenance import repo_provenance
 
     provenance = repo_provenance(".", deps=(params.generate.out, params.filter.out))
-    card = export_dataset(params.generate.out, params.filter.out, params.export.out, params.to_dict(), params.export.grid_samples,
-                          provenance=provenance)
+    card = export_dataset(
+        params.generate.out,
+        params.filter.out,
+        params.export.out,
+        params.to_dict(),
+        params.export.grid_samples,
+        provenance=provenance,
+    )
     return card["counts"]
 
 
@@ -127,23 +154,44 @@ def evaluate_stage(params: Params) -> dict:
     backbone = load_backbone(params)
     decoder = load_decoder(params, backbone)
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
-    threshold = fit_attention_threshold(backbone, load_real_set(train_dir, params.world.classes), params.backbone, params.world.classes)
-    metrics = evaluate_decoder(backbone, decoder, load_real_set(test_dir, params.world.classes), params.backbone, params.filter.min_score,
-                               threshold)
+    threshold = fit_attention_threshold(
+        backbone, load_real_set(train_dir, params.world.classes), params.backbone, params.world.classes
+    )
+    metrics = evaluate_decoder(
+        backbone,
+        decoder,
+        load_real_set(test_dir, params.world.classes),
+        params.backbone,
+        params.filter.min_score,
+        threshold,
+    )
     if params.evaluate.unseen_classes:
         every = params.world.classes + params.evaluate.unseen_classes
-        metrics["zero_shot"] = evaluate_zero_shot(backbone, decoder, load_real_set(zero_shot_dir(params), every), params.backbone,
-                                                  params.evaluate.unseen_classes)
+        metrics["zero_shot"] = evaluate_zero_shot(
+            backbone,
+            decoder,
+            load_real_set(zero_shot_dir(params), every),
+            params.backbone,
+            params.evaluate.unseen_classes,
+        )
     ev = params.evaluate
     if ev.num_regenerated:
-        metrics["filter_regenerated"] = filter_on_regenerated(backbone, decoder, params.world, params.backbone, params.filter.min_score,
-                                                              ev.num_regenerated, ev.regenerated_seed, ev.regenerate_strength)
+        metrics["filter_regenerated"] = filter_on_regenerated(
+            backbone,
+            decoder,
+            params.world,
+            params.backbone,
+            params.filter.min_score,
+            ev.num_regenerated,
+            ev.regenerated_seed,
+            ev.regenerate_strength,
+        )
     write_json(params.evaluate.out, metrics)
     return metrics
 
 
 def train_inspector_stage(params: Params) -> dict:
-    """Train the inspector (``make inspector``; it ships trained, like the backbone) and save it to ``inspect.model``."""
+    """Train the inspector (``make inspector``; it ships trained, like the backbone); save it to ``inspect.model``."""
     from datasetdm.evaluate.inspector import train_inspector
 
     inspector, stats = train_inspector(params.world, params.inspect)
@@ -169,12 +217,21 @@ def inspect_stage(params: Params) -> dict:
     inspector = Inspector.load(params.inspect.model)
     _, test_dir = real_set_split_dirs(params.real.dir)
     real = np.stack([x.image for x in load_real_set(test_dir, params.world.classes)])
-    metrics = measure_backbone(load_backbone(params), inspector, params, real_images=real, export_dir=params.export.out,
-                               grid=params.inspect.grid)
+    metrics = measure_backbone(
+        load_backbone(params),
+        inspector,
+        params,
+        real_images=real,
+        export_dir=params.export.out,
+        grid=params.inspect.grid,
+    )
     metrics["inspector"] = held_out_quality(inspector, params.world, params.inspect)
     write_json(params.inspect.out, metrics)
-    return {"prompt_fidelity": metrics["prompt_fidelity"], "label_agreement_mIoU": metrics["label_agreement"]["mIoU"],
-            "frechet": metrics["frechet"]}
+    return {
+        "prompt_fidelity": metrics["prompt_fidelity"],
+        "label_agreement_mIoU": metrics["label_agreement"]["mIoU"],
+        "frechet": metrics["frechet"],
+    }
 
 
 def downstream_stage(params: Params) -> dict:

@@ -31,9 +31,18 @@ def factory(params_path: str = "params.yaml") -> dict:
     audit = stages.inspect_backbone(params, wait_for=[exported])
     uplift = stages.downstream(params, wait_for=[exported])
     stages.report(params, wait_for=[exported, metrics, audit, uplift])
-    summary = {"real": real, "decoder": decoder, "prompts": prompts, "generated": generated,
-               "filtered": kept, "exported": exported, "curated": curated, "mIoU": metrics["semantic"]["mIoU"],
-               "prompt_fidelity": audit["prompt_fidelity"], "downstream": uplift["semantic"]}
+    summary = {
+        "real": real,
+        "decoder": decoder,
+        "prompts": prompts,
+        "generated": generated,
+        "filtered": kept,
+        "exported": exported,
+        "curated": curated,
+        "mIoU": metrics["semantic"]["mIoU"],
+        "prompt_fidelity": audit["prompt_fidelity"],
+        "downstream": uplift["semantic"],
+    }
     stages.publish_report(params, summary)
     print(summary)
     return summary

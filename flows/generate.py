@@ -22,9 +22,16 @@ def dask_runner(workers: int = 2, address: str | None = None) -> DaskTaskRunner:
     if address:
         return DaskTaskRunner(address=address)
     # One torch thread per worker process: workers share the machine's cores.
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None, "host": "127.0.0.1",
-                                          "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+            "host": "127.0.0.1",
+            "env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
+        }
+    )
 
 
 @flow(name="generate-sharded", log_prints=True)
@@ -41,5 +48,8 @@ def generate_sharded(params_path: str = "params.yaml", workers: int = 2, address
 
 
 if __name__ == "__main__":
-    print(generate_sharded(sys.argv[1] if len(sys.argv) > 1 else "params.yaml",
-                           workers=int(sys.argv[2]) if len(sys.argv) > 2 else 2))
+    print(
+        generate_sharded(
+            sys.argv[1] if len(sys.argv) > 1 else "params.yaml", workers=int(sys.argv[2]) if len(sys.argv) > 2 else 2
+        )
+    )

@@ -23,11 +23,13 @@ from datasetdm.config import Params
 def _stage_key(stage: str) -> Callable[[Any, dict[str, Any]], str | None]:
     def key(_ctx: Any, inputs: dict[str, Any]) -> str | None:
         return orchestration.cache_key(stage, inputs["params"])
+
     return key
 
 
 def stage_task(stage: str, retries: int = 0):
     """The task that runs ``stage`` with caching; ``retries`` where a retry can help."""
+
     def run(params: Params) -> dict:
         result = orchestration.run_stage(stage, params)
         # Prefect stores a result under the key computed *before* the run, which was
@@ -38,9 +40,11 @@ def stage_task(stage: str, retries: int = 0):
         if key and context is not None:
             context.result_store.write(obj=result, key=key)
         return result
+
     run.__name__ = run.__qualname__ = stage.replace("-", "_")
-    return task(run, name=stage, retries=retries, retry_delay_seconds=2, cache_key_fn=_stage_key(stage),
-                persist_result=True)
+    return task(
+        run, name=stage, retries=retries, retry_delay_seconds=2, cache_key_fn=_stage_key(stage), persist_result=True
+    )
 
 
 real_data = stage_task("real-data")

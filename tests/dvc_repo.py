@@ -15,12 +15,20 @@ from tests.conftest import REPO, TINY_INSPECTOR, build_tiny_backbone, build_tiny
 
 def run(root: Path, *args: str) -> str:
     """Run ``dvc ...`` (through this interpreter) or another command in ``root``; fail the test on error."""
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PYTHONPATH": str(root), "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "FIFTYONE_DATABASE_DIR": str(root.parent / "fiftyone-db"), "FIFTYONE_DO_NOT_TRACK": "true",
-           "FIFTYONE_DATABASE_VALIDATION": "false",
-           # dvc.yaml runs `python`: this interpreter's, as `make test` puts the venv first on PATH
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "DVC_NO_ANALYTICS": "1",
+        "PYTHONPATH": str(root),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "FIFTYONE_DATABASE_DIR": str(root.parent / "fiftyone-db"),
+        "FIFTYONE_DO_NOT_TRACK": "true",
+        "FIFTYONE_DATABASE_VALIDATION": "false",
+        # dvc.yaml runs `python`: this interpreter's, as `make test` puts the venv first on PATH
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     cmd = [sys.executable, "-m", "dvc", *args[1:]] if args[0] == "dvc" else list(args)
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout}{proc.stderr}"

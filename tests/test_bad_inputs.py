@@ -82,6 +82,7 @@ def set_key(dotted: str, value: Any) -> Callable[[Path, dict], None]:
         for p in parents:
             node = node.setdefault(p, {})
         node[last] = value
+
     return edit
 
 
@@ -90,6 +91,7 @@ def write_params_text(text: str | bytes) -> Callable[[Path, dict], str]:
         data = text.encode() if isinstance(text, str) else text
         (root / "params.yaml").write_bytes(data)
         return "params written"
+
     return edit
 
 
@@ -99,6 +101,7 @@ def edit_json(rel: str, edit: Callable[[Any], Any]) -> Callable[[Path, dict], No
         data = json.loads(path.read_text())
         new = edit(data)
         path.write_text(json.dumps(data if new is None else new))
+
     return apply
 
 
@@ -106,15 +109,18 @@ def write_bytes(rel: str, data: Callable[[bytes], bytes]) -> Callable[[Path, dic
     def apply(root: Path, raw: dict) -> None:
         path = root / rel
         path.write_bytes(data(path.read_bytes()))
+
     return apply
 
 
 def pickled_state(rel: str) -> Callable[[Path, dict], None]:
     """Replace a safetensors file by a torch pickle of plausible weights (what torch.save writes)."""
+
     def apply(root: Path, raw: dict) -> None:
         buf = io.BytesIO()
         torch.save({"weight": torch.zeros(3)}, buf)
         (root / rel).write_bytes(buf.getvalue())
+
     return apply
 
 
@@ -143,6 +149,7 @@ def _first_ann(coco: dict) -> dict:
 def _set_prompt(i: int, text: Any) -> Callable[[Any], None]:
     def edit(data: dict) -> None:
         data["prompts"][i]["prompt"] = text
+
     return edit
 
 
@@ -150,70 +157,225 @@ CASES = [
     # -- params.yaml: every stage reads it first
     Case("params-unknown-section", "expand-prompts", set_key("genrate", {"num_samples": 3}), "params.yaml", "genrate"),
     Case("params-unknown-key", "generate", set_key("generate.num_sample", 3), "params.yaml", "generate.num_sample"),
-    Case("params-string-for-int", "generate", set_key("generate.num_samples", "ten"), "params.yaml", "generate.num_samples"),
-    Case("params-list-for-float", "generate", set_key("backbone.guidance_scale", [1.0]), "params.yaml", "backbone.guidance_scale"),
+    Case(
+        "params-string-for-int",
+        "generate",
+        set_key("generate.num_samples", "ten"),
+        "params.yaml",
+        "generate.num_samples",
+    ),
+    Case(
+        "params-list-for-float",
+        "generate",
+        set_key("backbone.guidance_scale", [1.0]),
+        "params.yaml",
+        "backbone.guidance_scale",
+    ),
     Case("params-bool-for-int", "train-decoder", set_key("decoder.steps", True), "params.yaml", "decoder.steps"),
-    Case("params-negative-count", "generate", set_key("generate.num_samples", -3), "params.yaml", "generate.num_samples"),
+    Case(
+        "params-negative-count", "generate", set_key("generate.num_samples", -3), "params.yaml", "generate.num_samples"
+    ),
     Case("params-zero-batch", "generate", set_key("generate.batch_size", 0), "params.yaml", "generate.batch_size"),
     Case("params-negative-k", "real-data", set_key("real.num_train", -1), "params.yaml", "real.num_train"),
-    Case("params-unknown-class", "real-data", set_key("world.classes", ["circle", "dodecahedron"]), "params.yaml", "world.classes[1]"),
+    Case(
+        "params-unknown-class",
+        "real-data",
+        set_key("world.classes", ["circle", "dodecahedron"]),
+        "params.yaml",
+        "world.classes[1]",
+    ),
     Case("params-no-classes", "real-data", set_key("world.classes", []), "params.yaml", "world.classes"),
-    Case("params-repeated-class", "real-data", set_key("world.classes", ["circle", "circle"]), "params.yaml", "world.classes"),
+    Case(
+        "params-repeated-class",
+        "real-data",
+        set_key("world.classes", ["circle", "circle"]),
+        "params.yaml",
+        "world.classes",
+    ),
     Case("params-section-not-mapping", "generate", set_key("generate", 5), "params.yaml", "generate"),
     Case("params-top-level-list", "generate", write_params_text("- 1\n- 2\n"), "params.yaml", "(top level)"),
-    Case("params-yaml-syntax", "generate", write_params_text("world: {image_size: 64\nreal: ["), "params.yaml", "line"),
+    Case(
+        "params-yaml-syntax", "generate", write_params_text("world: {image_size: 64\nreal: ["), "params.yaml", "line"
+    ),
     Case("params-not-utf8", "generate", write_params_text(b"world: \xff\xfe\n"), "params.yaml", None),
     Case("params-score-above-one", "filter", set_key("filter.min_score", 1.5), "params.yaml", "filter.min_score"),
-    Case("params-infinite-guidance", "generate", set_key("backbone.guidance_scale", float("inf")), "params.yaml", "backbone.guidance_scale"),
+    Case(
+        "params-infinite-guidance",
+        "generate",
+        set_key("backbone.guidance_scale", float("inf")),
+        "params.yaml",
+        "backbone.guidance_scale",
+    ),
     Case("params-nan-lr", "train-decoder", set_key("decoder.lr", float("nan")), "params.yaml", "decoder.lr"),
     Case("params-empty-path", "generate", set_key("generate.out", ""), "params.yaml", "generate.out"),
     Case("params-unknown-backbone", "generate", set_key("backbone.kind", "sdxl"), "params.yaml", "backbone.kind"),
     Case("params-odd-image-size", "real-data", set_key("world.image_size", 30), "params.yaml", "world.image_size"),
-    Case("params-template-without-objects", "expand-prompts", set_key("prompts.templates", ["a photo"]), "params.yaml", "prompts.templates[0]"),
-    Case("params-prompt-objects-over-world", "expand-prompts", set_key("prompts.max_objects", 3), "params.yaml", "prompts.max_objects"),
+    Case(
+        "params-template-without-objects",
+        "expand-prompts",
+        set_key("prompts.templates", ["a photo"]),
+        "params.yaml",
+        "prompts.templates[0]",
+    ),
+    Case(
+        "params-prompt-objects-over-world",
+        "expand-prompts",
+        set_key("prompts.max_objects", 3),
+        "params.yaml",
+        "prompts.max_objects",
+    ),
     # a class the trained decoder labels is missing from world.classes
     Case("params-class-missing-for-decoder", "generate", set_key("world.classes", ["circle"]), DEC_CONFIG, "classes"),
     # -- the labelled few-shot set (train-decoder must keep the decoder it had)
-    Case("set-corrupt-image", "train-decoder", write_bytes("data/real/train/images/000000.png", lambda b: b[:60]), SET, "images[0].file_name"),
-    Case("set-image-missing", "train-decoder", remove("data/real/train/images/000001.png"), SET, "images[1].file_name"),
+    Case(
+        "set-corrupt-image",
+        "train-decoder",
+        write_bytes("data/real/train/images/000000.png", lambda b: b[:60]),
+        SET,
+        "images[0].file_name",
+    ),
+    Case(
+        "set-image-missing", "train-decoder", remove("data/real/train/images/000001.png"), SET, "images[1].file_name"
+    ),
     Case("set-json-is-a-list", "train-decoder", edit_json(SET, lambda coco: [1, 2, 3]), SET, "(top level)"),
-    Case("set-json-without-annotations", "train-decoder", edit_json(SET, lambda coco: coco.pop("annotations")), SET, "annotations"),
+    Case(
+        "set-json-without-annotations",
+        "train-decoder",
+        edit_json(SET, lambda coco: coco.pop("annotations")),
+        SET,
+        "annotations",
+    ),
     Case("set-json-truncated", "train-decoder", write_bytes(SET, lambda b: b[:200]), SET, "line"),
-    Case("set-mask-size-differs", "train-decoder", edit_json(SET, lambda c: _first_ann(c)["segmentation"].update(size=[16, 16])),
-         SET, "annotations[0].segmentation"),
-    Case("set-unknown-category-id", "train-decoder", edit_json(SET, lambda c: _first_ann(c).update(category_id=99)),
-         SET, "annotations[0].category_id"),
-    Case("set-unknown-category-name", "train-decoder", edit_json(SET, lambda c: c["categories"][0].update(name="dragon")),
-         SET, "categories[0].name"),
+    Case(
+        "set-mask-size-differs",
+        "train-decoder",
+        edit_json(SET, lambda c: _first_ann(c)["segmentation"].update(size=[16, 16])),
+        SET,
+        "annotations[0].segmentation",
+    ),
+    Case(
+        "set-unknown-category-id",
+        "train-decoder",
+        edit_json(SET, lambda c: _first_ann(c).update(category_id=99)),
+        SET,
+        "annotations[0].category_id",
+    ),
+    Case(
+        "set-unknown-category-name",
+        "train-decoder",
+        edit_json(SET, lambda c: c["categories"][0].update(name="dragon")),
+        SET,
+        "categories[0].name",
+    ),
     Case("set-empty", "train-decoder", edit_json(SET, lambda c: c.update(images=[], annotations=[])), SET, "images"),
-    Case("set-width-differs", "train-decoder", edit_json(SET, lambda c: c["images"][0].update(width=99)), SET, "images[0].width"),
-    Case("set-rle-garbage", "train-decoder", edit_json(SET, lambda c: _first_ann(c)["segmentation"].update(counts="\u00e9\u00e9")),
-         SET, "annotations[0].segmentation"),
+    Case(
+        "set-width-differs",
+        "train-decoder",
+        edit_json(SET, lambda c: c["images"][0].update(width=99)),
+        SET,
+        "images[0].width",
+    ),
+    Case(
+        "set-rle-garbage",
+        "train-decoder",
+        edit_json(SET, lambda c: _first_ann(c)["segmentation"].update(counts="\u00e9\u00e9")),
+        SET,
+        "annotations[0].segmentation",
+    ),
     Case("set-8-bit-depth", "train-decoder", eight_bit_depth, SET, "images[0].depth_file"),
     # -- the backbone's pipeline folder (train-decoder must keep the decoder it had)
-    Case("backbone-truncated", "train-decoder", write_bytes(UNET, lambda b: b[: len(b) // 2]), "sd/unet", "backbone.model",
-         "cannot load unet"),
-    Case("backbone-pickle", "train-decoder", pickled_state(TEXT), "sd/text_encoder", "backbone.model", "cannot load text_encoder"),
-    Case("backbone-wrong-architecture", "train-decoder",
-         edit_json(UNET_CONFIG, lambda c: c.update(block_out_channels=[16, 16, 16])), "sd/unet", "backbone.model", "wrong architecture"),
-    Case("backbone-index-not-json", "train-decoder", write_bytes(MODEL_INDEX, lambda b: b"{not json"), MODEL_INDEX, "backbone.model",
-         "not valid JSON"),
+    Case(
+        "backbone-truncated",
+        "train-decoder",
+        write_bytes(UNET, lambda b: b[: len(b) // 2]),
+        "sd/unet",
+        "backbone.model",
+        "cannot load unet",
+    ),
+    Case(
+        "backbone-pickle",
+        "train-decoder",
+        pickled_state(TEXT),
+        "sd/text_encoder",
+        "backbone.model",
+        "cannot load text_encoder",
+    ),
+    Case(
+        "backbone-wrong-architecture",
+        "train-decoder",
+        edit_json(UNET_CONFIG, lambda c: c.update(block_out_channels=[16, 16, 16])),
+        "sd/unet",
+        "backbone.model",
+        "wrong architecture",
+    ),
+    Case(
+        "backbone-index-not-json",
+        "train-decoder",
+        write_bytes(MODEL_INDEX, lambda b: b"{not json"),
+        MODEL_INDEX,
+        "backbone.model",
+        "not valid JSON",
+    ),
     # -- the trained decoder's checkpoint (generate must keep the generated set it had)
-    Case("decoder-truncated", "generate", write_bytes(DEC, lambda b: b[: len(b) // 2]), DEC, None, "not a readable safetensors file"),
+    Case(
+        "decoder-truncated",
+        "generate",
+        write_bytes(DEC, lambda b: b[: len(b) // 2]),
+        DEC,
+        None,
+        "not a readable safetensors file",
+    ),
     Case("decoder-pickle", "generate", pickled_state(DEC), DEC, None, "pickle"),
-    Case("decoder-wrong-architecture", "generate", edit_json(DEC_CONFIG, lambda c: c.update(channels=32)), DEC, "lateral.0.weight",
-         "wrong architecture"),
-    Case("decoder-config-not-json", "generate", write_bytes(DEC_CONFIG, lambda b: b"[1, 2"), DEC_CONFIG, None, "not a decoder config"),
+    Case(
+        "decoder-wrong-architecture",
+        "generate",
+        edit_json(DEC_CONFIG, lambda c: c.update(channels=32)),
+        DEC,
+        "lateral.0.weight",
+        "wrong architecture",
+    ),
+    Case(
+        "decoder-config-not-json",
+        "generate",
+        write_bytes(DEC_CONFIG, lambda b: b"[1, 2"),
+        DEC_CONFIG,
+        None,
+        "not a decoder config",
+    ),
     # -- the prompts (generate must keep the generated set it had)
     Case("prompt-empty", "generate", edit_json(PROMPTS, _set_prompt(0, "")), PROMPTS, "prompts[0]"),
-    Case("prompt-cannot-encode", "generate", edit_json(PROMPTS, _set_prompt(1, "a red circle $$")), PROMPTS, "prompts[1]",
-         "cannot encode"),
-    Case("prompt-path-traversal", "generate", edit_json(PROMPTS, _set_prompt(2, "a red circle ../../etc/passwd")), PROMPTS, "prompts[2]"),
+    Case(
+        "prompt-cannot-encode",
+        "generate",
+        edit_json(PROMPTS, _set_prompt(1, "a red circle $$")),
+        PROMPTS,
+        "prompts[1]",
+        "cannot encode",
+    ),
+    Case(
+        "prompt-path-traversal",
+        "generate",
+        edit_json(PROMPTS, _set_prompt(2, "a red circle ../../etc/passwd")),
+        PROMPTS,
+        "prompts[2]",
+    ),
     Case("prompt-names-no-class", "generate", edit_json(PROMPTS, _set_prompt(0, "a red star")), PROMPTS, "prompts[0]"),
-    Case("prompt-too-long", "generate", edit_json(PROMPTS, _set_prompt(0, " ".join(["red circle"] * 40))), PROMPTS, "prompts[0]"),
+    Case(
+        "prompt-too-long",
+        "generate",
+        edit_json(PROMPTS, _set_prompt(0, " ".join(["red circle"] * 40))),
+        PROMPTS,
+        "prompts[0]",
+    ),
     Case("prompts-none", "generate", edit_json(PROMPTS, lambda d: d.update(prompts=[])), PROMPTS, "prompts"),
-    Case("prompts-plain-strings", "generate", edit_json(PROMPTS, lambda d: d.update(prompts=["a red circle"])), PROMPTS, "prompts"),
-    Case("prompts-not-json", "generate", write_bytes(PROMPTS, lambda b: b"{\"prompts\": ["), PROMPTS, "line"),
+    Case(
+        "prompts-plain-strings",
+        "generate",
+        edit_json(PROMPTS, lambda d: d.update(prompts=["a red circle"])),
+        PROMPTS,
+        "prompts",
+    ),
+    Case("prompts-not-json", "generate", write_bytes(PROMPTS, lambda b: b'{"prompts": ['), PROMPTS, "line"),
 ]
 
 
@@ -226,7 +388,9 @@ def snapshot(root: Path) -> dict[str, bytes]:
 FAST = {"params-unknown-key", "set-mask-size-differs", "decoder-pickle", "prompt-path-traversal"}
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=() if c.id in FAST else pytest.mark.slow) for c in CASES])
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, id=c.id, marks=() if c.id in FAST else pytest.mark.slow) for c in CASES]
+)
 def test_bad_input_is_one_named_line_and_touches_nothing(case: Case, workspace: Path) -> None:
     raw = tiny_raw(workspace, workspace / "sd")
     params_file = workspace / "params.yaml"
@@ -234,8 +398,13 @@ def test_bad_input_is_one_named_line_and_touches_nothing(case: Case, workspace: 
         params_file.write_text(yaml.safe_dump(raw))
     before = snapshot(workspace)
 
-    proc = subprocess.run([sys.executable, "-m", "datasetdm", case.stage, "--params", str(params_file)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "datasetdm", case.stage, "--params", str(params_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
     assert proc.returncode != 0, proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -246,7 +415,7 @@ def test_bad_input_is_one_named_line_and_touches_nothing(case: Case, workspace: 
     file_part = str(workspace / case.file)
     assert line.startswith(f"error: {file_part}"), line
     if case.field is not None:
-        assert line.startswith(f"error: {file_part}: ") and case.field in line[len(f"error: {file_part}: "):], line
+        assert line.startswith(f"error: {file_part}: ") and case.field in line[len(f"error: {file_part}: ") :], line
     assert case.says in line, line
     assert snapshot(workspace) == before  # earlier outputs (and the broken input itself) untouched
 
@@ -261,8 +430,14 @@ def test_the_matrix_is_big_enough() -> None:
 
 VALID = tiny_raw(Path("/tmp/datasetdm-property"), Path("/tmp/datasetdm-property/sd"))
 
-_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True), st.text(max_size=8),
-                  st.lists(st.one_of(st.integers(-3, 70), st.text(max_size=6), st.floats()), max_size=3))
+_leaf = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True),
+    st.text(max_size=8),
+    st.lists(st.one_of(st.integers(-3, 70), st.text(max_size=6), st.floats()), max_size=3),
+)
 _value = st.one_of(_leaf, st.dictionaries(st.text(max_size=6), _leaf, max_size=3))
 
 

@@ -14,7 +14,9 @@ from tests.conftest import REPO
 
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "datasetdm", *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "datasetdm", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -25,12 +27,15 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda raw: raw["generate"].update(num_samples=-3), "generate.num_samples"),
-    (lambda raw: raw["world"].update(classes=["circle", "dodecahedron"]), "world.classes"),
-    (lambda raw: raw.update(genrate={"num_samples": 3}), "genrate"),
-    (lambda raw: raw["decoder"].update(lr="fast"), "decoder.lr"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda raw: raw["generate"].update(num_samples=-3), "generate.num_samples"),
+        (lambda raw: raw["world"].update(classes=["circle", "dodecahedron"]), "world.classes"),
+        (lambda raw: raw.update(genrate={"num_samples": 3}), "genrate"),
+        (lambda raw: raw["decoder"].update(lr="fast"), "decoder.lr"),
+    ],
+)
 def test_bad_params_give_one_line_naming_the_key(tiny_params_file, edit, expected):
     raw = yaml.safe_load(tiny_params_file.read_text())
     edit(raw)

@@ -69,12 +69,24 @@ def test_curate_loads_labels_tags_and_exports(fiftyone_env, exported):
     ds = fo.load_dataset(name)
     assert ds.persistent and len(ds) == n == 6
     schema = ds.get_field_schema()
-    for field in ("ground_truth", "semantic", "depth", "keypoints", "quality", "prompt", "seed", "sample_id", "uniqueness"):
+    for field in (
+        "ground_truth",
+        "semantic",
+        "depth",
+        "keypoints",
+        "quality",
+        "prompt",
+        "seed",
+        "sample_id",
+        "uniqueness",
+    ):
         assert field in schema, field
     first = ds.sort_by("sample_id").first()
     assert first["depth"].map.shape == (p.world.image_size, p.world.image_size) and float(first["depth"].map.min()) > 0
     with_kps = [a for a in coco["annotations"] if a["image_id"] == coco["images"][0]["id"]]
-    assert len(first["keypoints"].keypoints) == len(with_kps) and first["keypoints"].keypoints[0].label in p.world.classes
+    assert (
+        len(first["keypoints"].keypoints) == len(with_kps) and first["keypoints"].keypoints[0].label in p.world.classes
+    )
     assert ds.count("ground_truth.detections") == len(coco["annotations"])
     det = ds.first()["ground_truth"].detections[0]
     assert det.mask is not None and det.mask.any() and det.label in p.world.classes
@@ -119,8 +131,13 @@ def test_app_renders_in_headless_chromium(fiftyone_env, exported, tmp_path):
     name = curate(exported.export.out, exported.curate)["fiftyone_dataset"]
     port = free_port()
     url = f"http://127.0.0.1:{port}/datasets/{name}"
-    server = subprocess.Popen(app_command(port), env={**os.environ, **fiftyone_env}, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        app_command(port),
+        env={**os.environ, **fiftyone_env},
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     shot = tmp_path / "fiftyone-app.png"
     try:
         deadline = time.time() + 120
@@ -137,10 +154,24 @@ def test_app_renders_in_headless_chromium(fiftyone_env, exported, tmp_path):
         # judged by the same check; the last one counts.
         for attempt in range(3):
             shot.unlink(missing_ok=True)
-            subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                            "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path / f'profile-{attempt}'}",
-                            f"--screenshot={shot}", "--window-size=1280,900", "--virtual-time-budget=15000", url],
-                           capture_output=True, timeout=180)
+            subprocess.run(
+                [
+                    "chromium",
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--no-first-run",
+                    f"--user-data-dir={tmp_path / f'profile-{attempt}'}",
+                    f"--screenshot={shot}",
+                    "--window-size=1280,900",
+                    "--virtual-time-budget=15000",
+                    url,
+                ],
+                capture_output=True,
+                timeout=180,
+            )
             if shot.is_file() and not _blank(np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)):
                 break
     finally:

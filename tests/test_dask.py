@@ -53,7 +53,9 @@ def test_two_dask_workers_make_the_same_dataset(tiny_params, tmp_path, tiny_back
 
     single = with_out(p, tmp_path / "gen-single")
     stages.generate_stage(single)
-    assert len(outs[1]) == 1 + (1 + 3 * 4) + (1 + 3 * 2)  # manifest; per shard records.json + image, mask, depth per sample
+    assert len(outs[1]) == 1 + (1 + 3 * 4) + (
+        1 + 3 * 2
+    )  # manifest; per shard records.json + image, mask, depth per sample
     assert outs[2] == outs[1]
     # The single process runs torch with more threads than a Dask worker: images, masks
     # and records are identical, but a depth value (exp of a float, in mm) can round

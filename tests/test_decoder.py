@@ -49,7 +49,11 @@ def test_training_lowers_the_loss_and_roundtrips(tiny_backbone, tiny_params, lab
     assert probs[0, 2].max() < 1e-3 and probs[1, 1].max() < 1e-3
     metrics = evaluate_decoder(tiny_backbone, loaded, labelled, tiny_params.backbone)
     for key in ("semantic", "semantic_unrestricted", "attention_only"):
-        assert 0 <= metrics[key]["mIoU"] <= 1 and set(metrics[key]["per_class_iou"]) == {"background", "circle", "square"}
+        assert 0 <= metrics[key]["mIoU"] <= 1 and set(metrics[key]["per_class_iou"]) == {
+            "background",
+            "circle",
+            "square",
+        }
     assert "depth" not in metrics and "keypoints" not in metrics
     assert 0 <= metrics["instances"]["AP"] <= 1 and metrics["instances"]["num_instances"] > 0
     f = metrics["filter"]
@@ -106,7 +110,9 @@ def test_keypoint_head_trains_and_is_evaluated(tiny_backbone, tiny_params, label
 def test_every_head_lowers_its_own_loss(tiny_backbone, tiny_params, labelled):
     _, stats = _train(tiny_backbone, tiny_params, labelled, 40, ("semantic", "depth", "keypoints"))
     for head in ("semantic", "depth", "keypoints"):
-        assert np.isfinite(stats[f"{head}_final_loss"]) and stats[f"{head}_final_loss"] < stats[f"{head}_first_loss"], head
+        assert (
+            np.isfinite(stats[f"{head}_final_loss"]) and stats[f"{head}_final_loss"] < stats[f"{head}_first_loss"]
+        ), head
 
 
 def test_miou_arithmetic():
@@ -117,7 +123,16 @@ def test_miou_arithmetic():
 
 
 def test_corrupt_decoder_checkpoint(tmp_path):
-    dec = PDecoder({"map_channels": [8], "classes": ["circle"], "channels": 16, "image_skip": False, "heads": ["semantic"], "image_size": 32})
+    dec = PDecoder(
+        {
+            "map_channels": [8],
+            "classes": ["circle"],
+            "channels": 16,
+            "image_skip": False,
+            "heads": ["semantic"],
+            "image_size": 32,
+        }
+    )
     dec.save(tmp_path / "dec")
     (tmp_path / "dec" / "decoder.safetensors").write_bytes(b"\x80\x04pickle")
     with pytest.raises(DatasetDMError, match="decoder.safetensors: not a readable safetensors file"):
@@ -134,7 +149,9 @@ def test_zero_shot_labels_name_only_prompted_classes(tiny_backbone, tiny_params,
     decoder, _ = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
     seen, unseen = tiny_params.world.classes, ("hexagon",)
     images = torch.rand(2, 3, 32, 32)
-    labels = zero_shot_labels(decoder, tiny_backbone, images, ["a red hexagon", "a blue square"], seen, unseen, 100, [1, 2])
+    labels = zero_shot_labels(
+        decoder, tiny_backbone, images, ["a red hexagon", "a blue square"], seen, unseen, 100, [1, 2]
+    )
     assert labels.shape == (2, 32, 32)
     assert set(labels[0].unique().tolist()) <= {0, 3}  # background or hexagon
     assert set(labels[1].unique().tolist()) <= {0, 2}  # background or square

@@ -42,10 +42,14 @@ def test_each_task_model_learns(sets):
     """A few dozen steps beat an untrained model on held-out images (semantic, depth) or lower the loss (keypoints)."""
     train, test = sets
     data = from_labelled(train)
-    untrained = {t: evaluate_model(t, train_model(t, [data], 3, 1, 8, 0.0, 0, width=8), test, WORLD.classes)
-                 for t in ("semantic", "depth")}
-    trained = {t: evaluate_model(t, train_model(t, [data], 3, 60, 8, 0.01, 0, width=8), test, WORLD.classes)
-               for t in ("semantic", "depth")}
+    untrained = {
+        t: evaluate_model(t, train_model(t, [data], 3, 1, 8, 0.0, 0, width=8), test, WORLD.classes)
+        for t in ("semantic", "depth")
+    }
+    trained = {
+        t: evaluate_model(t, train_model(t, [data], 3, 60, 8, 0.01, 0, width=8), test, WORLD.classes)
+        for t in ("semantic", "depth")
+    }
     assert trained["semantic"]["mIoU"] > untrained["semantic"]["mIoU"] + 0.2
     assert 0 <= trained["semantic"]["instances"]["AP"] <= 1
     assert trained["depth"]["abs_rel"] < untrained["depth"]["abs_rel"] - 0.2
@@ -96,7 +100,11 @@ def test_uplift_table_covers_every_task(exported):
     assert set(table["metrics"]) == {"semantic", "instances", "depth", "keypoints"}
     assert {"mIoU_real", "mIoU_synthetic", "mIoU_real+synthetic", "uplift"} <= set(table["metrics"]["semantic"])
     assert {"abs_rel_real", "abs_rel_real+synthetic", "abs_rel_reduction"} <= set(table["metrics"]["depth"])
-    assert len(table["plot"]) == 12 and {r["training data"] for r in table["plot"]} == {"real", "synthetic", "real+synthetic"}
+    assert len(table["plot"]) == 12 and {r["training data"] for r in table["plot"]} == {
+        "real",
+        "synthetic",
+        "real+synthetic",
+    }
     # A synthetic set without depth (a decoder without the depth head) leaves depth real-only.
     no_depth = dataclasses.replace(from_export(p.export.out), depth=None)
     partial = uplift_table(real, no_depth, test, p.world.classes, cfg)["metrics"]["depth"]
@@ -119,8 +127,12 @@ def test_seeds_give_mean_and_std_and_the_ceiling_row_what_it_recovers(exported):
 
 
 def test_uplift_stage_writes_its_own_metrics(exported):
-    p = dataclasses.replace(exported, downstream=dataclasses.replace(exported.downstream, steps=2, batch_size=4, width=8,
-                                                                        uplift_seeds=2, ceiling_images=6))
+    p = dataclasses.replace(
+        exported,
+        downstream=dataclasses.replace(
+            exported.downstream, steps=2, batch_size=4, width=8, uplift_seeds=2, ceiling_images=6
+        ),
+    )
     metrics = stages.STAGES["uplift"](p)
     written = json.loads(Path(p.downstream.uplift_out).read_text())
     assert written == json.loads(json.dumps(metrics)) and written["semantic"]["num_ceiling"] == 6

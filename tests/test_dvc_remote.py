@@ -20,8 +20,15 @@ from tests.dvc_repo import make_tiny_repo, run
 
 pytestmark = pytest.mark.slow
 
-CACHED_OUTS = ("data/real", "models/decoder", "data/prompts.json", "data/generated", "data/filtered.json",
-               "data/export", "data/curated")
+CACHED_OUTS = (
+    "data/real",
+    "models/decoder",
+    "data/prompts.json",
+    "data/generated",
+    "data/filtered.json",
+    "data/export",
+    "data/curated",
+)
 
 
 def hashes(root: Path) -> dict[str, str]:

@@ -15,7 +15,6 @@ from pycocotools.coco import COCO
 
 from tests.dvc_repo import make_tiny_repo, run
 
-
 pytestmark = pytest.mark.slow
 
 
@@ -31,10 +30,16 @@ def check_export(root: Path, num_samples: int) -> None:
     metrics = json.loads((root / "metrics/decoder.json").read_text())
     assert 0.0 <= metrics["semantic"]["mIoU"] <= 1.0
     audit = json.loads((root / "metrics/backbone.json").read_text())
-    assert {"single_object", "two_objects"} <= set(audit["prompt_fidelity"]) and 0 <= audit["label_agreement"]["mIoU"] <= 1
+    assert {"single_object", "two_objects"} <= set(audit["prompt_fidelity"]) and 0 <= audit["label_agreement"][
+        "mIoU"
+    ] <= 1
     assert audit["frechet"] >= 0 and (root / "reports/fidelity_grid.png").stat().st_size > 0
     report = (root / "reports/report.md").read_text()
-    assert report.startswith("#") and card["models"]["backbone"][:12] in report and f"{metrics['semantic']['mIoU']:.3f}" in report
+    assert (
+        report.startswith("#")
+        and card["models"]["backbone"][:12] in report
+        and f"{metrics['semantic']['mIoU']:.3f}" in report
+    )
 
 
 def test_prefect_flow_runs_the_factory(tiny_params_file, tmp_path):
@@ -60,8 +65,20 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
     run(root, "dvc", "config", "core.analytics", "false")
 
     first = run(root, "dvc", "repro")
-    assert {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate", "evaluate", "inspect",
-            "downstream", "uplift", "report"} <= stages_run(first)
+    assert {
+        "real-data",
+        "train-decoder",
+        "expand-prompts",
+        "generate",
+        "filter",
+        "export",
+        "curate",
+        "evaluate",
+        "inspect",
+        "downstream",
+        "uplift",
+        "report",
+    } <= stages_run(first)
     check_export(root, 6)
 
     again = run(root, "dvc", "repro")
@@ -70,5 +87,14 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
     raw["generate"]["num_samples"] = 5
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     third = run(root, "dvc", "repro")
-    assert stages_run(third) == {"generate", "filter", "export", "curate", "inspect", "downstream", "uplift", "report"}, third
+    assert stages_run(third) == {
+        "generate",
+        "filter",
+        "export",
+        "curate",
+        "inspect",
+        "downstream",
+        "uplift",
+        "report",
+    }, third
     check_export(root, 5)

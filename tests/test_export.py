@@ -29,7 +29,7 @@ def _semantic(rng: np.random.Generator) -> np.ndarray:
     for _ in range(rng.integers(1, 4)):
         y, x = rng.integers(0, SIZE - 4, size=2)
         h, w = rng.integers(3, 16, size=2)
-        sem[y:y + h, x:x + w] = rng.integers(1, len(CLASSES) + 1)
+        sem[y : y + h, x : x + w] = rng.integers(1, len(CLASSES) + 1)
     return sem
 
 
@@ -59,15 +59,39 @@ def gen(tmp_path: Path) -> dict:
             Image.fromarray(image).save(gen_dir / name / "images" / f"{sid}.png")
             Image.fromarray(sem).save(gen_dir / name / "semantic" / f"{sid}.png")
             truth[sid] = (image, sem)
-            records.append({"id": sid, "prompt": f"a red circle and two blue squares number {sid}", "seed": 100 + 3 * k + j,
-                            "image": f"images/{sid}.png", "semantic": f"semantic/{sid}.png", "backbone": "b" * 64,
-                            "decoder": "d" * 64, "scheduler": "DDIMScheduler", "steps": 20, "guidance_scale": 3.0})
-            filtered.append({"id": sid, "shard": name, "score": round(0.5 + 0.05 * (3 * k + j), 3),
-                             "components": {"confidence": 0.9}, "kept": (name, sid) != DROPPED})
+            records.append(
+                {
+                    "id": sid,
+                    "prompt": f"a red circle and two blue squares number {sid}",
+                    "seed": 100 + 3 * k + j,
+                    "image": f"images/{sid}.png",
+                    "semantic": f"semantic/{sid}.png",
+                    "backbone": "b" * 64,
+                    "decoder": "d" * 64,
+                    "scheduler": "DDIMScheduler",
+                    "steps": 20,
+                    "guidance_scale": 3.0,
+                }
+            )
+            filtered.append(
+                {
+                    "id": sid,
+                    "shard": name,
+                    "score": round(0.5 + 0.05 * (3 * k + j), 3),
+                    "components": {"confidence": 0.9},
+                    "kept": (name, sid) != DROPPED,
+                }
+            )
         (gen_dir / name / "records.json").write_text(json.dumps(records))
         shards.append({"name": name, "sha256": sha256_dir(gen_dir / name), "num_samples": 3})
-    manifest = {"classes": CLASSES, "image_size": SIZE, "backbone": "b" * 64, "decoder": "d" * 64, "shards": shards,
-                "params": {"generate": {"seed": 0}}}
+    manifest = {
+        "classes": CLASSES,
+        "image_size": SIZE,
+        "backbone": "b" * 64,
+        "decoder": "d" * 64,
+        "shards": shards,
+        "params": {"generate": {"seed": 0}},
+    }
     (gen_dir / "manifest.json").write_text(json.dumps(manifest))
     filtered_json = tmp_path / "filtered.json"
     filtered_json.write_text(json.dumps({"min_score": 0.5, "samples": filtered}))
@@ -99,7 +123,9 @@ def test_export_round_trips_through_coco_and_voc(gen: dict) -> None:
         image, sem = gen["truth"][sid]
         rebuilt = np.zeros_like(sem)
         anns = coco.loadAnns(coco.getAnnIds(imgIds=info["id"]))
-        assert {a["category_id"] for a in anns} == set(np.unique(sem).tolist()) - {0}  # one or more instances per class
+        assert {a["category_id"] for a in anns} == set(np.unique(sem).tolist()) - {
+            0
+        }  # one or more instances per class
         for ann in anns:
             rebuilt[coco.annToMask(ann) > 0] = ann["category_id"]
         np.testing.assert_array_equal(rebuilt, sem)
@@ -118,10 +144,17 @@ def test_export_round_trips_through_coco_and_voc(gen: dict) -> None:
     for k, name in enumerate(CLASSES, start=1):
         assert card["class_histogram"][name]["images"] == sum(int((m == k).any()) for m in masks)
         assert card["class_histogram"][name]["pixel_fraction"] == pytest.approx(
-            sum(int((m == k).sum()) for m in masks) / (len(masks) * SIZE * SIZE), abs=1e-6)
+            sum(int((m == k).sum()) for m in masks) / (len(masks) * SIZE * SIZE), abs=1e-6
+        )
     assert card["models"] == {"backbone": "b" * 64, "decoder": "d" * 64}
-    assert card["reproduce"] == {"scheduler": "DDIMScheduler", "steps": 20, "guidance_scale": 3.0, "feature_timestep": None,
-                                 "seeds": {"min": 100, "max": 105}, "prompts": 6}
+    assert card["reproduce"] == {
+        "scheduler": "DDIMScheduler",
+        "steps": 20,
+        "guidance_scale": 3.0,
+        "feature_timestep": None,
+        "seeds": {"min": 100, "max": 105},
+        "prompts": 6,
+    }
     assert card["params"] == {"export": {"grid_samples": 5}}
     assert set(card["files"]) == {"annotations.json", "images", "masks", "grid.png"}
 
@@ -166,6 +199,7 @@ def _bad_json(path_in_gen: str):
         path = g["filtered"] if path_in_gen == "filtered.json" else g["gen"] / path_in_gen
         path.write_text('{"classes": [')
         return path
+
     return corrupt
 
 
@@ -209,6 +243,7 @@ def _depth_png(array: np.ndarray):
         Image.fromarray(array).save(path)
         _record_extra(g, depth="depth/000000.png")
         return path
+
     return corrupt
 
 
@@ -220,19 +255,22 @@ def _bad_peaks(g: dict) -> Path:
     return _record_extra(g, keypoints={"centre": [[1, 2]], "corner": []})
 
 
-@pytest.mark.parametrize(("corrupt", "field"), [
-    (_depth_png(np.full((SIZE, SIZE), 7, np.uint8)), "mode"),
-    (_depth_png(np.full((SIZE // 2, SIZE), 3000, np.uint16)), "size"),
-    (_missing_depth, r"\[0\]\.depth"),
-    (_bad_peaks, r"\[0\]\.keypoints\.centre"),
-    (_bad_json("manifest.json"), "line 1"),
-    (_bad_json("shard-00000/records.json"), "line 1"),
-    (_bad_json("filtered.json"), "line 1"),
-    (_missing_image, r"\[2\]\.image"),
-    (_small_mask, "size"),
-    (_class_out_of_range, "pixel values"),
-    (_unknown_sample, r"samples\[0\]"),
-])
+@pytest.mark.parametrize(
+    ("corrupt", "field"),
+    [
+        (_depth_png(np.full((SIZE, SIZE), 7, np.uint8)), "mode"),
+        (_depth_png(np.full((SIZE // 2, SIZE), 3000, np.uint16)), "size"),
+        (_missing_depth, r"\[0\]\.depth"),
+        (_bad_peaks, r"\[0\]\.keypoints\.centre"),
+        (_bad_json("manifest.json"), "line 1"),
+        (_bad_json("shard-00000/records.json"), "line 1"),
+        (_bad_json("filtered.json"), "line 1"),
+        (_missing_image, r"\[2\]\.image"),
+        (_small_mask, "size"),
+        (_class_out_of_range, "pixel values"),
+        (_unknown_sample, r"samples\[0\]"),
+    ],
+)
 def test_malformed_inputs_name_file_and_field_and_write_nothing(gen: dict, corrupt, field: str) -> None:
     path = corrupt(gen)
     if gen["gen"] in path.parents and path.parent != gen["gen"]:
@@ -251,7 +289,9 @@ def test_coco_annotations_area_bbox_and_order() -> None:
     sem[4, 0] = 3
     anns = semantic_to_coco_annotations(sem, image_id=7, classes=CLASSES, start_ann_id=10)
     assert [(a["id"], a["category_id"], a["area"], a["bbox"]) for a in anns] == [
-        (10, 2, 8.0, [2.0, 1.0, 4.0, 2.0]), (11, 3, 1.0, [0.0, 4.0, 1.0, 1.0])]
+        (10, 2, 8.0, [2.0, 1.0, 4.0, 2.0]),
+        (11, 3, 1.0, [0.0, 4.0, 1.0, 1.0]),
+    ]
     assert all(a["image_id"] == 7 and a["iscrowd"] == 0 and isinstance(a["segmentation"]["counts"], str) for a in anns)
     with pytest.raises(ValueError):
         semantic_to_coco_annotations(np.full((2, 2), 4, np.uint8), 1, CLASSES, 1)

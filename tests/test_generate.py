@@ -4,12 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from pycocotools.coco import COCO
 
 from datasetdm import stages
 from datasetdm.errors import DatasetDMError
-import torch
-
 from datasetdm.filtering import filter_samples, quality_components, quality_score, remove_speckle
 from datasetdm.generate import generate, plan_samples, read_records
 
@@ -60,7 +59,10 @@ def test_resume_reuses_finished_shards(trained):
 
 
 def test_filter_threshold():
-    recs = [{"id": str(i), "shard": "s", "quality": {"confidence": q, "classes": q, "agreement": q}} for i, q in enumerate([0.2, 0.9])]
+    recs = [
+        {"id": str(i), "shard": "s", "quality": {"confidence": q, "classes": q, "agreement": q}}
+        for i, q in enumerate([0.2, 0.9])
+    ]
     out = filter_samples(recs, 0.5)
     assert [s["kept"] for s in out["samples"]] == [False, True]
     assert out["kept"] == 1 and quality_score(recs[1]["quality"]) == pytest.approx(0.9)
@@ -92,12 +94,28 @@ def test_speckle_is_not_an_object():
 
 def test_prompt_the_tokenizer_cannot_encode_names_the_file_and_index(trained, tiny_backbone):
     from datasetdm.decoder.model import PDecoder
+
     decoder = PDecoder.load(trained.decoder.out)
     with pytest.raises(DatasetDMError, match=r"prompts.json: prompts\[1\]: .*cannot encode"):
-        generate(tiny_backbone, decoder, ["a red circle", "a red circle $$"], trained.generate, trained.backbone,
-                 trained.generate.out, prompts_source="prompts.json")
+        generate(
+            tiny_backbone,
+            decoder,
+            ["a red circle", "a red circle $$"],
+            trained.generate,
+            trained.backbone,
+            trained.generate.out,
+            prompts_source="prompts.json",
+        )
     with pytest.raises(DatasetDMError, match=r"prompts\[0\]: .* names no class"):
-        generate(tiny_backbone, decoder, ["a red star"], trained.generate, trained.backbone, trained.generate.out, prompts_source="prompts.json")
+        generate(
+            tiny_backbone,
+            decoder,
+            ["a red star"],
+            trained.generate,
+            trained.backbone,
+            trained.generate.out,
+            prompts_source="prompts.json",
+        )
 
 
 def test_speckle_takes_the_label_around_it():
@@ -113,7 +131,8 @@ def test_speckle_takes_the_label_around_it():
 
 
 def test_img2img_keeps_the_layout_and_filter_is_measured_on_it(tiny_backbone, tiny_params):
-    """Regeneration from a known image stays nearer to it at low strength; the measurement reports kept/dropped agreement."""
+    """Regeneration from a known image stays nearer to it at low strength; the measurement reports kept/dropped
+    agreement."""
     import torch
 
     from datasetdm.decoder.train import train_decoder
@@ -126,7 +145,9 @@ def test_img2img_keeps_the_layout_and_filter_is_measured_on_it(tiny_backbone, ti
     bb = tiny_params.backbone
     with torch.no_grad():  # a random-weight VAE cannot reproduce the image: compare with its own reconstruction
         vae = tiny_backbone.vae
-        recon = (vae.decode(tiny_backbone._encode(init) / vae.config.scaling_factor, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+        recon = (
+            vae.decode(tiny_backbone._encode(init) / vae.config.scaling_factor, return_dict=False)[0] / 2 + 0.5
+        ).clamp(0, 1)
     near, _ = tiny_backbone.sample([scene.caption], [1], 10, bb.guidance_scale, None, init_images=init, strength=0.1)
     far, _ = tiny_backbone.sample([scene.caption], [1], 10, bb.guidance_scale, None, init_images=init, strength=1.0)
     assert (near - recon).abs().mean() < (far - recon).abs().mean()
@@ -134,8 +155,13 @@ def test_img2img_keeps_the_layout_and_filter_is_measured_on_it(tiny_backbone, ti
         tiny_backbone.sample([scene.caption], [1], 10, bb.guidance_scale, None, init_images=init, strength=0.0)
 
     write_real_set(tiny_params.world, tiny_params.real.dir, 4, seed=1)
-    decoder, _ = train_decoder(tiny_backbone, load_real_set(tiny_params.real.dir, tiny_params.world.classes),
-                               tiny_params.world.classes, tiny_params.decoder, bb)
+    decoder, _ = train_decoder(
+        tiny_backbone,
+        load_real_set(tiny_params.real.dir, tiny_params.world.classes),
+        tiny_params.world.classes,
+        tiny_params.decoder,
+        bb,
+    )
     result = filter_on_regenerated(tiny_backbone, decoder, tiny_params.world, bb, 0.0, 5, 700000, 0.6, batch_size=2)
     assert result["num_images"] == 5 and result["kept_fraction"] == 1.0 and result["image_mIoU_dropped"] is None
     assert 0 <= result["image_mIoU_all"] <= 1 and result["image_mIoU_kept"] == result["image_mIoU_all"]

@@ -15,16 +15,21 @@ from datasetdm.evaluate.inspector import Inspector, render_set, train_inspector
 from datasetdm.worlds.shapes import render_scene
 from tests.conftest import build_tiny_inspector
 
-WORLD = WorldConfig(image_size=64, classes=("circle", "square", "triangle", "star"), colours=("red", "green", "blue", "yellow"))
+WORLD = WorldConfig(
+    image_size=64, classes=("circle", "square", "triangle", "star"), colours=("red", "green", "blue", "yellow")
+)
 
 
 def test_reading_true_labels_recovers_the_scene_objects():
-    """Given exact masks, shape, colour and count come out right for nearly every scene (occlusion can split or hide one)."""
+    """Given exact masks, shape, colour and count come out right for nearly every scene (occlusion can split or hide
+    one)."""
     reader = Inspector(build_tiny_inspector().model, WORLD.classes, WORLD.colours, min_area=12)
     exact = []
     for seed in range(60):
         scene = render_scene(WORLD, 4242 + seed)
-        exact.append(reader.read_objects(scene.image, scene.semantic) == Counter((o.shape, o.colour) for o in scene.objects))
+        exact.append(
+            reader.read_objects(scene.image, scene.semantic) == Counter((o.shape, o.colour) for o in scene.objects)
+        )
     assert np.mean(exact) >= 0.85
 
 
@@ -67,10 +72,13 @@ def test_frechet_distance_is_zero_for_one_distribution_and_grows_with_a_shift():
 
 def test_fidelity_layouts_cover_every_shape_and_colour_once_per_cycle():
     singles = fidelity_layouts(("circle", "star"), ("red", "blue"), 8, 1, 0)
-    assert Counter(tuple(lay[0]) for lay in singles) == Counter({p: 2 for p in [("circle", "red"), ("circle", "blue"),
-                                                                                  ("star", "red"), ("star", "blue")]})
+    assert Counter(tuple(lay[0]) for lay in singles) == Counter(
+        {p: 2 for p in [("circle", "red"), ("circle", "blue"), ("star", "red"), ("star", "blue")]}
+    )
     pairs = fidelity_layouts(("circle", "star"), ("red", "blue"), 5, 2, 0)
-    assert all(len(lay) == 2 for lay in pairs) and pairs == fidelity_layouts(("circle", "star"), ("red", "blue"), 5, 2, 0)
+    assert all(len(lay) == 2 for lay in pairs) and pairs == fidelity_layouts(
+        ("circle", "star"), ("red", "blue"), 5, 2, 0
+    )
 
 
 def test_prompt_fidelity_of_rendered_scenes_with_an_oracle_reader():

@@ -6,7 +6,14 @@ import torch
 
 from datasetdm.config import WorldConfig
 from datasetdm.evaluate.keypoints import KeypointAP
-from datasetdm.keypoints import find_peaks, focal_loss, group_keypoints, gt_keypoints, predict_keypoints, render_heatmaps
+from datasetdm.keypoints import (
+    find_peaks,
+    focal_loss,
+    group_keypoints,
+    gt_keypoints,
+    predict_keypoints,
+    render_heatmaps,
+)
 from datasetdm.worlds.shapes import render_scene
 
 WORLD = WorldConfig(image_size=64, classes=("circle", "square", "triangle", "star"), max_objects=3)
@@ -73,12 +80,15 @@ def test_corner_order_counts_up_to_a_cyclic_shift():
 
 
 def test_predicted_keypoints_from_true_heatmaps_score_high():
-    """Decoding the exact heatmaps through the true instance masks: the grouping's ceiling (0.79 measured on 60 scenes)."""
+    """Decoding the exact heatmaps through the true instance masks: the grouping's ceiling (0.79 measured on 60
+    scenes)."""
     ap = KeypointAP(WORLD.classes)
     for seed in range(20):
         scene, truth = _scene_truth(seed)
         heat = render_heatmaps(scene.keypoints, scene.semantic.shape)
-        instances = [(1 + WORLD.classes.index(o.shape), m, 1.0) for o, m in zip(scene.objects, scene.instances) if m.any()]
+        instances = [
+            (1 + WORLD.classes.index(o.shape), m, 1.0) for o, m in zip(scene.objects, scene.instances) if m.any()
+        ]
         ap.update(seed, (64, 64), truth, predict_keypoints(instances, heat, WORLD.classes))
     assert ap.result()["AP"] > 0.7
 
@@ -92,7 +102,8 @@ def test_focal_loss_prefers_the_right_heatmap():
 
 
 def test_generated_export_carries_keypoints_and_depth_that_load_back(tiny_params):
-    """The factory's export: COCO keypoints that pycocotools loads and scores (against itself: AP 1), 16-bit depth with its scale."""
+    """The factory's export: COCO keypoints that pycocotools loads and scores (against itself: AP 1), 16-bit depth with
+    its scale."""
     import contextlib
     import io
     import json
@@ -115,8 +126,11 @@ def test_generated_export_carries_keypoints_and_depth_that_load_back(tiny_params
     assert anns and all(len(a["keypoints"]) == 3 * len(coco.cats[a["category_id"]]["keypoints"]) for a in anns)
     assert all(a["num_keypoints"] == sum(v > 0 for v in a["keypoints"][2::3]) for a in anns)
     k = max(coco.getCatIds(), key=lambda c: sum(a["num_keypoints"] > 0 for a in anns if a["category_id"] == c))
-    dts = [{"image_id": a["image_id"], "category_id": k, "keypoints": a["keypoints"], "score": 1.0}
-           for a in anns if a["category_id"] == k]
+    dts = [
+        {"image_id": a["image_id"], "category_id": k, "keypoints": a["keypoints"], "score": 1.0}
+        for a in anns
+        if a["category_id"] == k
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         ev = SymmetricKeypointEval(coco, coco.loadRes(dts), iouType="keypoints")
         ev.params.catIds = [k]

@@ -1,4 +1,5 @@
-"""Pretraining the embedded miniature Stable Diffusion: a real diffusers pipeline folder, resumable to the same weights."""
+"""Pretraining the embedded miniature Stable Diffusion: a real diffusers pipeline folder, resumable to the same
+weights."""
 
 from __future__ import annotations
 
@@ -17,9 +18,19 @@ pytestmark = pytest.mark.slow
 
 
 def tiny_pretrain(tmp_path: Path, name: str, **over) -> dict:
-    cfg = {"out": str(tmp_path / name / "mini-sd"), "pool_size": 48, "steps": 6, "batch_size": 4, "checkpoint_every": 3,
-           "block_out_channels": [48, 32, 32], "text_dim": 16, "text_layers": 1, "max_length": 16,
-           "vae": {"steps": 4, "batch_size": 4, "block_out_channels": [16, 16, 16], "decoder_steps": 3}, **over}
+    cfg = {
+        "out": str(tmp_path / name / "mini-sd"),
+        "pool_size": 48,
+        "steps": 6,
+        "batch_size": 4,
+        "checkpoint_every": 3,
+        "block_out_channels": [48, 32, 32],
+        "text_dim": 16,
+        "text_layers": 1,
+        "max_length": 16,
+        "vae": {"steps": 4, "batch_size": 4, "block_out_channels": [16, 16, 16], "decoder_steps": 3},
+        **over,
+    }
     return {"world": {"image_size": 32}, "pretrain": cfg}
 
 
@@ -34,8 +45,14 @@ def test_pretrain_writes_a_pipeline_stable_diffusion_loads(tmp_path):
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert pipe.vae.config.scaling_factor == pytest.approx(result["scaling_factor"])
-    image = pipe("a red circle", num_inference_steps=2, height=32, width=32, output_type="np",
-                 generator=torch.Generator().manual_seed(0)).images
+    image = pipe(
+        "a red circle",
+        num_inference_steps=2,
+        height=32,
+        width=32,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert image.shape == (1, 32, 32, 3)
     backbone = StableDiffusionBackbone.load(str(out))  # and the factory's own loader
     images, features = backbone.sample(["a blue star"], [1], steps=2, guidance_scale=2.0, capture_timestep=500)

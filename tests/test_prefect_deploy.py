@@ -31,19 +31,28 @@ def free_port() -> int:
 @pytest.fixture
 def prefect_stack(tmp_path):
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_PORT": str(port),
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "FIFTYONE_DATABASE_DIR": str(tmp_path / "fiftyone-db"), "FIFTYONE_DO_NOT_TRACK": "true",
-           "FIFTYONE_DATABASE_VALIDATION": "false", "PYTHON": sys.executable,
-           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "PREFECT_PORT": str(port),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "FIFTYONE_DATABASE_DIR": str(tmp_path / "fiftyone-db"),
+        "FIFTYONE_DO_NOT_TRACK": "true",
+        "FIFTYONE_DATABASE_VALIDATION": "false",
+        "PYTHON": sys.executable,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     try:
-        up = subprocess.run([str(REPO / "scripts/prefect_up.sh")], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=400)
+        up = subprocess.run(
+            [str(REPO / "scripts/prefect_up.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+        )
         assert up.returncode == 0, up.stdout + up.stderr
         yield env
     finally:
-        down = subprocess.run([str(REPO / "scripts/prefect_down.sh")], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=120)
+        down = subprocess.run(
+            [str(REPO / "scripts/prefect_down.sh")], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+        )
         print(down.stdout, down.stderr)
         for name in ("server", "worker"):
             log = tmp_path / "prefect-home/run" / f"{name}.log"
@@ -52,8 +61,14 @@ def prefect_stack(tmp_path):
 
 
 def prefect(env: dict, *args: str, timeout: int = 120) -> str:
-    proc = subprocess.run([str(BIN / "prefect"), *args], cwd=REPO, env={**env, "COLUMNS": "250"}, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [str(BIN / "prefect"), *args],
+        cwd=REPO,
+        env={**env, "COLUMNS": "250"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -62,12 +77,30 @@ def prefect(env: dict, *args: str, timeout: int = 120) -> str:
 def test_deployment_runs_the_factory_through_a_worker(prefect_stack, tiny_params_file, tmp_path):
     env = prefect_stack
     deployments = prefect(env, "deployment", "ls")
-    for name in ("factory/default", "factory/nightly-regeneration", "train-decoder/default", "expand-prompts/default",
-                 "generate/default", "filter/default", "export/default", "curate/default"):
+    for name in (
+        "factory/default",
+        "factory/nightly-regeneration",
+        "train-decoder/default",
+        "expand-prompts/default",
+        "generate/default",
+        "filter/default",
+        "export/default",
+        "curate/default",
+    ):
         assert name in deployments, deployments
 
-    prefect(env, "deployment", "run", "factory/default", "--param", f"params_path={tiny_params_file}",
-            "--watch", "--watch-timeout", "900", timeout=960)
+    prefect(
+        env,
+        "deployment",
+        "run",
+        "factory/default",
+        "--param",
+        f"params_path={tiny_params_file}",
+        "--watch",
+        "--watch-timeout",
+        "900",
+        timeout=960,
+    )
     runs = prefect(env, "flow-run", "ls")
     assert "COMPLETED" in runs.upper(), runs
     card = json.loads((tmp_path / "data/export/dataset.json").read_text())
@@ -75,14 +108,35 @@ def test_deployment_runs_the_factory_through_a_worker(prefect_stack, tiny_params
     assert (tmp_path / "data/curated/curation.json").is_file()
 
     # Run again: every stage's inputs are unchanged, so every stage task is a cache hit.
-    prefect(env, "deployment", "run", "factory/default", "--param", f"params_path={tiny_params_file}",
-            "--watch", "--watch-timeout", "600", timeout=660)
+    prefect(
+        env,
+        "deployment",
+        "run",
+        "factory/default",
+        "--param",
+        f"params_path={tiny_params_file}",
+        "--watch",
+        "--watch-timeout",
+        "600",
+        timeout=660,
+    )
     log = (Path(env["PREFECT_HOME"]) / "run/worker.log").read_text()
     for stage in ("train-decoder", "generate", "export", "curate"):
         assert f"Task run '{stage}-" in log
     cached = set(re.findall(r"Task run '([a-z-]+)-[0-9a-f]+' - Finished in state Cached", log))
-    assert cached == {"real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate",
-                      "evaluate", "inspect", "downstream", "report"}, cached
+    assert cached == {
+        "real-data",
+        "train-decoder",
+        "expand-prompts",
+        "generate",
+        "filter",
+        "export",
+        "curate",
+        "evaluate",
+        "inspect",
+        "downstream",
+        "report",
+    }, cached
 
     report = prefect(env, "artifact", "inspect", "factory-report")
     assert "datasetdm factory run" in report and "mIoU" in report, report

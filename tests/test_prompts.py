@@ -28,5 +28,7 @@ def test_balanced_over_object_counts_and_only_world_words():
 
 
 def test_templates_wrap_the_caption():
-    records = expand_prompts(WORLD, PromptsConfig(num_prompts=4, max_objects=1, templates=("{objects}", "and {objects}")))
+    records = expand_prompts(
+        WORLD, PromptsConfig(num_prompts=4, max_objects=1, templates=("{objects}", "and {objects}"))
+    )
     assert any(r["prompt"].startswith("and ") for r in records)

@@ -67,7 +67,9 @@ def test_pycocotools_reads_the_annotations(written: Path) -> None:
         for ann, mask, name in zip(anns, item.instance_masks, item.instance_classes):
             assert np.array_equal(coco.annToMask(ann).astype(bool), mask)
             assert coco.loadCats(ann["category_id"])[0]["name"] == name
-            assert ann["area"] == mask.sum() and ann["num_keypoints"] == int((np.array(ann["keypoints"][2::3]) > 0).sum())
+            assert ann["area"] == mask.sum() and ann["num_keypoints"] == int(
+                (np.array(ann["keypoints"][2::3]) > 0).sum()
+            )
     cat = coco.loadCats(coco.getCatIds(catNms=["star"]))[0]
     assert cat["keypoints"][0] == "centre" and cat["skeleton"] == [[1, k] for k in range(2, 7)]
     info = json.loads((written / "annotations.json").read_text())["info"]
@@ -159,7 +161,9 @@ def test_split_dirs() -> None:
     assert real_set_split_dirs("data/real") == (Path("data/real/train"), Path("data/real/test"))
 
 
-def test_failed_write_leaves_previous_set_intact(written: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_leaves_previous_set_intact(
+    written: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = Path(shutil.copytree(written, tmp_path / "real" / "train"))
     before = sha256_dir(out)
     calls = []
@@ -194,6 +198,7 @@ def _edit(change: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
         coco = json.loads(path.read_text())
         change(coco)
         path.write_text(json.dumps(coco, indent=1))
+
     return apply
 
 
@@ -225,6 +230,7 @@ def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
         for p in parents:
             obj = obj[int(p)] if p.isdigit() else obj[p]
         obj[int(last) if last.isdigit() else last] = value
+
     return change
 
 
@@ -236,6 +242,7 @@ def _drop(path: str) -> Callable[[dict[str, Any]], None]:
         for p in parents:
             obj = obj[int(p)] if p.isdigit() else obj[p]
         del obj[last]
+
     return change
 
 
@@ -256,18 +263,60 @@ MALFORMED = [
     ("image id not int", _edit(_set("images.1.id", "1")), ANN, "images[1].id", "integer"),
     ("duplicate image id", _edit(_set("images.1.id", 0)), ANN, "images[1].id", "duplicate"),
     ("bad keypoints", _edit(_set("annotations.0.keypoints", [1, 2])), ANN, "annotations[0].keypoints", "numbers"),
-    ("unknown category name", _edit(_set("categories.1.name", "hexagon")), ANN, "categories[1].name", "known: circle, square"),
-    ("unknown category id", _edit(_set("annotations.0.category_id", 9)), ANN, "annotations[0].category_id", "unknown category id 9"),
-    ("unknown image id", _edit(_set("annotations.0.image_id", 99)), ANN, "annotations[0].image_id", "unknown image id 99"),
-    ("keypoint count", _edit(_set("annotations.0.keypoints", [1.0, 2.0, 2] * 9)), ANN, "annotations[0].keypoints", "declares"),
+    (
+        "unknown category name",
+        _edit(_set("categories.1.name", "hexagon")),
+        ANN,
+        "categories[1].name",
+        "known: circle, square",
+    ),
+    (
+        "unknown category id",
+        _edit(_set("annotations.0.category_id", 9)),
+        ANN,
+        "annotations[0].category_id",
+        "unknown category id 9",
+    ),
+    (
+        "unknown image id",
+        _edit(_set("annotations.0.image_id", 99)),
+        ANN,
+        "annotations[0].image_id",
+        "unknown image id 99",
+    ),
+    (
+        "keypoint count",
+        _edit(_set("annotations.0.keypoints", [1.0, 2.0, 2] * 9)),
+        ANN,
+        "annotations[0].keypoints",
+        "declares",
+    ),
     ("corrupt image", _write("images/000001.png", b"not a png at all"), ANN, "images[1].file_name", "000001.png"),
     ("missing image", lambda d: (d / "images" / "000002.png").unlink(), ANN, "images[2].file_name", "not found"),
     ("missing caption", _edit(_drop("images.0.caption")), ANN, "images[0].caption", "missing"),
     ("mask size", _edit(_small_rle), ANN, "annotations[0].segmentation", "16x16 differs from image size 32x32"),
-    ("rle garbage", _edit(_set("annotations.0.segmentation.counts", "\u00e9\u00e9")), ANN, "annotations[0].segmentation", "alphabet"),
+    (
+        "rle garbage",
+        _edit(_set("annotations.0.segmentation.counts", "\u00e9\u00e9")),
+        ANN,
+        "annotations[0].segmentation",
+        "alphabet",
+    ),
     ("rle too long", _edit(_long_rle), ANN, "annotations[0].segmentation", "invalid RLE"),
-    ("uncompressed rle short", _edit(_set("annotations.0.segmentation.counts", [3, 4])), ANN, "annotations[0].segmentation", "summing to 1024"),
-    ("bad polygon", _edit(_set("annotations.0.segmentation", [[1, 2, 3, 4]])), ANN, "annotations[0].segmentation", "polygons"),
+    (
+        "uncompressed rle short",
+        _edit(_set("annotations.0.segmentation.counts", [3, 4])),
+        ANN,
+        "annotations[0].segmentation",
+        "summing to 1024",
+    ),
+    (
+        "bad polygon",
+        _edit(_set("annotations.0.segmentation", [[1, 2, 3, 4]])),
+        ANN,
+        "annotations[0].segmentation",
+        "polygons",
+    ),
     ("width", _edit(_set("images.0.width", 64)), ANN, "images[0].width", "is 64"),
     ("empty set", _edit(_empty), ANN, "images", "no images"),
     ("depth size", _small_depth, ANN, "images[0].depth_file", "differs"),
@@ -276,8 +325,12 @@ MALFORMED = [
 ]
 
 
-@pytest.mark.parametrize(("breaker", "file", "field", "words"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED])
-def test_malformed_set_is_one_line_error(set_copy: Path, breaker: Callable[[Path], None], file: str, field: str, words: str) -> None:
+@pytest.mark.parametrize(
+    ("breaker", "file", "field", "words"), [m[1:] for m in MALFORMED], ids=[m[0] for m in MALFORMED]
+)
+def test_malformed_set_is_one_line_error(
+    set_copy: Path, breaker: Callable[[Path], None], file: str, field: str, words: str
+) -> None:
     breaker(set_copy)
     with pytest.raises(DatasetDMError) as caught:
         load_real_set(set_copy, ("circle", "square", "triangle", "star"))

@@ -71,8 +71,13 @@ def manifest_tells_the_truth(gen_dir: Path) -> bool:
 
 
 def generate_cli(params_file: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "datasetdm", "generate", "--params", str(params_file)], cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "datasetdm", "generate", "--params", str(params_file)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def temporaries(gen_dir: Path) -> set[Path]:
@@ -190,8 +195,8 @@ def _depth_apart(files: dict[str, bytes]) -> tuple[dict[str, bytes], dict[str, n
 
 def test_same_params_give_identical_bytes_across_runs_and_batch_sizes(trained):
     """Same batch size: every byte identical. Other batch sizes: masks, COCO JSON and the card's samples
-    identical, image pixels within 1 level and depth within 1 mm (CPU kernels pick other algorithms for other batch shapes, which
-    moves depth and the filter's float scores in their last bits)."""
+    identical, image pixels within 1 level and depth within 1 mm (CPU kernels pick other algorithms for
+    other batch shapes, which moves depth and the filter's float scores in their last bits)."""
     root, raw = trained
     runs = {}
     for name, batch in (("b2-first", 2), ("b2-again", 2), ("b4", 4), ("b3", 3)):  # 3 splits a shard of 4 as 3 + 1
@@ -213,12 +218,17 @@ def test_same_params_give_identical_bytes_across_runs_and_batch_sizes(trained):
             continue
         assert card["counts"] == reference_card["counts"] and card["samples"] == reference_card["samples"], name
         exact = [k for k in reference_export if k.startswith("masks/") or k == "annotations.json"]
-        assert exact and all(export[k] == reference_export[k] for k in exact), (name, [k for k in exact if export[k] != reference_export[k]])
+        assert exact and all(export[k] == reference_export[k] for k in exact), (
+            name,
+            [k for k in exact if export[k] != reference_export[k]],
+        )
         for k in (k for k in reference_export if k.startswith("images/")):
             a, b = (np.asarray(Image.open(io.BytesIO(f[k]))).astype(np.int64) for f in (export, reference_export))
             assert np.abs(a - b).max() <= 1, (name, k, int(np.abs(a - b).max()))
         depth, ref_depth = _depth_apart(export)[1], _depth_apart(reference_export)[1]
-        assert depth.keys() == ref_depth.keys() and all(np.abs(depth[k] - ref_depth[k]).max() <= 1 for k in depth), name
+        assert depth.keys() == ref_depth.keys() and all(np.abs(depth[k] - ref_depth[k]).max() <= 1 for k in depth), (
+            name
+        )
 
 
 def test_the_card_is_enough_to_reproduce_a_sample(trained):
@@ -238,8 +248,11 @@ def test_the_card_is_enough_to_reproduce_a_sample(trained):
     decoder = stages.load_decoder(params, backbone)
     assert card["models"] == {"backbone": backbone.fingerprint(), "decoder": decoder.fingerprint()}
     sample = [s for s in card["samples"] if s["kept"]][-1]
-    bb = BackboneConfig(steps=reproduce["steps"], guidance_scale=reproduce["guidance_scale"],
-                        feature_timestep=reproduce["feature_timestep"])
+    bb = BackboneConfig(
+        steps=reproduce["steps"],
+        guidance_scale=reproduce["guidance_scale"],
+        feature_timestep=reproduce["feature_timestep"],
+    )
     made = annotate_batch(backbone, decoder, [sample["prompt"]], [sample["seed"]], tuple(card["classes"]), bb)
     pixels, labels = made.pixels, made.labels
     with Image.open(out / "images" / f"{sample['id']}.png") as im:
@@ -247,7 +260,9 @@ def test_the_card_is_enough_to_reproduce_a_sample(trained):
     with Image.open(out / "masks" / f"{sample['id']}.png") as im:
         np.testing.assert_array_equal(np.asarray(im), labels[0])
     # The same sample under other settings differs, so the check above could fail.
-    other = annotate_batch(backbone, decoder, [sample["prompt"]], [sample["seed"] + 1], tuple(card["classes"]), bb).pixels
+    other = annotate_batch(
+        backbone, decoder, [sample["prompt"]], [sample["seed"] + 1], tuple(card["classes"]), bb
+    ).pixels
     assert not np.array_equal(other[0], pixels[0])
 
 
@@ -309,9 +324,15 @@ def test_servers_bind_localhost_by_default():
     Read from the sources rather than by starting each server (a Prefect server, the
     FiftyOne app and its database, a Dask cluster: minutes and ports on a shared CI box).
     """
-    sources = {p: p.read_text(encoding="utf-8") for folder in ("scripts", "flows", "tasks", "datasetdm")
-               for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".sh")}
-    sources.update({REPO / name: (REPO / name).read_text() for name in ("Makefile", "prefect.yaml") if (REPO / name).is_file()})
+    sources = {
+        p: p.read_text(encoding="utf-8")
+        for folder in ("scripts", "flows", "tasks", "datasetdm")
+        for p in (REPO / folder).rglob("*")
+        if p.suffix in (".py", ".sh")
+    }
+    sources.update(
+        {REPO / name: (REPO / name).read_text() for name in ("Makefile", "prefect.yaml") if (REPO / name).is_file()}
+    )
     assert not [str(p) for p, text in sources.items() if "0.0.0.0" in text]
     prefect = (REPO / "scripts/prefect_up.sh").read_text()
     assert all("--host 127.0.0.1" in line for line in prefect.splitlines() if "server start" in line)

@@ -53,7 +53,9 @@ def test_hub_id_that_is_not_cached_is_not_downloaded():
 
 
 def test_not_a_pipeline_folder(tmp_path):
-    text = _one_line_error("model_index.json: backbone.model: missing: not a diffusers pipeline folder", model=str(tmp_path))
+    text = _one_line_error(
+        "model_index.json: backbone.model: missing: not a diffusers pipeline folder", model=str(tmp_path)
+    )
     assert "save_pretrained" in text
 
 
@@ -82,7 +84,9 @@ def test_components_that_do_not_fit(tmp_path):
 
 
 def test_bad_dtype_and_device(sd_dir):
-    _one_line_error(r"params.yaml: backbone.dtype: must be one of", model=str(sd_dir), dtype="float64", source="params.yaml")
+    _one_line_error(
+        r"params.yaml: backbone.dtype: must be one of", model=str(sd_dir), dtype="float64", source="params.yaml"
+    )
     if not torch.cuda.is_available():
         _one_line_error(r"backbone.device: 'cuda', but this machine has no CUDA GPU", model=str(sd_dir), device="cuda")
     _one_line_error(r"backbone.device: not a torch device", model=str(sd_dir), device="gpu0")
@@ -142,8 +146,13 @@ def test_samples_match_the_stock_pipeline_and_depend_on_their_seed_only(sd, sd_d
     pipe = StableDiffusionPipeline.from_pretrained(sd_dir, local_files_only=True, safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    stock = pipe(PROMPTS, num_inference_steps=3, guidance_scale=2.0, output_type="pt",
-                 generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
+    stock = pipe(
+        PROMPTS,
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        output_type="pt",
+        generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+    ).images
     torch.testing.assert_close(images, stock, atol=1e-5, rtol=0)
     plain, none = sd.sample(PROMPTS, [5, 6], steps=3, guidance_scale=2.0, capture_timestep=None)
     assert none is None
@@ -203,7 +212,9 @@ def test_img2img_starts_from_the_given_images(sd):
     the image's VAE reconstruction than the whole schedule does."""
     init = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        recon = (sd.vae.decode(sd._encode(init) / sd.vae.config.scaling_factor, return_dict=False)[0] / 2 + 0.5).clamp(0, 1)
+        recon = (sd.vae.decode(sd._encode(init) / sd.vae.config.scaling_factor, return_dict=False)[0] / 2 + 0.5).clamp(
+            0, 1
+        )
     calls = []
     hook = sd.unet.register_forward_hook(lambda *_: calls.append(1))
     try:

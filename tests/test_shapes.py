@@ -30,7 +30,9 @@ def test_different_seeds_differ() -> None:
 
 def test_caption_is_canonical_and_counts() -> None:
     assert caption_for([("circle", "red"), ("circle", "red")]) == "two red circles"
-    assert caption_for([("square", "blue"), ("circle", "red"), ("square", "blue")]) == "a red circle and two blue squares"
+    assert (
+        caption_for([("square", "blue"), ("circle", "red"), ("square", "blue")]) == "a red circle and two blue squares"
+    )
     # Order of placement does not matter; groups sort by shape, then colour.
     objs = [("star", "green"), ("circle", "yellow"), ("circle", "blue")]
     assert caption_for(objs) == caption_for(objs[::-1]) == "a blue circle and a yellow circle and a green star"

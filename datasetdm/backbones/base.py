@@ -76,4 +76,4 @@ def img2img_timesteps(timesteps: torch.Tensor, strength: float) -> torch.Tensor:
     if not 0 < strength <= 1:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     keep = max(1, min(int(len(timesteps) * strength), len(timesteps)))
-    return timesteps[len(timesteps) - keep:]
+    return timesteps[len(timesteps) - keep :]

@@ -21,8 +21,12 @@ from datasetdm.config import PretrainConfig
 NORM_GROUPS = 16
 # "trailing" spacing starts sampling at t = 999, where the cosine schedule has no signal
 # left; the default "leading" would start at t = 951 (alpha_bar ~ 0.006) from pure noise.
-MINI_SD_SCHEDULER: dict[str, Any] = {**SD_SCHEDULER, "beta_schedule": "squaredcos_cap_v2", "prediction_type": "v_prediction",
-                                     "timestep_spacing": "trailing"}
+MINI_SD_SCHEDULER: dict[str, Any] = {
+    **SD_SCHEDULER,
+    "beta_schedule": "squaredcos_cap_v2",
+    "prediction_type": "v_prediction",
+    "timestep_spacing": "trailing",
+}
 
 
 def mini_sd_configs(cfg: PretrainConfig, image_size: int) -> dict[str, dict[str, Any]]:
@@ -38,18 +42,39 @@ def mini_sd_configs(cfg: PretrainConfig, image_size: int) -> dict[str, dict[str,
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attention]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)]
     return {
-        "unet": {"sample_size": image_size // 4, "in_channels": 4, "out_channels": 4,
-                 "layers_per_block": cfg.layers_per_block, "block_out_channels": list(cfg.block_out_channels),
-                 "down_block_types": down, "up_block_types": up,
-                 "cross_attention_dim": cfg.text_dim, "attention_head_dim": cfg.attention_head_dim,
-                 "norm_num_groups": NORM_GROUPS},
-        "vae": {"sample_size": image_size, "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-                "block_out_channels": list(cfg.vae.block_out_channels), "layers_per_block": cfg.vae.layers_per_block,
-                "norm_num_groups": NORM_GROUPS, "down_block_types": ["DownEncoderBlock2D"] * 3,
-                "up_block_types": ["UpDecoderBlock2D"] * 3},
-        "text_encoder": {"vocab_size": len(vocab), "hidden_size": cfg.text_dim, "intermediate_size": 2 * cfg.text_dim,
-                         "num_attention_heads": 4, "num_hidden_layers": cfg.text_layers,
-                         "max_position_embeddings": cfg.max_length, "bos_token_id": vocab[BOS],
-                         "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS]},
+        "unet": {
+            "sample_size": image_size // 4,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": cfg.layers_per_block,
+            "block_out_channels": list(cfg.block_out_channels),
+            "down_block_types": down,
+            "up_block_types": up,
+            "cross_attention_dim": cfg.text_dim,
+            "attention_head_dim": cfg.attention_head_dim,
+            "norm_num_groups": NORM_GROUPS,
+        },
+        "vae": {
+            "sample_size": image_size,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "block_out_channels": list(cfg.vae.block_out_channels),
+            "layers_per_block": cfg.vae.layers_per_block,
+            "norm_num_groups": NORM_GROUPS,
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+        },
+        "text_encoder": {
+            "vocab_size": len(vocab),
+            "hidden_size": cfg.text_dim,
+            "intermediate_size": 2 * cfg.text_dim,
+            "num_attention_heads": 4,
+            "num_hidden_layers": cfg.text_layers,
+            "max_position_embeddings": cfg.max_length,
+            "bos_token_id": vocab[BOS],
+            "eos_token_id": vocab[EOS],
+            "pad_token_id": vocab[EOS],
+        },
         "scheduler": dict(MINI_SD_SCHEDULER),
     }

@@ -10,14 +10,30 @@ from datasetdm.backbones.base import Backbone
 from datasetdm.export.grid import sample_grid
 
 PREVIEW_PROMPTS = (
-    "a red circle", "a blue square", "a green triangle", "a yellow star", "a red hexagon",
-    "two blue circles", "three yellow squares", "a green star and a red square",
-    "a blue triangle and a yellow circle", "two red stars", "a green hexagon and a blue star", "",
+    "a red circle",
+    "a blue square",
+    "a green triangle",
+    "a yellow star",
+    "a red hexagon",
+    "two blue circles",
+    "three yellow squares",
+    "a green star and a red square",
+    "a blue triangle and a yellow circle",
+    "two red stars",
+    "a green hexagon and a blue star",
+    "",
 )
 
 
-def preview_grid(backbone: Backbone, path: str | Path, prompts: tuple[str, ...] = PREVIEW_PROMPTS, seeds_per_prompt: int = 2,
-                 steps: int = 20, guidance_scale: float = 3.0, columns: int = 6) -> None:
+def preview_grid(
+    backbone: Backbone,
+    path: str | Path,
+    prompts: tuple[str, ...] = PREVIEW_PROMPTS,
+    seeds_per_prompt: int = 2,
+    steps: int = 20,
+    guidance_scale: float = 3.0,
+    columns: int = 6,
+) -> None:
     """Sample each prompt with a few seeds and write them, captioned, to one PNG."""
     items = []
     for k, prompt in enumerate(prompts):

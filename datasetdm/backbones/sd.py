@@ -36,16 +36,21 @@ def parse_device(device: str, source: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise DatasetDMError(source, "backbone.device", f"not a torch device: {device!r} (e.g. cpu, cuda, cuda:1, mps)") from None
+        raise DatasetDMError(
+            source, "backbone.device", f"not a torch device: {device!r} (e.g. cpu, cuda, cuda:1, mps)"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DatasetDMError(source, "backbone.device", f"{device!r}, but this machine has no CUDA GPU usable by torch; use cpu")
+        raise DatasetDMError(
+            source, "backbone.device", f"{device!r}, but this machine has no CUDA GPU usable by torch; use cpu"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise DatasetDMError(source, "backbone.device", f"{device!r}, but MPS is not available here; use cpu")
     return dev
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> Any:
-    """Frozen, in eval mode, on ``device``; cast only if not loaded in ``dtype`` already (diffusers warns on every dtype cast)."""
+    """Frozen, in eval mode, on ``device``; cast only if not loaded in ``dtype`` already (diffusers warns on every
+    dtype cast)."""
     module = module.to(device)
     if next(module.parameters()).dtype != dtype:
         module = module.to(dtype)
@@ -63,8 +68,17 @@ class StableDiffusionBackbone:
 
     name = "stable-diffusion"
 
-    def __init__(self, components: dict[str, Any], *, dtype: str = "float32", device: str = "cpu", channels_last: bool = False,
-                 compile: bool = False, folder: Path | None = None, source: str | None = None) -> None:
+    def __init__(
+        self,
+        components: dict[str, Any],
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        channels_last: bool = False,
+        compile: bool = False,
+        folder: Path | None = None,
+        source: str | None = None,
+    ) -> None:
         if dtype not in DTYPES:
             raise DatasetDMError(source, "backbone.dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
@@ -90,19 +104,35 @@ class StableDiffusionBackbone:
         self._token_cache: dict[str, list[str]] = {}
 
     @classmethod
-    def load(cls, model: str, *, dtype: str = "float32", device: str = "cpu", channels_last: bool = False, compile: bool = False,
-             source: str | None = None) -> "StableDiffusionBackbone":
+    def load(
+        cls,
+        model: str,
+        *,
+        dtype: str = "float32",
+        device: str = "cpu",
+        channels_last: bool = False,
+        compile: bool = False,
+        source: str | None = None,
+    ) -> "StableDiffusionBackbone":
         """Load from a local diffusers folder (or a hub id already cached); never downloads."""
         if dtype not in DTYPES:
             raise DatasetDMError(source, "backbone.dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
         parse_device(device, source)  # fail before reading gigabytes
         folder = resolve_folder(model)
         check_model_index(folder)
-        return cls(load_components(folder, DTYPES[dtype]), dtype=dtype, device=device, channels_last=channels_last,
-                   compile=compile, folder=folder, source=source)
+        return cls(
+            load_components(folder, DTYPES[dtype]),
+            dtype=dtype,
+            device=device,
+            channels_last=channels_last,
+            compile=compile,
+            folder=folder,
+            source=source,
+        )
 
     def _check_dtype_runs(self, source: str | None) -> None:
-        """One text-encoder, UNet and VAE pass at the smallest size: fail now, on one line, if the dtype can't run here."""
+        """One text-encoder, UNet and VAE pass at the smallest size: fail now, on one line, if the dtype can't run
+        here."""
         try:
             with torch.no_grad():
                 side = 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -112,8 +142,11 @@ class StableDiffusionBackbone:
                 self.vae.decode(x[:, : self.vae.config.latent_channels])
         except (RuntimeError, NotImplementedError, TypeError) as e:
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise DatasetDMError(source, "backbone.dtype", f"{self.dtype_name} does not run on {self.device} here "
-                                                           f"({first[:200]}); use float32") from None
+            raise DatasetDMError(
+                source,
+                "backbone.dtype",
+                f"{self.dtype_name} does not run on {self.device} here ({first[:200]}); use float32",
+            ) from None
 
     def fingerprint(self) -> str:
         """Weights, configs and the dtype (a float16 run draws different samples from a float32 one)."""
@@ -147,7 +180,9 @@ class StableDiffusionBackbone:
         tokens = self._tokens(prompt)
         room = self.tokenizer.model_max_length - 2
         if len(tokens) > room:
-            raise DatasetDMError(None, "prompt", f"{prompt!r} is {len(tokens)} tokens; the CLIP text encoder takes at most {room}")
+            raise DatasetDMError(
+                None, "prompt", f"{prompt!r} is {len(tokens)} tokens; the CLIP text encoder takes at most {room}"
+            )
         if self.tokenizer.unk_token in tokens:
             raise DatasetDMError(None, "prompt", f"{prompt!r} has characters this tokenizer cannot encode")
 
@@ -164,15 +199,24 @@ class StableDiffusionBackbone:
         if n == 0:
             return out
         for i in range(min(len(tokens), room) - n + 1):
-            if tokens[i:i + n] == target and (i == 0 or tokens[i - 1].endswith("</w>")):
+            if tokens[i : i + n] == target and (i == 0 or tokens[i - 1].endswith("</w>")):
                 out.extend(range(i + 1, i + 1 + n))
         return out
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """CLIP last hidden states (B, 77, D), padded and truncated as the SD pipeline does."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
-                             return_tensors="pt")
-        mask = ids.attention_mask.to(self.device) if getattr(self.text_encoder.config, "use_attention_mask", False) else None
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = (
+            ids.attention_mask.to(self.device)
+            if getattr(self.text_encoder.config, "use_attention_mask", False)
+            else None
+        )
         return self.text_encoder(ids.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
 
     # -- diffusion ------------------------------------------------------------------------
@@ -190,13 +234,25 @@ class StableDiffusionBackbone:
         self.capture.active = False
         self.capture.reset()
         out = self.output_device
-        return Features([m[-keep_last:].to(out, torch.float32) for m in maps], attention[-keep_last:].to(out, torch.float32), list(prompts))
+        return Features(
+            [m[-keep_last:].to(out, torch.float32) for m in maps],
+            attention[-keep_last:].to(out, torch.float32),
+            list(prompts),
+        )
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], steps: int, guidance_scale: float,
-               capture_timestep: int | None = None, init_images: torch.Tensor | None = None,
-               strength: float = 1.0) -> tuple[torch.Tensor, Features | None]:
-        """Images (B, 3, H, W) float32 in [0, 1] on ``output_device`` and, if asked, features at the step nearest ``capture_timestep``."""
+    def sample(
+        self,
+        prompts: list[str],
+        seeds: list[int],
+        steps: int,
+        guidance_scale: float,
+        capture_timestep: int | None = None,
+        init_images: torch.Tensor | None = None,
+        strength: float = 1.0,
+    ) -> tuple[torch.Tensor, Features | None]:
+        """Images (B, 3, H, W) float32 in [0, 1] on ``output_device`` and, if asked, features at the step nearest
+        ``capture_timestep``."""
         if len(prompts) != len(seeds) or not prompts:
             raise ValueError("one seed per prompt, at least one prompt")
         scheduler = self.scheduler()
@@ -230,16 +286,20 @@ class StableDiffusionBackbone:
         return (images / 2 + 0.5).clamp(0, 1).to(self.output_device, torch.float32), features
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [0, 1] -> scaled VAE latents (the mean, so only seeds vary noise), resized to the model's size."""
+        """Images (B, 3, H, W) in [0, 1] -> scaled VAE latents (the mean, so only seeds vary noise), resized to the
+        model's size."""
         x = images.float()
         if tuple(x.shape[-2:]) != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True
+            )
         x = (x * 2 - 1).to(self.device, self.dtype)
         return self.vae.encode(x).latent_dist.mode() * self.vae.config.scaling_factor
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor, prompts: list[str], timestep: int, seeds: list[int]) -> Features:
-        """Features of real images (B, 3, H, W) in [0, 1]: resize to the model's size, VAE-encode, noise to t, one UNet pass.
+        """Features of real images (B, 3, H, W) in [0, 1]: resize to the model's size, VAE-encode, noise to t, one UNet
+        pass.
 
         Resizing makes real-image features the same shapes as generated ones (DatasetDM
         feeds SD its native resolution); the VAE mean is used so only the seed varies the noise.

@@ -15,20 +15,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 from transformers import CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as transformers_logging
 
 from datasetdm.errors import DatasetDMError
 
 FIELD = "backbone.model"
-HOW_TO_GET = ("set backbone.model to a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, "
-              "tokenizer/, scheduler/), e.g. fetched elsewhere with `huggingface-cli download stable-diffusion-v1-5/"
-              "stable-diffusion-v1-5 --local-dir DIR` and copied here, or written by StableDiffusionPipeline.save_pretrained")
+HOW_TO_GET = (
+    "set backbone.model to a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, "
+    "tokenizer/, scheduler/), e.g. fetched elsewhere with `huggingface-cli download stable-diffusion-v1-5/"
+    "stable-diffusion-v1-5 --local-dir DIR` and copied here, or written by StableDiffusionPipeline.save_pretrained"
+)
 # model_index.json entry -> the classes we can run it with.
-EXPECTED = {"unet": ("UNet2DConditionModel",), "vae": ("AutoencoderKL",), "text_encoder": ("CLIPTextModel",),
-            "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"), "scheduler": None}
+EXPECTED = {
+    "unet": ("UNet2DConditionModel",),
+    "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "scheduler": None,
+}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -44,8 +51,12 @@ def resolve_folder(model: str) -> Path:
         try:
             return Path(snapshot_download(model, local_files_only=True))
         except (LocalEntryNotFoundError, OSError, ValueError):
-            raise DatasetDMError(model, FIELD, f"no such folder, and hub id {model!r} is not in the local Hugging Face cache "
-                                               f"(downloads are off); {HOW_TO_GET}") from None
+            raise DatasetDMError(
+                model,
+                FIELD,
+                f"no such folder, and hub id {model!r} is not in the local Hugging Face cache "
+                f"(downloads are off); {HOW_TO_GET}",
+            ) from None
     raise DatasetDMError(path, FIELD, f"no such folder; {HOW_TO_GET}")
 
 
@@ -63,10 +74,16 @@ def check_model_index(folder: Path) -> None:
     for name, classes in EXPECTED.items():
         entry = entries.get(name)
         if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:
-            raise DatasetDMError(index, name, f"no {name} component ({entries.get('_class_name', 'unknown pipeline')} "
-                                              f"is not a Stable Diffusion pipeline); {HOW_TO_GET}")
+            raise DatasetDMError(
+                index,
+                name,
+                f"no {name} component ({entries.get('_class_name', 'unknown pipeline')} "
+                f"is not a Stable Diffusion pipeline); {HOW_TO_GET}",
+            )
         if classes is not None and entry[1] not in classes:
-            raise DatasetDMError(index, name, f"wrong architecture: {entry[1]} (the SD backbone runs {' or '.join(classes)})")
+            raise DatasetDMError(
+                index, name, f"wrong architecture: {entry[1]} (the SD backbone runs {' or '.join(classes)})"
+            )
         if not (folder / name).is_dir():
             raise DatasetDMError(folder / name, FIELD, f"component folder missing; {HOW_TO_GET}")
 
@@ -76,12 +93,25 @@ def load_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
     loaders: dict[str, Any] = {
         # low_cpu_mem_usage=False says outright what diffusers falls back to without accelerate
         # (instead of a warning on stderr every load).
-        "unet": lambda: UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype, local_files_only=True,
-                                                              use_safetensors=True, low_cpu_mem_usage=False),
-        "vae": lambda: AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype, local_files_only=True,
-                                                      use_safetensors=True, low_cpu_mem_usage=False),
-        "text_encoder": lambda: CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=dtype, local_files_only=True,
-                                                               use_safetensors=True),
+        "unet": lambda: UNet2DConditionModel.from_pretrained(
+            folder,
+            subfolder="unet",
+            torch_dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            low_cpu_mem_usage=False,
+        ),
+        "vae": lambda: AutoencoderKL.from_pretrained(
+            folder,
+            subfolder="vae",
+            torch_dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            low_cpu_mem_usage=False,
+        ),
+        "text_encoder": lambda: CLIPTextModel.from_pretrained(
+            folder, subfolder="text_encoder", dtype=dtype, local_files_only=True, use_safetensors=True
+        ),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
         # SD folders ship PNDM or other schedulers; DDIM reads the same beta schedule from their config.
         "scheduler": lambda: DDIMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
@@ -93,8 +123,11 @@ def load_components(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
             out[name] = load()
         except (OSError, ValueError, RuntimeError, KeyError, TypeError, json.JSONDecodeError, SafetensorError) as e:
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            raise DatasetDMError(folder / name, FIELD, f"cannot load {name} (wrong architecture or damaged weights: "
-                                                       f"{first[:300]}); {HOW_TO_GET}") from None
+            raise DatasetDMError(
+                folder / name,
+                FIELD,
+                f"cannot load {name} (wrong architecture or damaged weights: {first[:300]}); {HOW_TO_GET}",
+            ) from None
     check_fit(folder, out)
     return out
 
@@ -103,17 +136,34 @@ def check_fit(folder: Path, parts: dict[str, Any]) -> None:
     """The components must fit together as SD's do (one latent space, one text width, no extra conditioning)."""
     unet, vae, text = parts["unet"].config, parts["vae"].config, parts["text_encoder"].config
     if unet.in_channels != vae.latent_channels:
-        raise DatasetDMError(folder / "unet" / "config.json", "in_channels",
-                             f"wrong architecture: UNet takes {unet.in_channels} channels, VAE latents have {vae.latent_channels}")
+        raise DatasetDMError(
+            folder / "unet" / "config.json",
+            "in_channels",
+            f"wrong architecture: UNet takes {unet.in_channels} channels, VAE latents have {vae.latent_channels}",
+        )
     if unet.cross_attention_dim != text.hidden_size:
-        raise DatasetDMError(folder / "unet" / "config.json", "cross_attention_dim",
-                             f"wrong architecture: {unet.cross_attention_dim}, but the text encoder emits {text.hidden_size}")
-    if unet.addition_embed_type is not None or unet.time_cond_proj_dim is not None or unet.class_embed_type is not None:
-        raise DatasetDMError(folder / "unet" / "config.json", "addition_embed_type",
-                             "wrong architecture: this UNet needs extra conditioning (SDXL, LCM or upscaler); "
-                             "the SD backbone runs text-conditioned SD 1.x/2.x UNets")
+        raise DatasetDMError(
+            folder / "unet" / "config.json",
+            "cross_attention_dim",
+            f"wrong architecture: {unet.cross_attention_dim}, but the text encoder emits {text.hidden_size}",
+        )
+    if (
+        unet.addition_embed_type is not None
+        or unet.time_cond_proj_dim is not None
+        or unet.class_embed_type is not None
+    ):
+        raise DatasetDMError(
+            folder / "unet" / "config.json",
+            "addition_embed_type",
+            "wrong architecture: this UNet needs extra conditioning (SDXL, LCM or upscaler); "
+            "the SD backbone runs text-conditioned SD 1.x/2.x UNets",
+        )
     if not isinstance(unet.sample_size, int):
-        raise DatasetDMError(folder / "unet" / "config.json", "sample_size", f"must be one integer (square latents), got {unet.sample_size!r}")
+        raise DatasetDMError(
+            folder / "unet" / "config.json",
+            "sample_size",
+            f"must be one integer (square latents), got {unet.sample_size!r}",
+        )
 
 
 def folder_fingerprint(folder: Path) -> str:

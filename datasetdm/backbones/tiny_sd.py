@@ -28,11 +28,29 @@ from datasetdm.worlds.shapes import NUMBER_WORDS, PLURAL
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Everything a shapes-world caption or a simple template can say.
-WORDS: tuple[str, ...] = (*NUMBER_WORDS, "and", *COLOURS, *SHAPES, *PLURAL.values(), "photo", "of", "on", "the", "picture")
+WORDS: tuple[str, ...] = (
+    *NUMBER_WORDS,
+    "and",
+    *COLOURS,
+    *SHAPES,
+    *PLURAL.values(),
+    "photo",
+    "of",
+    "on",
+    "the",
+    "picture",
+)
 # The scheduler SD 1.x ships (PNDM there; DDIM reads the same betas), steps_offset=1 as in SD.
-SD_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-                                "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False,
-                                "steps_offset": 1, "prediction_type": "epsilon"}
+SD_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
 
 
 def clip_bpe(words: tuple[str, ...] = WORDS) -> tuple[dict[str, int], list[str]]:
@@ -62,8 +80,15 @@ def write_clip_tokenizer(folder: str | Path, words: tuple[str, ...] = WORDS, max
     vocab, merges = clip_bpe(words)
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": BOS, "eos_token": EOS,
-              "unk_token": EOS, "pad_token": EOS, "do_lower_case": True}
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": max_length,
+        "bos_token": BOS,
+        "eos_token": EOS,
+        "unk_token": EOS,
+        "pad_token": EOS,
+        "do_lower_case": True,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -75,17 +100,40 @@ def tiny_sd_configs(image_size: int = 32) -> dict[str, dict[str, Any]]:
     """
     vocab, _ = clip_bpe()
     return {
-        "unet": {"sample_size": image_size // 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-                 "block_out_channels": [32, 64, 64],
-                 "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-                 "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-                 "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 16},
-        "vae": {"sample_size": image_size, "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-                "block_out_channels": [16, 32, 32], "layers_per_block": 1, "norm_num_groups": 16,
-                "down_block_types": ["DownEncoderBlock2D"] * 3, "up_block_types": ["UpDecoderBlock2D"] * 3},
-        "text_encoder": {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4,
-                         "num_hidden_layers": 2, "max_position_embeddings": 77, "bos_token_id": vocab[BOS],
-                         "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS]},
+        "unet": {
+            "sample_size": image_size // 4,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": [32, 64, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 16,
+        },
+        "vae": {
+            "sample_size": image_size,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "block_out_channels": [16, 32, 32],
+            "layers_per_block": 1,
+            "norm_num_groups": 16,
+            "down_block_types": ["DownEncoderBlock2D"] * 3,
+            "up_block_types": ["UpDecoderBlock2D"] * 3,
+        },
+        "text_encoder": {
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": 77,
+            "bos_token_id": vocab[BOS],
+            "eos_token_id": vocab[EOS],
+            "pad_token_id": vocab[EOS],
+        },
         "scheduler": dict(SD_SCHEDULER),
     }
 
@@ -94,18 +142,40 @@ def sd15_shaped_configs() -> dict[str, dict[str, Any]]:
     """SD 1.5's own architecture (860M-parameter UNet at 64x64 latents, 512 px, ViT-L text encoder)."""
     vocab, _ = clip_bpe()
     return {
-        "unet": {"sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-                 "block_out_channels": [320, 640, 1280, 1280],
-                 "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-                 "cross_attention_dim": 768, "attention_head_dim": 8},
-        "vae": {"sample_size": 512, "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-                "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-                "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4},
+        "unet": {
+            "sample_size": 64,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 2,
+            "block_out_channels": [320, 640, 1280, 1280],
+            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+            "cross_attention_dim": 768,
+            "attention_head_dim": 8,
+        },
+        "vae": {
+            "sample_size": 512,
+            "in_channels": 3,
+            "out_channels": 3,
+            "latent_channels": 4,
+            "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+        },
         # SD's vocabulary is 49,408 tokens; ours uses the first few ids of the same table size.
-        "text_encoder": {"vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072, "num_attention_heads": 12,
-                         "num_hidden_layers": 12, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
-                         "bos_token_id": vocab[BOS], "eos_token_id": vocab[EOS], "pad_token_id": vocab[EOS]},
+        "text_encoder": {
+            "vocab_size": 49408,
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "bos_token_id": vocab[BOS],
+            "eos_token_id": vocab[EOS],
+            "pad_token_id": vocab[EOS],
+        },
         "scheduler": dict(SD_SCHEDULER),
     }
 
@@ -128,7 +198,9 @@ def build_sd_components(configs: dict[str, dict[str, Any]], seed: int = 0) -> di
 def save_sd_folder(components: dict[str, Any], folder: str | Path) -> Path:
     """Save components as a diffusers StableDiffusionPipeline folder (safetensors), like a hub snapshot."""
     folder = Path(folder)
-    pipe = StableDiffusionPipeline(**components, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     # transformers 5 saves tokenizer.json only; SD 1.x folders hold vocab.json + merges.txt.
     for f in (folder / "tokenizer").iterdir():

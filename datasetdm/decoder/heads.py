@@ -76,7 +76,9 @@ class KeypointHead(nn.Module):
 
     def __init__(self, channels: int, num_classes: int) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, len(CHANNELS), 1))
+        self.proj = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, len(CHANNELS), 1)
+        )
         nn.init.constant_(self.proj[-1].bias, -2.19)  # start at p = 0.1 everywhere (CenterNet's prior)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,4 +89,8 @@ class KeypointHead(nn.Module):
         return focal_loss(logits, target)
 
 
-HEADS: dict[str, Callable[[int, int], nn.Module]] = {"semantic": SemanticHead, "depth": DepthHead, "keypoints": KeypointHead}
+HEADS: dict[str, Callable[[int, int], nn.Module]] = {
+    "semantic": SemanticHead,
+    "depth": DepthHead,
+    "keypoints": KeypointHead,
+}

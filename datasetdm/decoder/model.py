@@ -65,7 +65,9 @@ class PDecoder(nn.Module):
             x = torch.cat([x, self.stem(image * 2 - 1)], 1)
         return self.up2(x)
 
-    def forward(self, maps: list[torch.Tensor], attention: torch.Tensor, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, maps: list[torch.Tensor], attention: torch.Tensor, image: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """maps: backbone features coarse->fine; attention: (B, C, h, w) per class; image: (B, 3, H, W) in [0, 1]."""
         x = self.trunk(maps, attention, image)
         return {name: head(x) for name, head in self.heads.items()}
@@ -82,7 +84,11 @@ class PDecoder(nn.Module):
         path = Path(path)
         cfg_file, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
         if not cfg_file.is_file() or not weights.is_file():
-            raise DatasetDMError(path, "decoder.out", f"no trained decoder here (need {CONFIG_FILE} and {WEIGHTS_FILE}); run the train-decoder stage")
+            raise DatasetDMError(
+                path,
+                "decoder.out",
+                f"no trained decoder here (need {CONFIG_FILE} and {WEIGHTS_FILE}); run the train-decoder stage",
+            )
         try:
             config = json.loads(cfg_file.read_text())
             model = cls(config)

@@ -30,7 +30,8 @@ NOISE_DRAWS = 3  # feature samples per image and view
 
 
 def view(array: np.ndarray, v: int) -> np.ndarray:
-    """The v-th of the 8 dihedral views (rotate by 90 * (v // 2) degrees, then flip if v is odd) of an (H, W, ...) array."""
+    """The v-th of the 8 dihedral views (rotate by 90 * (v // 2) degrees, then flip if v is odd) of an (H, W, ...)
+    array."""
     out = np.rot90(array, k=v // 2, axes=(0, 1))
     return np.ascontiguousarray(out[:, ::-1] if v % 2 else out)
 
@@ -40,20 +41,29 @@ def images_tensor(images: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255
 
 
+def build_decoder(
+    backbone_features: Features, classes: tuple[str, ...], cfg: DecoderConfig, image_size: int
+) -> PDecoder:
+    return PDecoder(
+        {
+            "map_channels": [m.shape[1] for m in backbone_features.maps],
+            "classes": list(classes),
+            "channels": cfg.channels,
+            "image_skip": cfg.image_skip,
+            "heads": list(cfg.heads),
+            "image_size": image_size,
+        }
+    )
 
-def build_decoder(backbone_features: Features, classes: tuple[str, ...], cfg: DecoderConfig, image_size: int) -> PDecoder:
-    return PDecoder({
-        "map_channels": [m.shape[1] for m in backbone_features.maps],
-        "classes": list(classes),
-        "channels": cfg.channels,
-        "image_skip": cfg.image_skip,
-        "heads": list(cfg.heads),
-        "image_size": image_size,
-    })
 
-
-def feature_bank(backbone: Backbone, labelled: list[LabelledImage], bb: BackboneConfig, classes: tuple[str, ...], views: int = 2,
-                 batch_size: int = 16):
+def feature_bank(
+    backbone: Backbone,
+    labelled: list[LabelledImage],
+    bb: BackboneConfig,
+    classes: tuple[str, ...],
+    views: int = 2,
+    batch_size: int = 16,
+):
     """Precompute (maps, class attention, named-class mask, image, targets) for every image x view x noise draw.
 
     ``targets`` maps a head name to its labels: ``semantic`` (N, H, W) class ids and
@@ -65,7 +75,7 @@ def feature_bank(backbone: Backbone, labelled: list[LabelledImage], bb: Backbone
     maps_all, att_all, mask_all, img_all, sem_all, depth_all, heat_all = [], [], [], [], [], [], []
     items = [(x, v, draw) for x in labelled for v in range(views) for draw in range(NOISE_DRAWS)]
     for start in tqdm(range(0, len(items), batch_size), desc="decoder features", unit="batch", mininterval=2):
-        chunk = items[start:start + batch_size]
+        chunk = items[start : start + batch_size]
         imgs = images_tensor([view(x.image, v) for x, v, _ in chunk])
         prompts = [x.caption for x, _, _ in chunk]
         seeds = [x.id * 1000 + draw * 8 + v for x, v, draw in chunk]
@@ -75,17 +85,36 @@ def feature_bank(backbone: Backbone, labelled: list[LabelledImage], bb: Backbone
         mask_all.append(named_class_mask(prompts, backbone, classes))
         img_all.append(imgs)
         sem_all.append(torch.from_numpy(np.stack([view(x.semantic, v) for x, v, _ in chunk])))
-        depth_all.append(torch.from_numpy(np.stack([
-            view(x.depth, v).astype(np.float32) if x.depth is not None and v < 2 else np.zeros(x.semantic.shape, np.float32)
-            for x, v, _ in chunk])))
-        heat_all.append(torch.from_numpy(np.stack([
-            view(render_heatmaps(x.keypoints, x.semantic.shape).transpose(1, 2, 0), v).transpose(2, 0, 1) for x, v, _ in chunk])))
+        depth_all.append(
+            torch.from_numpy(
+                np.stack(
+                    [
+                        view(x.depth, v).astype(np.float32)
+                        if x.depth is not None and v < 2
+                        else np.zeros(x.semantic.shape, np.float32)
+                        for x, v, _ in chunk
+                    ]
+                )
+            )
+        )
+        heat_all.append(
+            torch.from_numpy(
+                np.stack(
+                    [
+                        view(render_heatmaps(x.keypoints, x.semantic.shape).transpose(1, 2, 0), v).transpose(2, 0, 1)
+                        for x, v, _ in chunk
+                    ]
+                )
+            )
+        )
     maps = [torch.cat([m[i] for m in maps_all]) for i in range(len(maps_all[0]))]
     targets = {"semantic": torch.cat(sem_all), "depth": torch.cat(depth_all), "keypoints": torch.cat(heat_all)}
     return maps, torch.cat(att_all), torch.cat(mask_all), torch.cat(img_all), targets
 
 
-def train_decoder(backbone: Backbone, labelled: list[LabelledImage], classes: tuple[str, ...], cfg: DecoderConfig, bb: BackboneConfig) -> tuple[PDecoder, dict[str, float]]:
+def train_decoder(
+    backbone: Backbone, labelled: list[LabelledImage], classes: tuple[str, ...], cfg: DecoderConfig, bb: BackboneConfig
+) -> tuple[PDecoder, dict[str, float]]:
     """Train a P-Decoder from scratch; returns the model (eval mode) and loss figures."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
@@ -98,7 +127,9 @@ def train_decoder(backbone: Backbone, labelled: list[LabelledImage], classes: tu
         for g in opt.param_groups:
             g["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
         idx = torch.from_numpy(rng.integers(0, len(imgs), size=cfg.batch_size))
-        out = decoder([m[idx] for m in maps], att[idx], _permute_colours(imgs[idx], rng) if cfg.colour_jitter else imgs[idx])
+        out = decoder(
+            [m[idx] for m in maps], att[idx], _permute_colours(imgs[idx], rng) if cfg.colour_jitter else imgs[idx]
+        )
         out["semantic"] = restrict_logits(out["semantic"], named[idx])
         per_head = {name: decoder.heads[name].loss(out[name], targets[name][idx]) for name in out}
         loss = sum(per_head.values())
@@ -109,7 +140,10 @@ def train_decoder(backbone: Backbone, labelled: list[LabelledImage], classes: tu
     curve = np.array(losses)
     stats = {"first_loss": float(curve[:10, 0].mean()), "final_loss": float(curve[-20:, 0].mean())}
     for j, name in enumerate(decoder.heads, start=1):  # ModuleDict order = the order of ``out``
-        stats[f"{name}_first_loss"], stats[f"{name}_final_loss"] = float(curve[:10, j].mean()), float(curve[-20:, j].mean())
+        stats[f"{name}_first_loss"], stats[f"{name}_final_loss"] = (
+            float(curve[:10, j].mean()),
+            float(curve[-20:, j].mean()),
+        )
     return decoder.eval(), stats
 
 
@@ -122,8 +156,15 @@ def _permute_colours(images: torch.Tensor, rng: np.random.Generator) -> torch.Te
 
 
 @torch.no_grad()
-def predict(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...],
-            restrict: bool = True, attention: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def predict(
+    decoder: PDecoder,
+    backbone: Backbone,
+    features: Features,
+    images: torch.Tensor,
+    classes: tuple[str, ...],
+    restrict: bool = True,
+    attention: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """Every head's output in user units: ``semantic`` class probabilities (B, 1 + C, H, W)
     and, if the decoder has those heads, ``depth`` in metres and ``keypoints`` heatmap
     probabilities (B, 2, H, W).
@@ -146,7 +187,13 @@ def predict(decoder: PDecoder, backbone: Backbone, features: Features, images: t
     return result
 
 
-def predict_semantic(decoder: PDecoder, backbone: Backbone, features: Features, images: torch.Tensor, classes: tuple[str, ...],
-                     restrict: bool = True) -> torch.Tensor:
+def predict_semantic(
+    decoder: PDecoder,
+    backbone: Backbone,
+    features: Features,
+    images: torch.Tensor,
+    classes: tuple[str, ...],
+    restrict: bool = True,
+) -> torch.Tensor:
     """Class probabilities (B, 1 + C, H, W) for images whose features were captured."""
     return predict(decoder, backbone, features, images, classes, restrict)["semantic"]

@@ -43,7 +43,9 @@ def from_labelled(items: list[LabelledImage]) -> ArraySet:
     if all(x.depth is not None for x in items):
         depth = np.stack([x.depth for x in items]).astype(np.float32)
     heat = np.stack([render_heatmaps(x.keypoints, x.semantic.shape) for x in items])
-    return ArraySet(np.stack([x.image for x in items]), np.stack([x.semantic for x in items]).astype(np.uint8), depth, heat)
+    return ArraySet(
+        np.stack([x.image for x in items]), np.stack([x.semantic for x in items]).astype(np.uint8), depth, heat
+    )
 
 
 def from_export(export_dir: str | Path, limit: int | None = None) -> ArraySet:

@@ -20,13 +20,15 @@ from datasetdm.realset import LabelledImage
 
 
 @torch.no_grad()
-def evaluate_model(task: str, model: SmallUNet, test: list[LabelledImage], classes: tuple[str, ...], batch_size: int = 64) -> dict:
+def evaluate_model(
+    task: str, model: SmallUNet, test: list[LabelledImage], classes: tuple[str, ...], batch_size: int = 64
+) -> dict:
     """Metrics of one trained downstream model on ``test``."""
     n = 1 + len(classes)
     conf = np.zeros((n, n), dtype=np.int64)
     instances, keypoints, depth = InstanceAP(classes), KeypointAP(classes), DepthMetrics()
     for start in range(0, len(test), batch_size):
-        chunk = test[start:start + batch_size]
+        chunk = test[start : start + batch_size]
         out = model(to_input(np.stack([x.image for x in chunk])))
         if task == "depth":
             for p, x in zip(out[:, 0].exp().numpy(), chunk):
@@ -41,12 +43,19 @@ def evaluate_model(task: str, model: SmallUNet, test: list[LabelledImage], class
                 conf += confusion_matrix(labels, x.semantic, n)
                 instances.update(x.id, x.instance_masks, x.instance_classes, found)
             else:
-                keypoints.update(x.id, labels.shape, gt_keypoints(x.instance_masks, x.instance_classes, x.keypoints),
-                                 predict_keypoints(found, h, classes))
+                keypoints.update(
+                    x.id,
+                    labels.shape,
+                    gt_keypoints(x.instance_masks, x.instance_classes, x.keypoints),
+                    predict_keypoints(found, h, classes),
+                )
     if task == "depth":
         return depth.result()
     if task == "keypoints":
         return keypoints.result()
     iou = iou_from_confusion(conf)
-    return {"mIoU": float(np.nanmean(iou)), "per_label_iou": [None if np.isnan(v) else float(v) for v in iou],
-            "instances": instances.result()}
+    return {
+        "mIoU": float(np.nanmean(iou)),
+        "per_label_iou": [None if np.isnan(v) else float(v) for v in iou],
+        "instances": instances.result(),
+    }

@@ -33,8 +33,14 @@ TASKS = ("semantic", "depth", "keypoints")
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 class SmallUNet(nn.Module):
@@ -69,7 +75,9 @@ def _view_index(task: str, rng: np.random.Generator) -> int:
     return 2 * quarter_turns + int(rng.integers(2))
 
 
-def _batch(task: str, data: ArraySet, idx: np.ndarray, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _batch(
+    task: str, data: ArraySet, idx: np.ndarray, rng: np.random.Generator
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     imgs, sems, depths, heats = [], [], [], []
     for i in idx:
         v = _view_index(task, rng)
@@ -108,8 +116,18 @@ def colour_jitter(x: torch.Tensor, rng: np.random.Generator, strength: float = 0
     return (x * gain + offset).clamp(-1, 1)
 
 
-def train_model(task: str, sources: list[ArraySet], num_labels: int, steps: int, batch_size: int, lr: float, seed: int,
-                width: int = 24, desc: str | None = None, jitter: bool = False) -> SmallUNet:
+def train_model(
+    task: str,
+    sources: list[ArraySet],
+    num_labels: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    width: int = 24,
+    desc: str | None = None,
+    jitter: bool = False,
+) -> SmallUNet:
     """Train the ``task`` model on ``sources``; each batch draws equally from every source
     (so 20 real images are not drowned by 2,000 synthetic ones). ``jitter`` adds colour jitter
     to the dihedral views every batch gets."""
@@ -124,7 +142,9 @@ def train_model(task: str, sources: list[ArraySet], num_labels: int, steps: int,
         with torch.no_grad():
             model.out.bias[num_labels:] = -2.19
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    per_source = [batch_size // len(sources) + (1 if k < batch_size % len(sources) else 0) for k in range(len(sources))]
+    per_source = [
+        batch_size // len(sources) + (1 if k < batch_size % len(sources) else 0) for k in range(len(sources))
+    ]
     for step in tqdm(range(steps), desc=desc or task, unit="step", mininterval=5):
         for g in opt.param_groups:
             g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))

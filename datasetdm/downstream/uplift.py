@@ -23,8 +23,12 @@ from datasetdm.realset import LabelledImage
 
 logger = logging.getLogger(__name__)
 # (task in the metrics file, model, metric key inside its result, name in the plot)
-TABLE = (("semantic", "semantic", ("mIoU",), "semantic mIoU"), ("instances", "semantic", ("instances", "AP"), "instance mask AP"),
-         ("depth", "depth", ("delta1",), "depth delta<1.25"), ("keypoints", "keypoints", ("AP",), "keypoint AP"))
+TABLE = (
+    ("semantic", "semantic", ("mIoU",), "semantic mIoU"),
+    ("instances", "semantic", ("instances", "AP"), "instance mask AP"),
+    ("depth", "depth", ("delta1",), "depth delta<1.25"),
+    ("keypoints", "keypoints", ("AP",), "keypoint AP"),
+)
 
 
 def _arms(real: ArraySet, synthetic: ArraySet, ceiling: ArraySet | None) -> dict[str, list[ArraySet]]:
@@ -34,8 +38,15 @@ def _arms(real: ArraySet, synthetic: ArraySet, ceiling: ArraySet | None) -> dict
     return arms
 
 
-def _train_and_score(real: ArraySet, synthetic: ArraySet, test: list[LabelledImage], classes: tuple[str, ...],
-                     cfg: DownstreamConfig, seeds: int, ceiling: ArraySet | None) -> dict[str, dict[str, list[dict]]]:
+def _train_and_score(
+    real: ArraySet,
+    synthetic: ArraySet,
+    test: list[LabelledImage],
+    classes: tuple[str, ...],
+    cfg: DownstreamConfig,
+    seeds: int,
+    ceiling: ArraySet | None,
+) -> dict[str, dict[str, list[dict]]]:
     """task -> arm -> one result per seed (a task an arm has no labels for is left out)."""
     scores: dict[str, dict[str, list[dict]]] = {}
     for task in TASKS:
@@ -45,8 +56,18 @@ def _train_and_score(real: ArraySet, synthetic: ArraySet, test: list[LabelledIma
                 continue
             scores[task][name] = []
             for k in range(seeds):
-                model = train_model(task, sources, 1 + len(classes), cfg.steps, cfg.batch_size, cfg.lr, cfg.seed + k, cfg.width,
-                                    desc=f"downstream {task} ({name}, seed {cfg.seed + k})", jitter=cfg.colour_jitter)
+                model = train_model(
+                    task,
+                    sources,
+                    1 + len(classes),
+                    cfg.steps,
+                    cfg.batch_size,
+                    cfg.lr,
+                    cfg.seed + k,
+                    cfg.width,
+                    desc=f"downstream {task} ({name}, seed {cfg.seed + k})",
+                    jitter=cfg.colour_jitter,
+                )
                 scores[task][name].append(evaluate_model(task, model, test, classes))
     return scores
 
@@ -65,30 +86,54 @@ def _entry(runs: dict[str, list[dict]], key: tuple[str, ...], task: str, counts:
         values = np.array([_pick(r, key) for r in results])
         per_seed[name] = values
         metric = f"{key[-1]}_{name}"
-        entry[metric], entry[f"{metric}_mean"], entry[f"{metric}_std"] = float(values.mean()), float(values.mean()), float(values.std())
+        entry[metric], entry[f"{metric}_mean"], entry[f"{metric}_std"] = (
+            float(values.mean()),
+            float(values.mean()),
+            float(values.std()),
+        )
         if task == "depth":
             abs_rel = np.array([r["abs_rel"] for r in results])
             per_seed[f"abs_rel_{name}"] = abs_rel
             entry[f"abs_rel_{name}"], entry[f"abs_rel_{name}_mean"], entry[f"abs_rel_{name}_std"] = (
-                float(abs_rel.mean()), float(abs_rel.mean()), float(abs_rel.std()))
+                float(abs_rel.mean()),
+                float(abs_rel.mean()),
+                float(abs_rel.std()),
+            )
     if "real+synthetic" in runs and "real" in runs:
         if task == "depth":  # the target is relative: (c) has >= 30% lower AbsRel than (a)
             change = 1 - per_seed["abs_rel_real+synthetic"] / per_seed["abs_rel_real"]
             entry["abs_rel_reduction"], entry["abs_rel_reduction_mean"], entry["abs_rel_reduction_std"] = (
-                float(1 - entry["abs_rel_real+synthetic"] / entry["abs_rel_real"]), float(change.mean()), float(change.std()))
+                float(1 - entry["abs_rel_real+synthetic"] / entry["abs_rel_real"]),
+                float(change.mean()),
+                float(change.std()),
+            )
         else:
             change = per_seed["real+synthetic"] - per_seed["real"]
-            entry["uplift"], entry["uplift_mean"], entry["uplift_std"] = float(change.mean()), float(change.mean()), float(change.std())
+            entry["uplift"], entry["uplift_mean"], entry["uplift_std"] = (
+                float(change.mean()),
+                float(change.mean()),
+                float(change.std()),
+            )
     if "ceiling" in runs and "real+synthetic" in runs and task != "depth":
         # how much of the gap from K real to the fully supervised ceiling K real + synthetic closes
         gap = entry[f"{key[-1]}_ceiling"] - entry[f"{key[-1]}_real"]
-        entry["gap_recovered"] = float((entry[f"{key[-1]}_real+synthetic"] - entry[f"{key[-1]}_real"]) / gap) if gap else None
+        entry["gap_recovered"] = (
+            float((entry[f"{key[-1]}_real+synthetic"] - entry[f"{key[-1]}_real"]) / gap) if gap else None
+        )
     return entry
 
 
-def uplift_table(real: ArraySet, synthetic: ArraySet, test: list[LabelledImage], classes: tuple[str, ...], cfg: DownstreamConfig,
-                 seeds: int | None = None, ceiling: ArraySet | None = None) -> dict:
-    """The uplift table: per task and training set, the held-out metric over ``seeds`` seeds; plus rows for the DVC plot.
+def uplift_table(
+    real: ArraySet,
+    synthetic: ArraySet,
+    test: list[LabelledImage],
+    classes: tuple[str, ...],
+    cfg: DownstreamConfig,
+    seeds: int | None = None,
+    ceiling: ArraySet | None = None,
+) -> dict:
+    """The uplift table: per task and training set, the held-out metric over ``seeds`` seeds; plus rows for the DVC
+    plot.
 
     A task the synthetic set has no labels for (a decoder without that head) gets the
     real-only row and no others.

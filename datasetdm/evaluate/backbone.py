@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 Layout = list[tuple[str, str]]
 
 
-def fidelity_layouts(classes: tuple[str, ...], colours: tuple[str, ...], num: int, num_objects: int, seed: int) -> list[Layout]:
+def fidelity_layouts(
+    classes: tuple[str, ...], colours: tuple[str, ...], num: int, num_objects: int, seed: int
+) -> list[Layout]:
     """``num`` prompt layouts: single objects cycle through every (shape, colour); pairs are drawn at random."""
     if num_objects == 1:
         pairs = list(itertools.product(classes, colours))
@@ -46,7 +48,8 @@ def fidelity_layouts(classes: tuple[str, ...], colours: tuple[str, ...], num: in
 
 
 def to_uint8(images, size: int) -> np.ndarray:
-    """Backbone images (B, 3, H, W) float in [0, 1] -> uint8 (B, size, size, 3), resized if the model draws another size."""
+    """Backbone images (B, 3, H, W) float in [0, 1] -> uint8 (B, size, size, 3), resized if the model draws another
+    size."""
     out = []
     for img in images:
         pixels = (img.detach().cpu().permute(1, 2, 0).numpy() * 255).round().clip(0, 255).astype(np.uint8)
@@ -56,18 +59,27 @@ def to_uint8(images, size: int) -> np.ndarray:
     return np.stack(out)
 
 
-def generate_layouts(backbone: Backbone, layouts: list[Layout], seed: int, params: Params, batch_size: int = 16) -> np.ndarray:
+def generate_layouts(
+    backbone: Backbone, layouts: list[Layout], seed: int, params: Params, batch_size: int = 16
+) -> np.ndarray:
     """One image per layout from its canonical caption, seeds ``seed + i``."""
     prompts = [caption_for(layout) for layout in layouts]
     out = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="fidelity samples", unit="batch", mininterval=5):
-        images, _ = backbone.sample(prompts[i:i + batch_size], [seed + i + j for j in range(len(prompts[i:i + batch_size]))],
-                                    params.backbone.steps, params.backbone.guidance_scale, None)
+        images, _ = backbone.sample(
+            prompts[i : i + batch_size],
+            [seed + i + j for j in range(len(prompts[i : i + batch_size]))],
+            params.backbone.steps,
+            params.backbone.guidance_scale,
+            None,
+        )
         out.append(to_uint8(images, params.world.image_size))
     return np.concatenate(out)
 
 
-def prompt_fidelity(inspector: Inspector, images: np.ndarray, layouts: list[Layout]) -> tuple[float, list[bool], list[Counter]]:
+def prompt_fidelity(
+    inspector: Inspector, images: np.ndarray, layouts: list[Layout]
+) -> tuple[float, list[bool], list[Counter]]:
     """Fraction of images whose inspector reading equals the layout; per-image verdicts and readings."""
     labels = inspector.segment(images)
     readings = [inspector.read_objects(img, lab) for img, lab in zip(images, labels)]
@@ -94,8 +106,11 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * np.real(covmean)))
 
 
-def fidelity_grid(images: np.ndarray, layouts: list[Layout], readings: list[Counter], ok: list[bool], path: str | Path) -> None:
-    """Generated images captioned with prompt, verdict and what the inspector read: look at these before trusting the number."""
+def fidelity_grid(
+    images: np.ndarray, layouts: list[Layout], readings: list[Counter], ok: list[bool], path: str | Path
+) -> None:
+    """Generated images captioned with prompt, verdict and what the inspector read: look at these before trusting the
+    number."""
     items = []
     for img, layout, reading, good in zip(images, layouts, readings, ok):
         read = ", ".join(f"{n} {colour} {shape}" for (shape, colour), n in sorted(reading.items())) or "nothing"
@@ -103,8 +118,14 @@ def fidelity_grid(images: np.ndarray, layouts: list[Layout], readings: list[Coun
     sample_grid(items, path, columns=6, scale=2)
 
 
-def measure_backbone(backbone: Backbone, inspector: Inspector, params: Params, real_images: np.ndarray | None = None,
-                     export_dir: str | Path | None = None, grid: str | Path | None = None) -> dict:
+def measure_backbone(
+    backbone: Backbone,
+    inspector: Inspector,
+    params: Params,
+    real_images: np.ndarray | None = None,
+    export_dir: str | Path | None = None,
+    grid: str | Path | None = None,
+) -> dict:
     """Prompt fidelity always; label agreement and Fréchet distance when an export is given."""
     cfg = params.inspect
     result: dict = {"prompt_fidelity": {}}
@@ -116,11 +137,17 @@ def measure_backbone(backbone: Backbone, inspector: Inspector, params: Params, r
         result["prompt_fidelity"][key] = score
         # The same layouts rendered by the world itself: the inspector's ceiling for this group.
         world = dataclasses.replace(params.world, classes=inspector.classes)
-        rendered = np.stack([render_scene(world, cfg.fidelity_seed + i, layout=lay).image for i, lay in enumerate(layouts)])
+        rendered = np.stack(
+            [render_scene(world, cfg.fidelity_seed + i, layout=lay).image for i, lay in enumerate(layouts)]
+        )
         result["prompt_fidelity"][f"{key}_rendered"] = prompt_fidelity(inspector, rendered, layouts)[0]
         if n == 1:
-            verdicts = {shape: [good for good, lay in zip(ok, layouts) if lay[0][0] == shape] for shape in inspector.classes}
-            result["prompt_fidelity"]["single_object_by_shape"] = {s: float(np.mean(v)) if v else None for s, v in verdicts.items()}
+            verdicts = {
+                shape: [good for good, lay in zip(ok, layouts) if lay[0][0] == shape] for shape in inspector.classes
+            }
+            result["prompt_fidelity"]["single_object_by_shape"] = {
+                s: float(np.mean(v)) if v else None for s, v in verdicts.items()
+            }
         shown += list(zip(images, layouts, readings, ok))[:12]
         logger.info("prompt fidelity %s: %.3f", key, score)
     if grid is not None:
@@ -144,7 +171,14 @@ def fidelity_curve(params: Params, inspector: Inspector, num: int = 48) -> list[
         backbone = StableDiffusionBackbone(snapshot_components(params, folder))
         fidelity = measure_backbone(backbone, inspector, small)["prompt_fidelity"]
         meta = json.loads((folder / "meta.json").read_text())
-        rows.append({"step": step, "minutes": round(meta["minutes"], 2), "loss": meta["loss"],
-                     "single_object": fidelity["single_object"], "two_objects": fidelity["two_objects"]})
+        rows.append(
+            {
+                "step": step,
+                "minutes": round(meta["minutes"], 2),
+                "loss": meta["loss"],
+                "single_object": fidelity["single_object"],
+                "two_objects": fidelity["two_objects"],
+            }
+        )
         logger.info("snapshot %d: fidelity %.3f / %.3f", step, fidelity["single_object"], fidelity["two_objects"])
     return rows

@@ -11,8 +11,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 
-def coco_stats(dataset: dict[str, Any], detections: list[dict], iou_type: str, evaluator: type[COCOeval] = COCOeval,
-               **params: Any) -> np.ndarray:
+def coco_stats(
+    dataset: dict[str, Any], detections: list[dict], iou_type: str, evaluator: type[COCOeval] = COCOeval, **params: Any
+) -> np.ndarray:
     """``COCOeval.stats`` for ``detections`` (non-empty) against the ground-truth COCO ``dataset``.
 
     ``params`` are set on ``COCOeval.params`` before evaluating (e.g. ``catIds``,

@@ -51,7 +51,7 @@ class Inspector:
     @torch.no_grad()
     def logits(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 class logits (N, 1 + C, H, W)."""
-        out = [self.model(to_input(images[i:i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
+        out = [self.model(to_input(images[i : i + batch_size])).numpy() for i in range(0, len(images), batch_size)]
         return np.concatenate(out).astype(np.float32)
 
     def segment(self, images: np.ndarray, classes: tuple[str, ...] | None = None) -> np.ndarray:
@@ -67,7 +67,7 @@ class Inspector:
         """Pooled bottleneck activations (N, D): the inspector's own notion of what an image holds."""
         m, out = self.model, []
         for i in range(0, len(images), batch_size):
-            a = m.e1(to_input(images[i:i + batch_size]))
+            a = m.e1(to_input(images[i : i + batch_size]))
             c = m.e3(F.max_pool2d(m.e2(F.max_pool2d(a, 2)), 2))
             out.append(torch.cat([c.mean((2, 3)), c.amax((2, 3))], 1).numpy())
         return np.concatenate(out).astype(np.float64)
@@ -87,7 +87,9 @@ class Inspector:
         palette = np.array([COLOUR_RGB[c] for c in self.colours], dtype=np.float64)
         foreground = labels > 0
         nearest = np.full(labels.shape, -1, dtype=np.int64)
-        nearest[foreground] = ((image[foreground].astype(np.float64)[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
+        nearest[foreground] = (
+            ((image[foreground].astype(np.float64)[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
+        )
         found: Counter = Counter()
         for c, colour in enumerate(self.colours):
             pieces, n = ndimage.label(nearest == c, structure=EIGHT_CONNECTED)
@@ -105,8 +107,13 @@ class Inspector:
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            meta = {"classes": list(self.classes), "colours": list(self.colours), "min_area": self.min_area,
-                    "width": self.model.e1[0].out_channels, **(extra or {})}
+            meta = {
+                "classes": list(self.classes),
+                "colours": list(self.colours),
+                "min_area": self.min_area,
+                "width": self.model.e1[0].out_channels,
+                **(extra or {}),
+            }
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
             save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / WEIGHTS_FILE)
 
@@ -114,13 +121,17 @@ class Inspector:
     def load(cls, path: str | Path) -> "Inspector":
         path = Path(path)
         if not (path / CONFIG_FILE).is_file():
-            raise DatasetDMError(path, "inspect.model", f"no inspector here (missing {CONFIG_FILE}); run `make inspector`")
+            raise DatasetDMError(
+                path, "inspect.model", f"no inspector here (missing {CONFIG_FILE}); run `make inspector`"
+            )
         try:
             meta = json.loads((path / CONFIG_FILE).read_text())
             model = SmallUNet(1 + len(meta["classes"]), int(meta["width"]))
             model.load_state_dict(load_file(path / WEIGHTS_FILE))
         except (json.JSONDecodeError, KeyError, RuntimeError, OSError) as e:
-            raise DatasetDMError(path, "inspect.model", f"not a usable inspector ({str(e).splitlines()[0][:200]})") from None
+            raise DatasetDMError(
+                path, "inspect.model", f"not a usable inspector ({str(e).splitlines()[0][:200]})"
+            ) from None
         return cls(model.eval(), tuple(meta["classes"]), tuple(meta["colours"]), int(meta["min_area"]))
 
 
@@ -141,11 +152,20 @@ def inspector_world(world: WorldConfig, cfg: InspectConfig) -> WorldConfig:
 
 
 def train_inspector(world: WorldConfig, cfg: InspectConfig) -> tuple[Inspector, dict]:
-    """Train on ``cfg.train_images`` rendered scenes and report mIoU on ``cfg.num_test`` more (its own held-out seeds)."""
+    """Train on ``cfg.train_images`` rendered scenes; report mIoU on ``cfg.num_test`` more (its own held-out seeds)."""
     iworld = inspector_world(world, cfg)
     train, _ = render_set(iworld, cfg.train_images, cfg.seed, "render inspector training scenes")
-    model = train_model("semantic", [train], 1 + len(cfg.classes), cfg.steps, cfg.batch_size, cfg.lr, cfg.seed,
-                        width=cfg.width, desc="train inspector")
+    model = train_model(
+        "semantic",
+        [train],
+        1 + len(cfg.classes),
+        cfg.steps,
+        cfg.batch_size,
+        cfg.lr,
+        cfg.seed,
+        width=cfg.width,
+        desc="train inspector",
+    )
     inspector = Inspector(model, cfg.classes, world.colours, cfg.min_area)
     return inspector, held_out_quality(inspector, world, cfg)
 
@@ -153,11 +173,16 @@ def train_inspector(world: WorldConfig, cfg: InspectConfig) -> tuple[Inspector, 
 def held_out_quality(inspector: Inspector, world: WorldConfig, cfg: InspectConfig) -> dict:
     """mIoU on rendered scenes of its own held-out seeds, and how often the objects it reads are exactly the scene's."""
     iworld = dataclasses.replace(world, classes=inspector.classes, colours=inspector.colours)
-    test, objects = render_set(iworld, cfg.num_test, cfg.seed + cfg.train_images + 1_000_000, "render inspector test scenes")
+    test, objects = render_set(
+        iworld, cfg.num_test, cfg.seed + cfg.train_images + 1_000_000, "render inspector test scenes"
+    )
     labels = inspector.segment(test.images)
     conf = confusion_matrix(labels, test.semantic, 1 + len(inspector.classes))
     exact = [inspector.read_objects(img, lab) == Counter(obj) for img, lab, obj in zip(test.images, labels, objects)]
-    stats = {"mIoU": semantic_metrics(conf, inspector.classes)["mIoU"], "reading_accuracy": float(np.mean(exact)),
-             "num_test": len(test)}
+    stats = {
+        "mIoU": semantic_metrics(conf, inspector.classes)["mIoU"],
+        "reading_accuracy": float(np.mean(exact)),
+        "num_test": len(test),
+    }
     logger.info("inspector held-out mIoU %.4f, object reading accuracy %.4f", stats["mIoU"], stats["reading_accuracy"])
     return stats

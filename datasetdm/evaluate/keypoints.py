@@ -21,7 +21,6 @@ import numpy as np
 from pycocotools.cocoeval import COCOeval
 
 from datasetdm.evaluate.coco_eval import coco_stats
-
 from datasetdm.worlds.shapes import KEYPOINT_NAMES
 
 OKS_SIGMA = 0.1
@@ -71,20 +70,40 @@ class KeypointAP:
         self.gt: list[dict] = []
         self.dt: list[dict] = []
 
-    def update(self, image_id: int, size: tuple[int, int], gt: list[tuple[str, np.ndarray, float, list[float]]],
-               predicted: list[tuple[int, np.ndarray, float]]) -> None:
+    def update(
+        self,
+        image_id: int,
+        size: tuple[int, int],
+        gt: list[tuple[str, np.ndarray, float, list[float]]],
+        predicted: list[tuple[int, np.ndarray, float]],
+    ) -> None:
         """gt: (class name, (K, 3) keypoints, area, bbox) per instance; predicted: (category id, (K, 3), score)."""
         self.images.append({"id": image_id, "height": int(size[0]), "width": int(size[1])})
         for name, kps, area, bbox in gt:
             if name not in self.classes:
                 continue
             kps = np.asarray(kps, dtype=np.float64).reshape(-1, 3)
-            self.gt.append({"id": len(self.gt) + 1, "image_id": image_id, "category_id": 1 + self.classes.index(name),
-                            "keypoints": kps.reshape(-1).tolist(), "num_keypoints": int((kps[:, 2] > 0).sum()),
-                            "area": float(area), "bbox": [float(v) for v in bbox], "iscrowd": 0})
+            self.gt.append(
+                {
+                    "id": len(self.gt) + 1,
+                    "image_id": image_id,
+                    "category_id": 1 + self.classes.index(name),
+                    "keypoints": kps.reshape(-1).tolist(),
+                    "num_keypoints": int((kps[:, 2] > 0).sum()),
+                    "area": float(area),
+                    "bbox": [float(v) for v in bbox],
+                    "iscrowd": 0,
+                }
+            )
         for k, kps, score in predicted:
-            self.dt.append({"image_id": image_id, "category_id": int(k), "keypoints": np.asarray(kps, dtype=np.float64).reshape(-1).tolist(),
-                            "score": float(score)})
+            self.dt.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(k),
+                    "keypoints": np.asarray(kps, dtype=np.float64).reshape(-1).tolist(),
+                    "score": float(score),
+                }
+            )
 
     def result(self) -> dict:
         """AP, AP50 (means over categories with labelled keypoints) and per-category AP."""
@@ -99,14 +118,27 @@ class KeypointAP:
                 per_class[name] = 0.0
                 ap50.append(0.0)
                 continue
-            dataset = {"images": self.images, "annotations": [g for g in self.gt if g["category_id"] == k],
-                       "categories": [{"id": k, "name": name, "keypoints": list(KEYPOINT_NAMES[name])}]}
-            stats = coco_stats(dataset, dts, "keypoints", SymmetricKeypointEval, catIds=[k],
-                               kpt_oks_sigmas=np.full(len(KEYPOINT_NAMES[name]), OKS_SIGMA))
+            dataset = {
+                "images": self.images,
+                "annotations": [g for g in self.gt if g["category_id"] == k],
+                "categories": [{"id": k, "name": name, "keypoints": list(KEYPOINT_NAMES[name])}],
+            }
+            stats = coco_stats(
+                dataset,
+                dts,
+                "keypoints",
+                SymmetricKeypointEval,
+                catIds=[k],
+                kpt_oks_sigmas=np.full(len(KEYPOINT_NAMES[name]), OKS_SIGMA),
+            )
             per_class[name] = max(float(stats[0]), 0.0)  # -1 means "no ground truth"; excluded above
             ap50.append(max(float(stats[1]), 0.0))
         if not per_class:
             return {"AP": float("nan"), "AP50": float("nan"), "num_instances": 0, "per_class_AP": {}}
-        return {"AP": float(np.mean(list(per_class.values()))), "AP50": float(np.mean(ap50)),
-                "num_instances": sum(g["num_keypoints"] > 0 for g in self.gt), "per_class_AP": per_class,
-                "oks_sigma": OKS_SIGMA}
+        return {
+            "AP": float(np.mean(list(per_class.values()))),
+            "AP50": float(np.mean(ap50)),
+            "num_instances": sum(g["num_keypoints"] > 0 for g in self.gt),
+            "per_class_AP": per_class,
+            "oks_sigma": OKS_SIGMA,
+        }

@@ -30,8 +30,17 @@ from datasetdm.generate import annotate_batch
 from datasetdm.worlds.shapes import render_scene
 
 
-def filter_on_regenerated(backbone: Backbone, decoder: PDecoder, world: WorldConfig, bb: BackboneConfig, min_score: float,
-                          num: int, seed: int, strength: float, batch_size: int = 16) -> dict:
+def filter_on_regenerated(
+    backbone: Backbone,
+    decoder: PDecoder,
+    world: WorldConfig,
+    bb: BackboneConfig,
+    min_score: float,
+    num: int,
+    seed: int,
+    strength: float,
+    batch_size: int = 16,
+) -> dict:
     """Per-image mIoU (decoder labels vs known layout) of regenerated scenes the filter keeps, drops, and all."""
     classes = tuple(decoder.config["classes"])
     n = 1 + len(classes)
@@ -40,16 +49,29 @@ def filter_on_regenerated(backbone: Backbone, decoder: PDecoder, world: WorldCon
     for start in tqdm(range(0, num, batch_size), desc="filter on regenerated layouts", unit="batch", mininterval=2):
         scenes = [render_scene(world, seed + i) for i in range(start, min(start + batch_size, num))]
         images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
-        made = annotate_batch(backbone, decoder, [s.caption for s in scenes], [seed + start + j for j in range(len(scenes))],
-                              classes, bb, init_images=images, strength=strength)
+        made = annotate_batch(
+            backbone,
+            decoder,
+            [s.caption for s in scenes],
+            [seed + start + j for j in range(len(scenes))],
+            classes,
+            bb,
+            init_images=images,
+            strength=strength,
+        )
         for scene, labels, q in zip(scenes, made.labels, made.quality):
             scores.append(quality_score(q))
             miou.append(float(np.nanmean(iou_from_confusion(confusion_matrix(labels, scene.semantic, n)))))
     kept = np.array(scores) >= min_score
     per_image = np.array(miou)
-    return {"num_images": num, "strength": strength, "min_score": min_score, "kept_fraction": float(kept.mean()),
-            "image_mIoU_all": float(per_image.mean()),
-            "image_mIoU_kept": float(per_image[kept].mean()) if kept.any() else None,
-            "image_mIoU_dropped": float(per_image[~kept].mean()) if (~kept).any() else None,
-            # Does the score rank images the way their agreement with the truth does?
-            "score_mIoU_correlation": float(np.corrcoef(scores, miou)[0, 1]) if num > 2 and np.std(scores) > 0 else None}
+    return {
+        "num_images": num,
+        "strength": strength,
+        "min_score": min_score,
+        "kept_fraction": float(kept.mean()),
+        "image_mIoU_all": float(per_image.mean()),
+        "image_mIoU_kept": float(per_image[kept].mean()) if kept.any() else None,
+        "image_mIoU_dropped": float(per_image[~kept].mean()) if (~kept).any() else None,
+        # Does the score rank images the way their agreement with the truth does?
+        "score_mIoU_correlation": float(np.corrcoef(scores, miou)[0, 1]) if num > 2 and np.std(scores) > 0 else None,
+    }

@@ -14,14 +14,14 @@ from tqdm import tqdm
 
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import BackboneConfig
-from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.inputs import class_attention, named_class_mask, prompt_classes, restrict_logits
+from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import images_tensor
 from datasetdm.evaluate.depth import DepthMetrics
 from datasetdm.evaluate.instances import InstanceAP, instances_from_semantic
 from datasetdm.evaluate.keypoints import KeypointAP
-from datasetdm.keypoints import gt_keypoints, predict_keypoints
 from datasetdm.filtering import quality_components, quality_score
+from datasetdm.keypoints import gt_keypoints, predict_keypoints
 from datasetdm.realset import LabelledImage
 
 
@@ -51,14 +51,21 @@ def semantic_metrics(conf: np.ndarray, classes: tuple[str, ...]) -> dict:
     }
 
 
-def fit_attention_threshold(backbone: Backbone, labelled: list[LabelledImage], bb: BackboneConfig, classes: tuple[str, ...],
-                            grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)) -> float:
+def fit_attention_threshold(
+    backbone: Backbone,
+    labelled: list[LabelledImage],
+    bb: BackboneConfig,
+    classes: tuple[str, ...],
+    grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
+) -> float:
     """The attention-only baseline's one knob, chosen on the K *labelled training* images
     (never the held-out set), so the baseline gets the same labels the decoder got."""
     n = 1 + len(classes)
     conf = {t: np.zeros((n, n), dtype=np.int64) for t in grid}
     images = images_tensor([x.image for x in labelled])
-    feats = backbone.extract_features(images, [x.caption for x in labelled], bb.feature_timestep, [x.id for x in labelled])
+    feats = backbone.extract_features(
+        images, [x.caption for x in labelled], bb.feature_timestep, [x.id for x in labelled]
+    )
     attention = class_attention(feats, backbone, classes).cpu()
     named = named_class_mask(feats.prompts, backbone, classes)
     for t in grid:
@@ -67,8 +74,15 @@ def fit_attention_threshold(backbone: Backbone, labelled: list[LabelledImage], b
     return max(grid, key=lambda t: float(np.nanmean(iou_from_confusion(conf[t]))))
 
 
-def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledImage], bb: BackboneConfig, min_score: float = 0.5,
-                     attention_threshold: float = 0.5, batch_size: int = 16) -> dict:
+def evaluate_decoder(
+    backbone: Backbone,
+    decoder: PDecoder,
+    test: list[LabelledImage],
+    bb: BackboneConfig,
+    min_score: float = 0.5,
+    attention_threshold: float = 0.5,
+    batch_size: int = 16,
+) -> dict:
     """Every head of the decoder on held-out real images, plus two references.
 
     ``semantic`` is the decoder as generation uses it (choosing among the classes the
@@ -93,10 +107,12 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
     scores: list[float] = []
     image_miou: list[float] = []
     for start in tqdm(range(0, len(test), batch_size), desc="evaluate", unit="batch", mininterval=2):
-        chunk = test[start:start + batch_size]
+        chunk = test[start : start + batch_size]
         device = next(decoder.parameters()).device
         images = images_tensor([x.image for x in chunk]).to(device)
-        feats = backbone.extract_features(images, [x.caption for x in chunk], bb.feature_timestep, [10**9 + x.id for x in chunk]).to(device)
+        feats = backbone.extract_features(
+            images, [x.caption for x in chunk], bb.feature_timestep, [10**9 + x.id for x in chunk]
+        ).to(device)
         attention = class_attention(feats, backbone, classes)
         with torch.no_grad():
             out = decoder(feats.maps, attention, images)
@@ -116,8 +132,12 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
             found = instances_from_semantic(labels, p)
             instances.update(x.id, x.instance_masks, x.instance_classes, found)
             if keypoints is not None:
-                keypoints.update(x.id, labels.shape, gt_keypoints(x.instance_masks, x.instance_classes, x.keypoints),
-                                 predict_keypoints(found, h, classes))
+                keypoints.update(
+                    x.id,
+                    labels.shape,
+                    gt_keypoints(x.instance_masks, x.instance_classes, x.keypoints),
+                    predict_keypoints(found, h, classes),
+                )
             image_miou.append(float(np.nanmean(iou_from_confusion(confusion_matrix(labels, x.semantic, n)))))
         wanted = [[classes.index(c) for c in prompt_classes(prompt, backbone, classes)] for prompt in feats.prompts]
         scores += [quality_score(q) for q in quality_components(torch.from_numpy(probs), attention.cpu(), wanted)]
@@ -131,10 +151,13 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
     metrics["instances"] = instances.result()
     kept = np.array(scores) >= min_score
     per_image = np.array(image_miou)
-    metrics["filter"] = {"min_score": min_score, "kept_fraction": float(kept.mean()),
-                         "image_mIoU_all": float(per_image.mean()),
-                         "image_mIoU_kept": float(per_image[kept].mean()) if kept.any() else None,
-                         "image_mIoU_dropped": float(per_image[~kept].mean()) if (~kept).any() else None}
+    metrics["filter"] = {
+        "min_score": min_score,
+        "kept_fraction": float(kept.mean()),
+        "image_mIoU_all": float(per_image.mean()),
+        "image_mIoU_kept": float(per_image[kept].mean()) if kept.any() else None,
+        "image_mIoU_dropped": float(per_image[~kept].mean()) if (~kept).any() else None,
+    }
     if depth is not None:
         metrics["depth"] = depth.result()
     if keypoints is not None:
@@ -142,7 +165,9 @@ def evaluate_decoder(backbone: Backbone, decoder: PDecoder, test: list[LabelledI
     return metrics
 
 
-def attention_masks(attention: torch.Tensor, named: torch.Tensor, size: tuple[int, int], threshold: float = 0.5) -> torch.Tensor:
+def attention_masks(
+    attention: torch.Tensor, named: torch.Tensor, size: tuple[int, int], threshold: float = 0.5
+) -> torch.Tensor:
     """Training-free labels from cross-attention alone: (B, H, W) class ids."""
     att = F.interpolate(attention, size=size, mode="bilinear", align_corners=False)
     att = att.masked_fill(~named.to(att.device)[:, 1:, None, None], 0)

@@ -25,15 +25,25 @@ from datasetdm.realset import LabelledImage
 
 
 @torch.no_grad()
-def zero_shot_labels(decoder: PDecoder, backbone: Backbone, images: torch.Tensor, prompts: list[str], seen: tuple[str, ...],
-                     unseen: tuple[str, ...], timestep: int, seeds: list[int]) -> torch.Tensor:
+def zero_shot_labels(
+    decoder: PDecoder,
+    backbone: Backbone,
+    images: torch.Tensor,
+    prompts: list[str],
+    seen: tuple[str, ...],
+    unseen: tuple[str, ...],
+    timestep: int,
+    seeds: list[int],
+) -> torch.Tensor:
     """(B, H, W) labels over seen + unseen classes (0 background, 1 + index into seen + unseen)."""
     feats = backbone.extract_features(images, prompts, timestep, seeds)
     every = seen + unseen
     logits = decoder(feats.maps, class_attention(feats, backbone, seen), images)["semantic"]
     probs = restrict_logits(logits, named_class_mask(prompts, backbone, seen)).softmax(1)
     labels = probs.argmax(1)
-    attention = F.interpolate(class_attention(feats, backbone, every), size=images.shape[-2:], mode="bilinear", align_corners=False)
+    attention = F.interpolate(
+        class_attention(feats, backbone, every), size=images.shape[-2:], mode="bilinear", align_corners=False
+    )
     named = named_class_mask(prompts, backbone, every)[:, 1:]
     attention = attention.masked_fill(~named[:, :, None, None], -1.0)
     best = attention.argmax(1)  # index into ``every``
@@ -42,21 +52,42 @@ def zero_shot_labels(decoder: PDecoder, backbone: Backbone, images: torch.Tensor
     return torch.where(to_unseen, best + 1, labels)
 
 
-def evaluate_zero_shot(backbone: Backbone, decoder: PDecoder, test: list[LabelledImage], bb: BackboneConfig,
-                       unseen: tuple[str, ...], batch_size: int = 16) -> dict:
+def evaluate_zero_shot(
+    backbone: Backbone,
+    decoder: PDecoder,
+    test: list[LabelledImage],
+    bb: BackboneConfig,
+    unseen: tuple[str, ...],
+    batch_size: int = 16,
+) -> dict:
     seen = tuple(decoder.config["classes"])
     n = 1 + len(seen) + len(unseen)
     conf = np.zeros((n, n), dtype=np.int64)
     for start in tqdm(range(0, len(test), batch_size), desc="zero-shot", unit="batch", mininterval=2):
-        chunk = test[start:start + batch_size]
+        chunk = test[start : start + batch_size]
         images = images_tensor([x.image for x in chunk])
-        labels = zero_shot_labels(decoder, backbone, images, [x.caption for x in chunk], seen, unseen, bb.feature_timestep,
-                                  [2 * 10**9 + x.id for x in chunk])
+        labels = zero_shot_labels(
+            decoder,
+            backbone,
+            images,
+            [x.caption for x in chunk],
+            seen,
+            unseen,
+            bb.feature_timestep,
+            [2 * 10**9 + x.id for x in chunk],
+        )
         for p, x in zip(labels.numpy(), chunk):
             conf += confusion_matrix(p, x.semantic, n)
     iou = iou_from_confusion(conf)
-    seen_miou, unseen_miou = float(np.nanmean(iou[1:1 + len(seen)])), float(np.nanmean(iou[1 + len(seen):]))
+    seen_miou, unseen_miou = float(np.nanmean(iou[1 : 1 + len(seen)])), float(np.nanmean(iou[1 + len(seen) :]))
     harmonic = 2 * seen_miou * unseen_miou / (seen_miou + unseen_miou) if seen_miou + unseen_miou > 0 else 0.0
-    return {"unseen_classes": list(unseen), "mIoU_seen": seen_miou, "mIoU_unseen": unseen_miou, "harmonic": harmonic,
-            "per_class_iou": {name: (None if np.isnan(v) else float(v)) for name, v in zip(["background", *seen, *unseen], iou)},
-            "num_images": len(test)}
+    return {
+        "unseen_classes": list(unseen),
+        "mIoU_seen": seen_miou,
+        "mIoU_unseen": unseen_miou,
+        "harmonic": harmonic,
+        "per_class_iou": {
+            name: (None if np.isnan(v) else float(v)) for name, v in zip(["background", *seen, *unseen], iou)
+        },
+        "num_images": len(test),
+    }

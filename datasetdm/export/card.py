@@ -18,7 +18,7 @@ FORMATS = {
     "images": "images/<id>.png, RGB uint8",
     "masks": "masks/<id>.png, PASCAL VOC palette PNG; pixel value = category id (0 = background)",
     "annotations": "annotations.json, COCO; one RLE annotation per object instance (connected piece of a class); "
-                   "keypoints per instance (COCO order, corners clockwise from 12 o'clock) when the decoder has a keypoint head",
+    "keypoints per instance (COCO order, corners clockwise from 12 o'clock) when the decoder has a keypoint head",
     "depth": "depth/<id>.png, 16-bit greyscale PNG, metres = value / depth_scale (when the decoder has a depth head)",
 }
 
@@ -29,18 +29,33 @@ def class_histogram(label_counts: Sequence[np.ndarray], classes: Sequence[str]) 
     label_counts: one array per image, ``np.bincount(semantic.ravel(), minlength=1 + C)``.
     """
     if label_counts:
-        counts = np.stack([np.asarray(c[:1 + len(classes)], dtype=np.int64) for c in label_counts])
+        counts = np.stack([np.asarray(c[: 1 + len(classes)], dtype=np.int64) for c in label_counts])
     else:
         counts = np.zeros((0, 1 + len(classes)), dtype=np.int64)
     total = int(counts.sum())
-    return {name: {"images": int((counts[:, k] > 0).sum()),
-                   "pixel_fraction": round(float(counts[:, k].sum()) / total, 6) if total else 0.0}
-            for k, name in enumerate(classes, start=1)}
+    return {
+        name: {
+            "images": int((counts[:, k] > 0).sum()),
+            "pixel_fraction": round(float(counts[:, k].sum()) / total, 6) if total else 0.0,
+        }
+        for k, name in enumerate(classes, start=1)
+    }
 
 
-def build_card(*, classes: Sequence[str], image_size: int, generated: Sequence[dict], kept: Sequence[dict],
-               label_counts: Sequence[np.ndarray], min_score: float | None, params: dict[str, Any],
-               backbone: str, decoder: str, files: dict[str, str], provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_card(
+    *,
+    classes: Sequence[str],
+    image_size: int,
+    generated: Sequence[dict],
+    kept: Sequence[dict],
+    label_counts: Sequence[np.ndarray],
+    min_score: float | None,
+    params: dict[str, Any],
+    backbone: str,
+    decoder: str,
+    files: dict[str, str],
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Assemble the card.
 
     generated: every generation record (``id``, ``prompt``, ``seed``, ``scheduler``,
@@ -62,9 +77,11 @@ def build_card(*, classes: Sequence[str], image_size: int, generated: Sequence[d
         "image_size": image_size,
         "depth_scale": DEPTH_SCALE,
         "counts": {"generated": len(generated), "kept": len(kept), "dropped": len(generated) - len(kept)},
-        "scores": {"min_score": min_score,
-                   "kept_min": round(min(scores), 6) if scores else None,
-                   "kept_mean": round(float(np.mean(scores)), 6) if scores else None},
+        "scores": {
+            "min_score": min_score,
+            "kept_min": round(min(scores), 6) if scores else None,
+            "kept_mean": round(float(np.mean(scores)), 6) if scores else None,
+        },
         "class_histogram": class_histogram(label_counts, classes),
         "models": {"backbone": backbone, "decoder": decoder},
         "formats": FORMATS,
@@ -77,8 +94,10 @@ def build_card(*, classes: Sequence[str], image_size: int, generated: Sequence[d
             "seeds": {"min": min(seeds), "max": max(seeds)} if seeds else None,
             "prompts": len({r["prompt"] for r in generated}),
         },
-        "samples": [{"id": r["id"], "prompt": r["prompt"], "seed": int(r["seed"]), "kept": r["id"] in kept_ids}
-                    for r in generated],
+        "samples": [
+            {"id": r["id"], "prompt": r["prompt"], "seed": int(r["seed"]), "kept": r["id"] in kept_ids}
+            for r in generated
+        ],
         "params": params,
         # git revision and DVC remote/hashes of the inputs (datasetdm.provenance), if known
         **({"provenance": provenance} if provenance is not None else {}),

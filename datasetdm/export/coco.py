@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
-from scipy import ndimage
 from pycocotools.coco import COCO
+from scipy import ndimage
 
 from datasetdm.io import write_json
 from datasetdm.keypoints import group_keypoints
@@ -29,8 +29,13 @@ from datasetdm.worlds.shapes import KEYPOINT_NAMES
 SUPERCATEGORY = "shape"
 
 
-def semantic_to_coco_annotations(semantic: np.ndarray, image_id: int, classes: Sequence[str],
-                                 start_ann_id: int, peaks: list[np.ndarray] | None = None) -> list[dict[str, Any]]:
+def semantic_to_coco_annotations(
+    semantic: np.ndarray,
+    image_id: int,
+    classes: Sequence[str],
+    start_ann_id: int,
+    peaks: list[np.ndarray] | None = None,
+) -> list[dict[str, Any]]:
     """One COCO annotation per connected piece of each class in ``semantic``.
 
     With ``peaks`` (the keypoint heatmap peaks of the image, ``datasetdm.keypoints``)
@@ -56,8 +61,15 @@ def semantic_to_coco_annotations(semantic: np.ndarray, image_id: int, classes: S
         area = float(mask_utils.area(rle))
         bbox = [float(v) for v in mask_utils.toBbox(rle)]
         rle["counts"] = rle["counts"].decode("ascii")  # bytes are not JSON
-        ann = {"id": start_ann_id + len(annotations), "image_id": int(image_id), "category_id": k,
-               "segmentation": rle, "area": area, "bbox": bbox, "iscrowd": 0}
+        ann = {
+            "id": start_ann_id + len(annotations),
+            "image_id": int(image_id),
+            "category_id": k,
+            "segmentation": rle,
+            "area": area,
+            "bbox": bbox,
+            "iscrowd": 0,
+        }
         if grouped is not None:
             kps = grouped[j][0]
             ann["keypoints"] = [round(float(v), 3) for v in kps.reshape(-1)]
@@ -73,7 +85,9 @@ def _pieces(mask: np.ndarray) -> list[np.ndarray]:
 
 def coco_categories(classes: Sequence[str], keypoints: bool = False) -> list[dict[str, Any]]:
     """Categories; with ``keypoints`` each lists its keypoint names and a skeleton (every point to the centre)."""
-    cats: list[dict[str, Any]] = [{"id": i + 1, "name": name, "supercategory": SUPERCATEGORY} for i, name in enumerate(classes)]
+    cats: list[dict[str, Any]] = [
+        {"id": i + 1, "name": name, "supercategory": SUPERCATEGORY} for i, name in enumerate(classes)
+    ]
     if keypoints:
         for cat in cats:
             names = KEYPOINT_NAMES[cat["name"]]
@@ -82,11 +96,25 @@ def coco_categories(classes: Sequence[str], keypoints: bool = False) -> list[dic
     return cats
 
 
-def write_coco(path: str | Path, images: list[dict], annotations: list[dict], classes: Sequence[str],
-               info: dict[str, Any], keypoints: bool = False) -> None:
+def write_coco(
+    path: str | Path,
+    images: list[dict],
+    annotations: list[dict],
+    classes: Sequence[str],
+    info: dict[str, Any],
+    keypoints: bool = False,
+) -> None:
     """Write a complete COCO JSON file atomically."""
-    write_json(path, {"info": info, "licenses": [], "images": images, "annotations": annotations,
-                      "categories": coco_categories(classes, keypoints)})
+    write_json(
+        path,
+        {
+            "info": info,
+            "licenses": [],
+            "images": images,
+            "annotations": annotations,
+            "categories": coco_categories(classes, keypoints),
+        },
+    )
 
 
 def load_coco_masks(path: str | Path) -> dict[str, np.ndarray]:

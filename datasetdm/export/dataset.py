@@ -42,8 +42,16 @@ MANIFEST = "manifest.json"
 RECORDS = "records.json"
 # Fields every generation record must carry, with their JSON types.
 RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "id": str, "prompt": str, "seed": int, "image": str, "semantic": str, "backbone": str, "decoder": str,
-    "scheduler": str, "steps": int, "guidance_scale": (int, float),
+    "id": str,
+    "prompt": str,
+    "seed": int,
+    "image": str,
+    "semantic": str,
+    "backbone": str,
+    "decoder": str,
+    "scheduler": str,
+    "steps": int,
+    "guidance_scale": (int, float),
 }
 # Sample ids and shard names become file and folder names in the export: only plain
 # names (no separators, no "..", no leading dot, no control characters) may.
@@ -71,8 +79,14 @@ class Sample:
         return self.records_file.parent / self.record[key]
 
 
-def export_dataset(gen_dir: str | Path, filtered_json: str | Path, out_dir: str | Path, params_dict: dict[str, Any],
-                   grid_samples: int, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_dataset(
+    gen_dir: str | Path,
+    filtered_json: str | Path,
+    out_dir: str | Path,
+    params_dict: dict[str, Any],
+    grid_samples: int,
+    provenance: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Export the kept samples of ``gen_dir`` to ``out_dir``; return the dataset card."""
     if grid_samples < 0:
         raise ValueError(f"grid_samples must be >= 0, got {grid_samples}")
@@ -96,9 +110,17 @@ def export_dataset(gen_dir: str | Path, filtered_json: str | Path, out_dir: str 
             shutil.copyfile(s.path("image"), tmp / "images" / f"{s.id}.png")
             save_voc_mask(tmp / "masks" / f"{s.id}.png", semantic)
             h, w = semantic.shape
-            entry = {"id": n, "file_name": f"images/{s.id}.png", "width": w, "height": h,
-                     "prompt": s.record["prompt"], "seed": s.record["seed"], "score": s.score,
-                     "sample_id": s.id, "shard": s.shard}
+            entry = {
+                "id": n,
+                "file_name": f"images/{s.id}.png",
+                "width": w,
+                "height": h,
+                "prompt": s.record["prompt"],
+                "seed": s.record["seed"],
+                "score": s.score,
+                "sample_id": s.id,
+                "shard": s.shard,
+            }
             if "depth" in s.record:
                 _check_depth(s, semantic.shape)
                 (tmp / "depth").mkdir(exist_ok=True)
@@ -106,26 +128,46 @@ def export_dataset(gen_dir: str | Path, filtered_json: str | Path, out_dir: str 
                 entry["depth_file"] = f"depth/{s.id}.png"
             images.append(entry)
             peaks = _read_peaks(s) if "keypoints" in s.record else None
-            annotations += semantic_to_coco_annotations(semantic, n, classes, start_ann_id=len(annotations) + 1, peaks=peaks)
+            annotations += semantic_to_coco_annotations(
+                semantic, n, classes, start_ann_id=len(annotations) + 1, peaks=peaks
+            )
             label_counts.append(np.bincount(semantic.ravel(), minlength=1 + len(classes)))
             if len(grid) < grid_samples:
                 grid.append((image, semantic, s.record["prompt"], s.score))
         # No date in "info": the same inputs must give the same bytes (DVC hashes outputs).
-        info = {"description": "datasetdm synthetic dataset", "contributor": "datasetdm", "version": "1",
-                "backbone": manifest["backbone"], "decoder": manifest["decoder"], "min_score": min_score,
-                "depth_scale": DEPTH_SCALE}
+        info = {
+            "description": "datasetdm synthetic dataset",
+            "contributor": "datasetdm",
+            "version": "1",
+            "backbone": manifest["backbone"],
+            "decoder": manifest["decoder"],
+            "min_score": min_score,
+            "depth_scale": DEPTH_SCALE,
+        }
         write_coco(tmp / "annotations.json", images, annotations, classes, info, keypoints=has_keypoints)
-        files = {"annotations.json": sha256_file(tmp / "annotations.json"),
-                 "images": sha256_dir(tmp / "images"), "masks": sha256_dir(tmp / "masks")}
+        files = {
+            "annotations.json": sha256_file(tmp / "annotations.json"),
+            "images": sha256_dir(tmp / "images"),
+            "masks": sha256_dir(tmp / "masks"),
+        }
         if (tmp / "depth").is_dir():
             files["depth"] = sha256_dir(tmp / "depth")
         if grid:
             sample_grid(grid, tmp / "grid.png", classes=classes)
             files["grid.png"] = sha256_file(tmp / "grid.png")
-        card = build_card(classes=classes, image_size=manifest["image_size"], generated=[s.record for s in samples],
-                          kept=[{"id": s.id, "score": s.score} for s in kept], label_counts=label_counts,
-                          min_score=min_score, params=params_dict, backbone=manifest["backbone"],
-                          decoder=manifest["decoder"], files=files, provenance=provenance)
+        card = build_card(
+            classes=classes,
+            image_size=manifest["image_size"],
+            generated=[s.record for s in samples],
+            kept=[{"id": s.id, "score": s.score} for s in kept],
+            label_counts=label_counts,
+            min_score=min_score,
+            params=params_dict,
+            backbone=manifest["backbone"],
+            decoder=manifest["decoder"],
+            files=files,
+            provenance=provenance,
+        )
         write_json(tmp / "dataset.json", card)
     return card
 
@@ -184,15 +226,21 @@ def _read_shards(gen_dir: Path, manifest: dict[str, Any], manifest_file: Path) -
         if not shard_dir.is_dir():
             raise DatasetDMError(manifest_file, f"shards[{i}].sha256", f"shard {name} is missing from {gen_dir}")
         if sha256_dir(shard_dir) != shard["sha256"]:
-            raise DatasetDMError(manifest_file, f"shards[{i}].sha256",
-                                 f"shard {name} does not match its recorded hash (files changed or missing); re-run generate")
+            raise DatasetDMError(
+                manifest_file,
+                f"shards[{i}].sha256",
+                f"shard {name} does not match its recorded hash (files changed or missing); re-run generate",
+            )
         records_file = shard_dir / RECORDS
         records = _read_json(records_file, "not found")
         if not isinstance(records, list):
             raise DatasetDMError(records_file, None, "must be a JSON list of records")
         if len(records) != shard["num_samples"]:
-            raise DatasetDMError(manifest_file, f"shards[{i}].num_samples",
-                                 f"says {shard['num_samples']} but {name}/{RECORDS} has {len(records)} records")
+            raise DatasetDMError(
+                manifest_file,
+                f"shards[{i}].num_samples",
+                f"says {shard['num_samples']} but {name}/{RECORDS} has {len(records)} records",
+            )
         for j, record in enumerate(records):
             for key, kind in RECORD_FIELDS.items():
                 _need(record, key, kind, records_file, f"[{j}].{key}")
@@ -203,22 +251,33 @@ def _read_shards(gen_dir: Path, manifest: dict[str, Any], manifest_file: Path) -
                     continue
                 rel = PurePosixPath(record[key])
                 if rel.is_absolute() or ".." in rel.parts:
-                    raise DatasetDMError(records_file, f"[{j}].{key}", f"must be a path inside the shard, got {record[key]!r}")
+                    raise DatasetDMError(
+                        records_file, f"[{j}].{key}", f"must be a path inside the shard, got {record[key]!r}"
+                    )
             for key in ("backbone", "decoder"):
                 if record[key] != manifest[key]:
-                    raise DatasetDMError(records_file, f"[{j}].{key}",
-                                         f"{record[key]} differs from the manifest's {manifest[key]}")
+                    raise DatasetDMError(
+                        records_file, f"[{j}].{key}", f"{record[key]} differs from the manifest's {manifest[key]}"
+                    )
             first = samples[0].record if samples else record
             for key in PROVENANCE:
                 if record[key] != first[key]:
-                    raise DatasetDMError(records_file, f"[{j}].{key}",
-                                         f"{record[key]!r} differs from {first[key]!r} in other records; "
-                                         "one export holds one generation run")
+                    raise DatasetDMError(
+                        records_file,
+                        f"[{j}].{key}",
+                        f"{record[key]!r} differs from {first[key]!r} in other records; "
+                        "one export holds one generation run",
+                    )
             if record["id"] in seen:
-                raise DatasetDMError(records_file, f"[{j}].id", f"{record['id']!r} also appears in shard {seen[record['id']]}")
+                raise DatasetDMError(
+                    records_file, f"[{j}].id", f"{record['id']!r} also appears in shard {seen[record['id']]}"
+                )
             if not SAFE_NAME.fullmatch(record["id"]):
-                raise DatasetDMError(records_file, f"[{j}].id",
-                                     f"must be a plain file name (letters, digits, '.', '_', '-'), got {record['id']!r}")
+                raise DatasetDMError(
+                    records_file,
+                    f"[{j}].id",
+                    f"must be a plain file name (letters, digits, '.', '_', '-'), got {record['id']!r}",
+                )
             seen[record["id"]] = name
             samples.append(Sample(record, name, records_file, f"[{j}]"))
     return samples
@@ -240,19 +299,27 @@ def _apply_filter(path: Path, samples: list[Sample]) -> tuple[float | None, list
     by_key = {(s.shard, s.id): s for s in samples}
     decided: dict[tuple[str, str], Sample] = {}
     for i, entry in enumerate(entries):
-        key = (_need(entry, "shard", str, path, f"samples[{i}].shard"), _need(entry, "id", str, path, f"samples[{i}].id"))
+        key = (
+            _need(entry, "shard", str, path, f"samples[{i}].shard"),
+            _need(entry, "id", str, path, f"samples[{i}].id"),
+        )
         score = float(_need(entry, "score", (int, float), path, f"samples[{i}].score"))
         kept = _need(entry, "kept", bool, path, f"samples[{i}].kept")
         if key not in by_key:
-            raise DatasetDMError(path, f"samples[{i}]", f"sample {key[1]} of {key[0]} is not in the generated set; re-run filter")
+            raise DatasetDMError(
+                path, f"samples[{i}]", f"sample {key[1]} of {key[0]} is not in the generated set; re-run filter"
+            )
         if key in decided:
             raise DatasetDMError(path, f"samples[{i}]", f"sample {key[1]} of {key[0]} is listed twice")
         s = by_key[key]
         decided[key] = Sample(s.record, s.shard, s.records_file, s.field, score, kept)
     missing = [k for k in by_key if k not in decided]
     if missing:
-        raise DatasetDMError(path, "samples", f"has no decision for sample {missing[0][1]} of {missing[0][0]} "
-                             f"({len(missing)} missing); re-run filter")
+        raise DatasetDMError(
+            path,
+            "samples",
+            f"has no decision for sample {missing[0][1]} of {missing[0][0]} ({len(missing)} missing); re-run filter",
+        )
     return (float(min_score) if min_score is not None else None), [decided[(s.shard, s.id)] for s in samples]
 
 
@@ -262,16 +329,23 @@ def _read_pair(s: Sample, num_classes: int, image_size: int) -> tuple[np.ndarray
     semantic = _read_png(s, "semantic", ("L",))
     image_file, semantic_file = s.path("image"), s.path("semantic")
     if image.shape[:2] != (image_size, image_size):
-        raise DatasetDMError(image_file, "size",
-                             f"{image.shape[1]}x{image.shape[0]} but the manifest's image_size is {image_size}")
+        raise DatasetDMError(
+            image_file, "size", f"{image.shape[1]}x{image.shape[0]} but the manifest's image_size is {image_size}"
+        )
     if semantic.shape != image.shape[:2]:
-        raise DatasetDMError(semantic_file, "size",
-                             f"{semantic.shape[1]}x{semantic.shape[0]} but its image {s.record['image']} "
-                             f"is {image.shape[1]}x{image.shape[0]}")
+        raise DatasetDMError(
+            semantic_file,
+            "size",
+            f"{semantic.shape[1]}x{semantic.shape[0]} but its image {s.record['image']} "
+            f"is {image.shape[1]}x{image.shape[0]}",
+        )
     top = int(semantic.max())
     if top > num_classes:
-        raise DatasetDMError(semantic_file, "pixel values",
-                             f"class index {top} but the manifest lists {num_classes} classes (max index {num_classes})")
+        raise DatasetDMError(
+            semantic_file,
+            "pixel values",
+            f"class index {top} but the manifest lists {num_classes} classes (max index {num_classes})",
+        )
     return image, semantic
 
 
@@ -279,7 +353,9 @@ def _check_depth(s: Sample, shape: tuple[int, ...]) -> None:
     """The sample's depth PNG must be a 16-bit greyscale image of the mask's size."""
     depth = _read_png(s, "depth", ("I;16", "I"), "a 16-bit greyscale PNG")
     if depth.shape != shape:
-        raise DatasetDMError(s.path("depth"), "size", f"{depth.shape[1]}x{depth.shape[0]} but its mask is {shape[1]}x{shape[0]}")
+        raise DatasetDMError(
+            s.path("depth"), "size", f"{depth.shape[1]}x{depth.shape[0]} but its mask is {shape[1]}x{shape[0]}"
+        )
 
 
 def _read_peaks(s: Sample) -> list[np.ndarray]:
@@ -289,9 +365,14 @@ def _read_peaks(s: Sample) -> list[np.ndarray]:
     for name in CHANNELS:
         peaks = value.get(name) if isinstance(value, dict) else None
         if not isinstance(peaks, list) or not all(
-                isinstance(p, list) and len(p) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
-                for p in peaks):
-            raise DatasetDMError(s.records_file, f"{s.field}.keypoints.{name}", "must be a list of [x, y, score] numbers")
+            isinstance(p, list)
+            and len(p) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in p)
+            for p in peaks
+        ):
+            raise DatasetDMError(
+                s.records_file, f"{s.field}.keypoints.{name}", "must be a list of [x, y, score] numbers"
+            )
         out.append(np.asarray(peaks, dtype=np.float32).reshape(-1, 3))
     return out
 

@@ -30,7 +30,7 @@ def class_boundaries(semantic: np.ndarray) -> np.ndarray:
     centre = padded[1:-1, 1:-1]
     differs = np.zeros(semantic.shape, dtype=bool)
     for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-        differs |= padded[1 + dy:padded.shape[0] - 1 + dy, 1 + dx:padded.shape[1] - 1 + dx] != centre
+        differs |= padded[1 + dy : padded.shape[0] - 1 + dy, 1 + dx : padded.shape[1] - 1 + dx] != centre
     return differs & (semantic > 0)
 
 
@@ -76,8 +76,13 @@ def _wrap(text: str, font, width: int) -> list[str]:
     return lines or [""]
 
 
-def sample_grid(items: Sequence[tuple[np.ndarray, np.ndarray | None, str, float | None]], path: str | Path, columns: int = 4,
-                scale: int = 3, classes: Sequence[str] | None = None) -> None:
+def sample_grid(
+    items: Sequence[tuple[np.ndarray, np.ndarray | None, str, float | None]],
+    path: str | Path,
+    columns: int = 4,
+    scale: int = 3,
+    classes: Sequence[str] | None = None,
+) -> None:
     """Write a PNG grid of ``(image, semantic, caption, score)`` samples to ``path``.
 
     Images are HxWx3 uint8 and all the same size; semantic masks HxW class ids. With
@@ -92,11 +97,16 @@ def sample_grid(items: Sequence[tuple[np.ndarray, np.ndarray | None, str, float 
     line_h = font.getbbox("Ag")[3] + 3
     panels = 1 if items[0][1] is None else 2
     cell_w = panels * w * scale + (panels - 1) * GAP
-    captions = [_wrap(caption, font, cell_w) + ([] if score is None else [f"score {score:.3f}"]) for _, _, caption, score in items]
+    captions = [
+        _wrap(caption, font, cell_w) + ([] if score is None else [f"score {score:.3f}"])
+        for _, _, caption, score in items
+    ]
     columns = max(1, min(columns, len(items)))
     rows = -(-len(items) // columns)
     # Each row is as tall as its longest caption, so one long prompt costs one row.
-    row_h = [h * scale + GAP + line_h * max(len(c) for c in captions[r * columns:(r + 1) * columns]) for r in range(rows)]
+    row_h = [
+        h * scale + GAP + line_h * max(len(c) for c in captions[r * columns : (r + 1) * columns]) for r in range(rows)
+    ]
     row_y = [PAD + sum(row_h[:r]) + r * PAD for r in range(rows + 1)]
     legend = _legend_entries(classes, font, columns * (cell_w + PAD) - PAD) if classes else []
     legend_h = len(legend) * (line_h + 2) + PAD if legend else 0
@@ -104,7 +114,9 @@ def sample_grid(items: Sequence[tuple[np.ndarray, np.ndarray | None, str, float 
     draw = ImageDraw.Draw(sheet)
     for n, ((image, semantic, _, _), lines) in enumerate(zip(items, captions)):
         if image.shape[:2] != (h, w) or (semantic is not None and semantic.shape != (h, w)):
-            raise ValueError(f"sample {n}: image {image.shape} / mask {semantic.shape} differ from the first ({h}, {w})")
+            raise ValueError(
+                f"sample {n}: image {image.shape} / mask {semantic.shape} differ from the first ({h}, {w})"
+            )
         x = PAD + (n % columns) * (cell_w + PAD)
         y = row_y[n // columns]
         for i, panel in enumerate((image,) if semantic is None else (image, overlay(image, semantic))):
@@ -131,14 +143,17 @@ def _legend_entries(classes: Sequence[str], font, width: int) -> list[list[tuple
     return rows
 
 
-def _draw_legend(draw: ImageDraw.ImageDraw, rows: list[list[tuple[int, str]]], font, x0: int, y0: int,
-                 line_h: int) -> None:
+def _draw_legend(
+    draw: ImageDraw.ImageDraw, rows: list[list[tuple[int, str]]], font, x0: int, y0: int, line_h: int
+) -> None:
     colours = voc_colours()
     swatch = font.getbbox("Ag")[3]
     for r, row in enumerate(rows):
         x, y = x0, y0 + r * (line_h + 2)
         for k, name in row:
-            draw.rectangle((x, y + 1, x + swatch, y + 1 + swatch), fill=tuple(int(v) for v in colours[k]), outline=TEXT)
+            draw.rectangle(
+                (x, y + 1, x + swatch, y + 1 + swatch), fill=tuple(int(v) for v in colours[k]), outline=TEXT
+            )
             x += swatch + 4
             draw.text((x, y), name, fill=TEXT, font=font)
             x += int(font.getlength(name)) + 16

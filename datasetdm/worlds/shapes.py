@@ -28,8 +28,11 @@ COLOUR_RGB: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
 }
 PLURAL: dict[str, str] = {
-    "circle": "circles", "square": "squares", "triangle": "triangles",
-    "star": "stars", "hexagon": "hexagons",
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "star": "stars",
+    "hexagon": "hexagons",
 }
 NUMBER_WORDS: tuple[str, ...] = ("zero", "a", "two", "three", "four", "five", "six")
 # Keypoint names per shape (COCO: each category lists its own keypoints).
@@ -94,7 +97,10 @@ class Scene:
 def _corners(shape: str, rotation: float, radius: float) -> list[tuple[float, float]]:
     n = {"square": 4, "triangle": 3, "star": 5, "hexagon": 6}[shape]
     start = rotation - math.pi / 2
-    return [(radius * math.cos(start + 2 * math.pi * k / n), radius * math.sin(start + 2 * math.pi * k / n)) for k in range(n)]
+    return [
+        (radius * math.cos(start + 2 * math.pi * k / n), radius * math.sin(start + 2 * math.pi * k / n))
+        for k in range(n)
+    ]
 
 
 def _unit_outline(shape: str, rotation: float, radius: float) -> list[tuple[float, float]]:
@@ -219,18 +225,23 @@ def _distinct_depths(n: int, rng: np.random.Generator, gap: float = 0.3) -> list
             return [float(x) for x in rng.permutation(d)]
 
 
-def _place(cfg: WorldConfig, shape: str, colour: str, depth: float, placed: list[ShapeObject], rng: np.random.Generator) -> ShapeObject:
+def _place(
+    cfg: WorldConfig, shape: str, colour: str, depth: float, placed: list[ShapeObject], rng: np.random.Generator
+) -> ShapeObject:
     """Place an object; nearer tends to be larger. Retries keep heavy overlaps rare."""
     size = cfg.image_size
     frac = (depth - NEAR_DEPTH) / (FAR_DEPTH - NEAR_DEPTH)
     radius = size * (cfg.max_size + (cfg.min_size - cfg.max_size) * frac) * rng.uniform(0.9, 1.1)
     best: ShapeObject | None = None
+    best_overlap = math.inf
     for _ in range(20):
         cx = rng.uniform(radius * 0.8, size - radius * 0.8)
         cy = rng.uniform(radius * 0.8, size - radius * 0.8)
-        obj = ShapeObject(shape, colour, float(cx), float(cy), float(radius), float(rng.uniform(0, 2 * math.pi)), depth)
+        obj = ShapeObject(
+            shape, colour, float(cx), float(cy), float(radius), float(rng.uniform(0, 2 * math.pi)), depth
+        )
         overlap = max((1 - math.dist((cx, cy), (o.cx, o.cy)) / (radius + o.radius) for o in placed), default=0.0)
-        if best is None or overlap < best_overlap:
+        if overlap < best_overlap:
             best, best_overlap = obj, overlap
         if overlap < 0.35:
             break
@@ -250,6 +261,6 @@ def _keypoints(obj: ShapeObject, visible: np.ndarray, size: int) -> np.ndarray:
         if not (0 <= x < size and 0 <= y < size):
             continue  # COCO: unlabelled points are (0, 0, 0)
         xi, yi = int(x), int(y)
-        win = visible[max(yi - 1, 0): yi + 2, max(xi - 1, 0): xi + 2]
+        win = visible[max(yi - 1, 0) : yi + 2, max(xi - 1, 0) : xi + 2]
         out[k] = (x, y, 2 if win.any() else 1)
     return out
