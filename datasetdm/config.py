@@ -100,6 +100,12 @@ class PretrainConfig:
     steps: int = 7000
     batch_size: int = 32
     lr: float = 1e-3
+    # The learning rate follows warm restarts (SGDR): a cosine over each cycle of
+    # ``cycle_steps``, each restart peaking at ``restart_decay`` times the last. The state
+    # at step s then does not depend on the total, so a finished run can be taken further
+    # by raising ``steps`` and resuming its checkpoint, with the weights of an unbroken run.
+    cycle_steps: int = 7000
+    restart_decay: float = 0.5
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     min_snr_gamma: float = 5.0  # Min-SNR loss weighting (Hang et al. 2023): faster convergence
@@ -285,11 +291,16 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "pretrain.steps": _POSITIVE,
     "pretrain.batch_size": _POSITIVE,
     "pretrain.lr": _POSITIVE,
+    "pretrain.cycle_steps": _POSITIVE,
+    "pretrain.restart_decay": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
     "pretrain.caption_dropout": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "pretrain.pool_size": _POSITIVE,
     "pretrain.ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "pretrain.layers_per_block": _POSITIVE,
-    "pretrain.block_out_channels": (lambda v: len(v) > 0 and all(c > 0 for c in v), "must be a non-empty list of positive widths"),
+    "pretrain.block_out_channels": (
+        lambda v: len(v) > 0 and all(c > 0 for c in v),
+        "must be a non-empty list of positive widths",
+    ),
     "pretrain.text_dim": _POSITIVE,
     "pretrain.text_layers": _POSITIVE,
     "inspect.train_images": _POSITIVE,
@@ -309,14 +320,19 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "pretrain.vae.steps": _POSITIVE,
     "pretrain.vae.batch_size": _POSITIVE,
     "pretrain.vae.lr": _POSITIVE,
-    "pretrain.vae.block_out_channels": (lambda v: len(v) == 3 and all(c > 0 for c in v), "must be three positive widths (downsampling x4)"),
+    "pretrain.vae.block_out_channels": (
+        lambda v: len(v) == 3 and all(c > 0 for c in v),
+        "must be three positive widths (downsampling x4)",
+    ),
     "pretrain.vae.layers_per_block": _POSITIVE,
     "pretrain.vae.kl_weight": (lambda v: v >= 0, "must be >= 0"),
     "pretrain.vae.edge_weight": (lambda v: v >= 0, "must be >= 0"),
     "pretrain.vae.decoder_steps": (lambda v: v >= 0, "must be >= 0"),
     "pretrain.vae.decoder_lr": _POSITIVE,
-    "decoder.heads": (lambda v: "semantic" in v and set(v) <= {"semantic", "depth", "keypoints"} and len(set(v)) == len(v),
-                      "must list semantic and any of depth, keypoints, without repeats"),
+    "decoder.heads": (
+        lambda v: "semantic" in v and set(v) <= {"semantic", "depth", "keypoints"} and len(set(v)) == len(v),
+        "must list semantic and any of depth, keypoints, without repeats",
+    ),
     "decoder.channels": _POSITIVE,
     "evaluate.num_zero_shot": _POSITIVE,
     "evaluate.num_regenerated": (lambda v: v >= 0, "must be >= 0 (0 skips the measurement)"),
@@ -367,7 +383,9 @@ def params_from_dict(raw: Any, source: str = "params.yaml") -> Params:
 
 def _build(cls: type, raw: Any, prefix: str, source: str) -> Any:
     if not isinstance(raw, dict):
-        raise DatasetDMError(source, prefix.rstrip(".") or "(top level)", f"must be a mapping, got {type(raw).__name__}")
+        raise DatasetDMError(
+            source, prefix.rstrip(".") or "(top level)", f"must be a mapping, got {type(raw).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = [k for k in raw if k not in fields]
@@ -438,16 +456,25 @@ def _check_cross_fields(p: Params) -> None:
             raise DatasetDMError(s, f"inspect.classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")
     for i, c in enumerate(p.evaluate.unseen_classes):
         if c not in SHAPES:
-            raise DatasetDMError(s, f"evaluate.unseen_classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})")
+            raise DatasetDMError(
+                s, f"evaluate.unseen_classes[{i}]", f"unknown class {c!r} (known: {', '.join(SHAPES)})"
+            )
         if c in p.world.classes:
             raise DatasetDMError(s, f"evaluate.unseen_classes[{i}]", f"{c!r} is in world.classes, so it is not unseen")
     # GroupNorm in the UNet and the VAE works in groups of 16 channels; heads split the width.
-    for section, widths in (("pretrain", p.pretrain.block_out_channels), ("pretrain.vae", p.pretrain.vae.block_out_channels)):
+    for section, widths in (
+        ("pretrain", p.pretrain.block_out_channels),
+        ("pretrain.vae", p.pretrain.vae.block_out_channels),
+    ):
         for i, w in enumerate(widths):
             if w % 16:
-                raise DatasetDMError(s, f"{section}.block_out_channels[{i}]", f"must be a multiple of 16 (GroupNorm groups), got {w}")
+                raise DatasetDMError(
+                    s, f"{section}.block_out_channels[{i}]", f"must be a multiple of 16 (GroupNorm groups), got {w}"
+                )
     if p.pretrain.text_dim % 4:
-        raise DatasetDMError(s, "pretrain.text_dim", f"must be a multiple of 4 (attention heads), got {p.pretrain.text_dim}")
+        raise DatasetDMError(
+            s, "pretrain.text_dim", f"must be a multiple of 4 (attention heads), got {p.pretrain.text_dim}"
+        )
     if p.world.min_size > p.world.max_size:
         raise DatasetDMError(s, "world.min_size", "must not exceed world.max_size")
     for i, t in enumerate(p.prompts.templates):
@@ -456,4 +483,6 @@ def _check_cross_fields(p: Params) -> None:
     if p.prompts.max_objects > p.world.max_objects:
         raise DatasetDMError(s, "prompts.max_objects", "must not exceed world.max_objects")
     if not p.backbone.model:
-        raise DatasetDMError(s, "backbone.model", "needs a model: a local diffusers pipeline folder or a cached hub id")
+        raise DatasetDMError(
+            s, "backbone.model", "needs a model: a local diffusers pipeline folder or a cached hub id"
+        )

@@ -45,7 +45,8 @@ VAE_DIR, DECODER_DIR, VAE_FINAL, UNET_STATE, SNAPSHOTS = "vae", "vae-decoder", "
 
 
 def render_pool(params: Params, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    """Pre-render ``size`` scenes as uint8 (N, 3, H, W) plus captions (rendering per step would cost more than the UNet)."""
+    """Pre-render ``size`` scenes as uint8 (N, 3, H, W) plus captions (rendering per step would cost more than the
+    UNet)."""
     world = dataclasses.replace(params.world, classes=params.pretrain.classes)
     images = np.empty((size, world.image_size, world.image_size, 3), dtype=np.uint8)
     captions = []
@@ -56,9 +57,12 @@ def render_pool(params: Params, size: int, seed: int) -> tuple[torch.Tensor, lis
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
 
 
-def _lr(base: float, step: int, total: int, warmup: int = 200) -> float:
-    """Linear warm-up, then cosine decay to a tenth of ``base``."""
-    return base * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / total)))
+def _lr(base: float, step: int, cycle: int, restart_decay: float = 1.0, warmup: int = 200) -> float:
+    """Warm restarts: in each cycle a linear warm-up, then cosine decay to a tenth of its peak;
+    cycle k peaks at ``base * restart_decay**k``. Depends on the step, never on the total."""
+    k, s = divmod(step, cycle)
+    peak = base * restart_decay**k
+    return peak * min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cycle)))
 
 
 def _step_rng(seed: int, step: int) -> tuple[np.random.Generator, torch.Generator]:
@@ -70,8 +74,11 @@ def _image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[..., 1:, :] - x[..., :-1, :], x[..., :, 1:] - x[..., :, :-1]
 
 
-def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, edge_weight: float, kl: torch.Tensor | None = None) -> torch.Tensor:
-    """L1 on pixels (+ the weighted KL term, if given) plus, if weighted, L1 on image gradients (edges are what the labels depend on)."""
+def _reconstruction_loss(
+    recon: torch.Tensor, x: torch.Tensor, edge_weight: float, kl: torch.Tensor | None = None
+) -> torch.Tensor:
+    """L1 on pixels (+ the weighted KL term, if given) plus, if weighted, L1 on image gradients (edges are what the
+    labels depend on)."""
     loss = F.l1_loss(recon, x)
     if kl is not None:
         loss = loss + kl
@@ -80,8 +87,9 @@ def _reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, edge_weight: floa
     return loss
 
 
-def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], losses: list[float],
-                    bar: tqdm) -> None:
+def _optimizer_step(
+    opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], losses: list[float], bar: tqdm
+) -> None:
     """Backward, clip to norm 1, step; log the loss and advance the progress bar."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -107,15 +115,19 @@ def _load_state(folder: Path, key: str | None = None) -> tuple[dict[str, torch.T
         return None
     meta = json.loads((folder / "meta.json").read_text())
     if key is not None and meta.get("settings") != key:
-        raise DatasetDMError(folder, "pretrain", "this checkpoint was written under other pretrain/world settings; "
-                                                 "restore them to resume, or delete the folder to start over")
+        raise DatasetDMError(
+            folder,
+            "pretrain",
+            "this checkpoint was written under other pretrain/world settings; "
+            "restore them to resume, or delete the folder to start over",
+        )
     return load_file(folder / "state.safetensors"), meta
 
 
 def settings_key(params: Params, stage: str) -> str:
     """Hash of the settings a stage's checkpoint depends on (not where outputs go or how often it saves)."""
     cfg = dataclasses.asdict(params.pretrain)
-    for k in ("out", "curve", "checkpoint_every"):
+    for k in ("out", "curve", "checkpoint_every", "steps"):  # the state at a step never depends on the total
         cfg.pop(k)
     if stage != "decoder":  # the encoder's latents, all the UNet sees, do not depend on the decoder's fine-tuning
         cfg["vae"] = {k: v for k, v in cfg["vae"].items() if not k.startswith("decoder_")}
@@ -151,7 +163,9 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
     opt.load_state_dict(state)
 
 
-def train_vae(params: Params, vae: torch.nn.Module, images: torch.Tensor, work: Path, device: torch.device) -> torch.nn.Module:
+def train_vae(
+    params: Params, vae: torch.nn.Module, images: torch.Tensor, work: Path, device: torch.device
+) -> torch.nn.Module:
     """Stage 1: reconstruct rendered scenes; resumable; returns the trained VAE (eval mode)."""
     cfg, vcfg = params.pretrain, params.pretrain.vae
     done, key = work / VAE_DIR, settings_key(params, "vae")
@@ -182,15 +196,25 @@ def train_vae(params: Params, vae: torch.nn.Module, images: torch.Tensor, work: 
         _optimizer_step(opt, loss, list(vae.parameters()), losses, bar)
         step += 1
         if step % cfg.checkpoint_every == 0 or step == vcfg.steps:
-            _save_state(done, {**_flat("vae", vae.state_dict()), **_optimizer_tensors(opt)},
-                        {"step": step, "loss": float(np.mean(losses[-50:])), "settings": key})
+            _save_state(
+                done,
+                {**_flat("vae", vae.state_dict()), **_optimizer_tensors(opt)},
+                {"step": step, "loss": float(np.mean(losses[-50:])), "settings": key},
+            )
     bar.close()
     return vae.eval()
 
 
-def finetune_decoder(params: Params, vae: torch.nn.Module, images: torch.Tensor, means: torch.Tensor, stds: torch.Tensor,
-                     work: Path, device: torch.device) -> torch.nn.Module:
-    """Stage 1b: the VAE decoder alone on the frozen encoder's latents (resumable); the latent space stays as it was."""
+def finetune_decoder(
+    params: Params,
+    vae: torch.nn.Module,
+    images: torch.Tensor,
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    work: Path,
+    device: torch.device,
+) -> torch.nn.Module:
+    """Stage 1b: the VAE decoder alone on the frozen encoder's latents (resumable); the latent space stays put."""
     cfg, vcfg = params.pretrain, params.pretrain.vae
     if not vcfg.decoder_steps:
         return vae
@@ -224,35 +248,54 @@ def finetune_decoder(params: Params, vae: torch.nn.Module, images: torch.Tensor,
         _optimizer_step(opt, _reconstruction_loss(recon, x, vcfg.edge_weight), params_, losses, bar)
         step += 1
         if step % cfg.checkpoint_every == 0 or step == vcfg.decoder_steps:
-            decoder_state = {k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))}
-            _save_state(done, {**_flat("vae", decoder_state), **_optimizer_tensors(opt)},
-                        {"step": step, "loss": float(np.mean(losses[-50:])), "settings": key})
+            decoder_state = {
+                k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))
+            }
+            _save_state(
+                done,
+                {**_flat("vae", decoder_state), **_optimizer_tensors(opt)},
+                {"step": step, "loss": float(np.mean(losses[-50:])), "settings": key},
+            )
     bar.close()
     return vae.eval()
 
 
 @torch.no_grad()
-def encode_pool(vae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pool(
+    vae: torch.nn.Module, images: torch.Tensor, device: torch.device, batch: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every pool image (encoded once: the UNet stage never runs the encoder)."""
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="encode pool", unit="batch", mininterval=5):
-        dist = vae.encode(images[i:i + batch].to(device).float() / 127.5 - 1).latent_dist
+        dist = vae.encode(images[i : i + batch].to(device).float() / 127.5 - 1).latent_dist
         means.append(dist.mean.cpu())
         stds.append(dist.std.cpu())
     return torch.cat(means), torch.cat(stds)
 
 
-def train_unet(params: Params, components: dict[str, Any], means: torch.Tensor, stds: torch.Tensor, captions: list[str],
-               work: Path, device: torch.device, until_step: int | None = None
-               ) -> tuple[torch.nn.Module, torch.nn.Module, list[dict], int]:
-    """Stage 2: UNet + text encoder on scaled latents; resumable; returns the EMA modules, the loss log and the step reached.
+def train_unet(
+    params: Params,
+    components: dict[str, Any],
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    captions: list[str],
+    work: Path,
+    device: torch.device,
+    until_step: int | None = None,
+) -> tuple[torch.nn.Module, torch.nn.Module, list[dict], int]:
+    """Stage 2: UNet + text encoder on scaled latents; resumable; returns the EMA modules, the loss log and the step
+    reached.
 
     ``until_step`` stops early (after checkpointing there), to split the job across sessions.
     """
     from diffusers import DDPMScheduler
 
     cfg = params.pretrain
-    unet, text, tokenizer = components["unet"].to(device).train(), components["text_encoder"].to(device).train(), components["tokenizer"]
+    unet, text, tokenizer = (
+        components["unet"].to(device).train(),
+        components["text_encoder"].to(device).train(),
+        components["tokenizer"],
+    )
     ema = [copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(text).eval().requires_grad_(False)]
     trainable = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.01)
@@ -275,7 +318,7 @@ def train_unet(params: Params, components: dict[str, Any], means: torch.Tensor, 
     start = time.monotonic() - (log[-1]["minutes"] * 60 if log else 0.0)
     stop = cfg.steps if until_step is None else min(cfg.steps, until_step)
     while step < stop:
-        lr = _lr(cfg.lr, step, cfg.steps)
+        lr = _lr(cfg.lr, step, cfg.cycle_steps, cfg.restart_decay)
         for g in opt.param_groups:
             g["lr"] = lr
         rng, gen = _step_rng(cfg.seed, step)
@@ -288,8 +331,9 @@ def train_unet(params: Params, components: dict[str, Any], means: torch.Tensor, 
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
         xt = noise_sched.add_noise(x0, noise, t)
-        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(device)
         pred = unet(xt, t, encoder_hidden_states=text(ids)[0]).sample
         target = noise_sched.get_velocity(x0, noise, t)
         snr = alphas[t] / (1 - alphas[t])
@@ -311,12 +355,25 @@ def train_unet(params: Params, components: dict[str, Any], means: torch.Tensor, 
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{lr:.1e}")
         on_grid = step % cfg.checkpoint_every == 0 or step == cfg.steps
         if on_grid:  # a log row and an EMA snapshot (a point of the fidelity curve)
-            log.append({"step": step, "loss": float(np.mean(losses[-cfg.checkpoint_every:])),
-                        "minutes": (time.monotonic() - start) / 60})
+            log.append(
+                {
+                    "step": step,
+                    "loss": float(np.mean(losses[-cfg.checkpoint_every :])),
+                    "minutes": (time.monotonic() - start) / 60,
+                }
+            )
             _save_state(snapshots / f"step-{step:06d}", _ema_tensors(ema), {**log[-1], "settings": key})
         if on_grid or step == stop:
-            _save_state(state_dir, {**_flat("unet", unet.state_dict()), **_flat("text", text.state_dict()), **_ema_tensors(ema),
-                                    **_optimizer_tensors(opt)}, {"step": step, "log": log, "settings": key})
+            _save_state(
+                state_dir,
+                {
+                    **_flat("unet", unet.state_dict()),
+                    **_flat("text", text.state_dict()),
+                    **_ema_tensors(ema),
+                    **_optimizer_tensors(opt),
+                },
+                {"step": step, "log": log, "settings": key},
+            )
     bar.close()
     return ema[0], ema[1], log, step
 
@@ -356,8 +413,13 @@ def build_components(params: Params) -> dict[str, Any]:
     return build_sd_components(mini_sd_configs(params.pretrain, params.world.image_size), seed=params.pretrain.seed)
 
 
-def pretrain_sd(params: Params, out: str | Path | None = None, device: str = "cpu", preview: bool = True,
-                until_step: int | None = None) -> dict[str, Any]:
+def pretrain_sd(
+    params: Params,
+    out: str | Path | None = None,
+    device: str = "cpu",
+    preview: bool = True,
+    until_step: int | None = None,
+) -> dict[str, Any]:
     """Train the miniature SD (VAE, then UNet + text encoder) and save it as a pipeline folder at ``out``.
 
     With ``until_step`` below ``pretrain.steps`` it stops there, checkpointed, and saves nothing
@@ -398,5 +460,10 @@ def pretrain_sd(params: Params, out: str | Path | None = None, device: str = "cp
         from datasetdm.backbones.sd import StableDiffusionBackbone
 
         preview_grid(StableDiffusionBackbone.load(str(out)), out / "preview.png")
-    return {"steps": cfg.steps, "vae_steps": cfg.vae.steps, "minutes": (time.monotonic() - start) / 60,
-            "final_loss": log[-1]["loss"] if log else None, "scaling_factor": scaling}
+    return {
+        "steps": cfg.steps,
+        "vae_steps": cfg.vae.steps,
+        "minutes": (time.monotonic() - start) / 60,
+        "final_loss": log[-1]["loss"] if log else None,
+        "scaling_factor": scaling,
+    }
