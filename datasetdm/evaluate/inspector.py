@@ -171,7 +171,7 @@ def train_inspector(world: WorldConfig, cfg: InspectConfig) -> tuple[Inspector, 
 
 
 def held_out_quality(inspector: Inspector, world: WorldConfig, cfg: InspectConfig) -> dict:
-    """mIoU on rendered scenes of its own held-out seeds, and how often the objects it reads are exactly the scene's."""
+    """mIoU on rendered scenes of its own held-out seeds, and how often it reads exactly the scene's objects."""
     iworld = dataclasses.replace(world, classes=inspector.classes, colours=inspector.colours)
     test, objects = render_set(
         iworld, cfg.num_test, cfg.seed + cfg.train_images + 1_000_000, "render inspector test scenes"
