@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from datasetdm.errors import DatasetDMError
+from datasetdm.strict_yaml import load_yaml
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "white")
@@ -359,17 +358,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate ``params.yaml``; raise ``DatasetDMError`` on any problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise DatasetDMError(path, None, "file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark is not None else None
-        raise DatasetDMError(path, where, f"not valid YAML ({getattr(e, 'problem', e)})") from None
-    except UnicodeDecodeError:
-        raise DatasetDMError(path, None, "not UTF-8 text") from None
+    raw = load_yaml(path)  # strict: a key given twice is refused, not silently overwritten
     return params_from_dict(raw if raw is not None else {}, source=str(path))
 
 

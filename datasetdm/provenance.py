@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
+from datasetdm.strict_yaml import load_yaml
 
 
 def git_revision(root: str | Path = ".") -> dict[str, Any] | None:
@@ -57,7 +57,7 @@ def dvc_info(root: str | Path = ".", deps: tuple[str, ...] = ()) -> dict[str, An
         url = Path(url).resolve().relative_to(root.resolve()).as_posix()  # a card must not name this machine's paths
     hashes: dict[str, str | None] = {}
     lock_file = root / "dvc.lock"
-    lock = yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else None
+    lock = load_yaml(lock_file) if lock_file.is_file() else None
     for dep in deps:
         hashes[dep] = None
         for stage in (lock or {}).get("stages", {}).values():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,12 @@ ANNOTATIONS = "annotations.json"
 # COCO's compressed RLE alphabet. pycocotools reads outside it without bounds checks
 # (a non-ASCII character corrupts the heap), so strings are checked before decoding.
 _RLE_ALPHABET = frozenset(chr(c) for c in range(48, 112))
+# How far a user's derived fields may stray from what the masks say. Boxes drawn by
+# tools and polygon rasterisation disagree by a pixel or so; more is a labelling error.
+BBOX_IMAGE_TOLERANCE = 1.0  # px a bbox may reach past the image border
+BBOX_MASK_TOLERANCE = 2.0  # px any bbox edge may sit from the mask's own box
+AREA_TOLERANCE = 0.05  # relative difference allowed between area and the mask's pixel count ...
+AREA_MIN_TOLERANCE = 2.0  # ... or this many pixels, whichever is larger (small objects)
 
 
 def depth_to_png(metres: np.ndarray) -> np.ndarray:
@@ -163,7 +170,10 @@ def load_real_set(set_dir: str | Path, classes: tuple[str, ...]) -> list[Labelle
     ``classes`` fixes the semantic ids (``1 + classes.index(name)``), whatever category
     ids the file uses, so a user's set lines up with the world the decoder was built
     for. Semantic masks are composed from the instance masks in annotation order (later
-    instances win where they overlap). ``iscrowd`` is not interpreted.
+    instances win where they overlap). ``iscrowd`` is not interpreted. ``bbox``, ``area``
+    and ``num_keypoints`` are optional, but where given must agree with the image, the
+    masks and the keypoints (see the tolerances above); image files, image ids and
+    annotation ids must each be unique.
     """
     set_dir = Path(set_dir)
     if not set_dir.is_dir():
@@ -171,6 +181,7 @@ def load_real_set(set_dir: str | Path, classes: tuple[str, ...]) -> list[Labelle
     src = set_dir / ANNOTATIONS
     coco = _read_json(src)
     images, categories, annotations = _check_structure(src, coco)
+    _check_unique_file_names(src, images)
     cat_by_id = _check_categories(src, categories, classes)
     anns_by_image = _check_references(src, annotations, images, cat_by_id)
 
@@ -198,6 +209,10 @@ def load_real_set(set_dir: str | Path, classes: tuple[str, ...]) -> list[Labelle
                 )
     if not images:
         raise DatasetDMError(src, "images", "empty: the set has no images")
+    for i, entry in enumerate(images):
+        height, width = pixels[i].shape[:2]
+        for j in anns_by_image[entry["id"]]:
+            _check_annotation_agrees(src, j, annotations[j], masks[j], width, height)
 
     depth_scale = _depth_scale(src, coco)
     out = []
@@ -318,7 +333,41 @@ def _check_structure(src: Path, coco: Any) -> tuple[list[dict], list[dict], list
                 lambda v: isinstance(v, list) and len(v) % 3 == 0 and all(map(_is_number, v)),
                 "a flat list of numbers x, y, v",
             )
+        _check_optional_geometry(src, ann, where)
     return coco["images"], coco["categories"], coco["annotations"]
+
+
+def _check_optional_geometry(src: Path, ann: dict[str, Any], where: str) -> None:
+    """Type-check ``bbox``, ``area`` and ``num_keypoints`` where given.
+
+    The loader reads the masks and keypoints, not these, so they may be absent; where
+    given, ``_check_annotation_agrees`` holds them to the masks and keypoints.
+    """
+    if "bbox" in ann:
+        _require(
+            src,
+            ann,
+            "bbox",
+            where,
+            lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)) and v[2] >= 0 and v[3] >= 0,
+            "[x, y, width, height] numbers with width, height >= 0",
+        )
+    if "area" in ann:
+        _require(src, ann, "area", where, lambda v: _is_number(v) and v >= 0, "a number >= 0")
+    if "num_keypoints" in ann:
+        _require(src, ann, "num_keypoints", where, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+
+
+def _check_unique_file_names(src: Path, images: list[dict]) -> None:
+    """Two image entries naming one file would train on the same pixels twice under two sets of labels."""
+    seen: dict[str, int] = {}
+    for i, entry in enumerate(images):
+        name = posixpath.normpath(entry["file_name"])  # "images/./a.png" is "images/a.png"
+        if name in seen:
+            raise DatasetDMError(
+                src, f"images[{i}].file_name", f"{entry['file_name']} is also the file of images[{seen[name]}]"
+            )
+        seen[name] = i
 
 
 def _check_categories(src: Path, categories: list[dict], classes: tuple[str, ...]) -> dict[int, dict]:
@@ -344,12 +393,81 @@ def _check_references(
         if "keypoints" in ann and "keypoints" in cat and len(ann["keypoints"]) != 3 * len(cat["keypoints"]):
             raise DatasetDMError(
                 src,
-                f"annotations[{j}].keypoints",
+                _ann_field(j, ann, "keypoints"),
                 f"has {len(ann['keypoints']) // 3} points "
                 f"but category {cat['name']!r} declares {len(cat['keypoints'])}",
             )
         by_image[ann["image_id"]].append(j)
     return by_image
+
+
+def _ann_field(j: int, ann: dict[str, Any], key: str) -> str:
+    """``annotations[j] (id N).key``: the index finds the entry in the file, the id in other tools."""
+    return f"annotations[{j}] (id {ann['id']}).{key}"
+
+
+def _fmt(values: Any) -> str:
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
+def _check_annotation_agrees(
+    src: Path, j: int, ann: dict[str, Any], mask: np.ndarray, width: int, height: int
+) -> None:
+    """Check an annotation's derived fields against its image and its own mask and keypoints.
+
+    A set whose boxes or areas disagree with its masks was edited by hand or converted
+    badly; training on it would teach the decoder whichever of the two the code reads,
+    and COCOeval would score against the other. ``mask`` is bool (H, W) of the image.
+    """
+    if "bbox" in ann:
+        _check_bbox(src, j, ann, mask, width, height)
+    if "area" in ann:
+        _check_area(src, j, ann, int(mask.sum()))
+    if "num_keypoints" in ann:
+        labelled = int((np.asarray(ann.get("keypoints", []), dtype=np.float64)[2::3] > 0).sum())
+        if ann["num_keypoints"] != labelled:
+            raise DatasetDMError(
+                src,
+                _ann_field(j, ann, "num_keypoints"),
+                f"is {ann['num_keypoints']} but keypoints label {labelled} points (v > 0)",
+            )
+
+
+def _check_bbox(src: Path, j: int, ann: dict[str, Any], mask: np.ndarray, width: int, height: int) -> None:
+    """The box lies in the image (``BBOX_IMAGE_TOLERANCE``) and on the mask's own box (``BBOX_MASK_TOLERANCE``)."""
+    x, y, w, h = (float(v) for v in ann["bbox"])
+    tol = BBOX_IMAGE_TOLERANCE
+    if x < -tol or y < -tol or x + w > width + tol or y + h > height + tol:
+        raise DatasetDMError(
+            src, _ann_field(j, ann, "bbox"), f"{_fmt(ann['bbox'])} extends past the image ({width}x{height}, WxH)"
+        )
+    ys, xs = np.nonzero(mask)
+    if not len(xs):  # a polygon too thin to cover a pixel has no box of its own to compare with
+        return
+    own = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))  # x0, y0, x1, y1
+    if max(abs(a - b) for a, b in zip((x, y, x + w, y + h), own)) > BBOX_MASK_TOLERANCE:
+        raise DatasetDMError(
+            src,
+            _ann_field(j, ann, "bbox"),
+            f"{_fmt(ann['bbox'])} differs from the segmentation's own box "
+            f"{_fmt((own[0], own[1], own[2] - own[0], own[3] - own[1]))} by more than {BBOX_MASK_TOLERANCE:g} px",
+        )
+
+
+def _check_area(src: Path, j: int, ann: dict[str, Any], pixels: int) -> None:
+    """``area`` is the mask's pixel count, within ``AREA_TOLERANCE`` (relative) or ``AREA_MIN_TOLERANCE`` px.
+
+    COCO's own files store exactly the mask's pixel count (pycocotools' ``area``); the
+    tolerance is for converters that measure the polygon outline instead.
+    """
+    allowed = max(AREA_MIN_TOLERANCE, AREA_TOLERANCE * pixels)
+    if abs(ann["area"] - pixels) > allowed:
+        raise DatasetDMError(
+            src,
+            _ann_field(j, ann, "area"),
+            f"{ann['area']:g} differs from the segmentation's {pixels} pixels "
+            f"by more than {AREA_TOLERANCE:.0%} or {AREA_MIN_TOLERANCE:g} px",
+        )
 
 
 def _read_image(src: Path, set_dir: Path, i: int, entry: dict[str, Any]) -> np.ndarray:

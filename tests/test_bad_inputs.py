@@ -146,6 +146,13 @@ def _first_ann(coco: dict) -> dict:
     return coco["annotations"][0]
 
 
+def _shrink_first_bbox(coco: dict) -> None:
+    """Pull annotation 0's right edge 3 px in: inside the image, 1 px past the tolerance of its mask."""
+    x, y, w, h = _first_ann(coco)["bbox"]
+    assert w > 3
+    _first_ann(coco)["bbox"] = [x, y, w - 3, h]
+
+
 def _set_prompt(i: int, text: Any) -> Callable[[Any], None]:
     def edit(data: dict) -> None:
         data["prompts"][i]["prompt"] = text
@@ -283,6 +290,71 @@ CASES = [
         "annotations[0].segmentation",
     ),
     Case("set-8-bit-depth", "train-decoder", eight_bit_depth, SET, "images[0].depth_file"),
+    # -- the labelled set agrees with itself: ids, files, boxes, areas, keypoints
+    Case(
+        "set-duplicate-image-id",
+        "train-decoder",
+        edit_json(SET, lambda c: c["images"][1].update(id=c["images"][0]["id"])),
+        SET,
+        "images[1].id",
+        "duplicate image id",
+    ),
+    Case(
+        "set-duplicate-file-name",
+        "train-decoder",
+        edit_json(SET, lambda c: c["images"][1].update(file_name=c["images"][0]["file_name"])),
+        SET,
+        "images[1].file_name",
+        "also the file of images[0]",
+    ),
+    Case(
+        "set-duplicate-annotation-id",
+        "train-decoder",
+        edit_json(SET, lambda c: c["annotations"][1].update(id=_first_ann(c)["id"])),
+        SET,
+        "annotations[1].id",
+        "duplicate annotation id",
+    ),
+    Case(
+        "set-bbox-past-image",
+        "train-decoder",
+        edit_json(SET, lambda c: _first_ann(c).update(bbox=[30, 0, 10, 10])),
+        SET,
+        "annotations[0] (id 1).bbox",
+        "[30, 0, 10, 10] extends past the image (32x32, WxH)",
+    ),
+    Case(
+        "set-bbox-off-mask",
+        "train-decoder",
+        edit_json(SET, _shrink_first_bbox),
+        SET,
+        "annotations[0] (id 1).bbox",
+        "differs from the segmentation's own box",
+    ),
+    Case(
+        "set-area-off-mask",
+        "train-decoder",
+        edit_json(SET, lambda c: _first_ann(c).update(area=_first_ann(c)["area"] * 1.2 + 3)),
+        SET,
+        "annotations[0] (id 1).area",
+        "by more than 5% or 2 px",
+    ),
+    Case(
+        "set-keypoint-count",
+        "train-decoder",
+        edit_json(SET, lambda c: _first_ann(c).update(keypoints=[1.0, 2.0, 2] * 9)),
+        SET,
+        "annotations[0] (id 1).keypoints",
+        "declares",
+    ),
+    Case(
+        "set-num-keypoints",
+        "train-decoder",
+        edit_json(SET, lambda c: _first_ann(c).update(num_keypoints=_first_ann(c)["num_keypoints"] + 1)),
+        SET,
+        "annotations[0] (id 1).num_keypoints",
+        "keypoints label",
+    ),
     # -- the backbone's pipeline folder (train-decoder must keep the decoder it had)
     Case(
         "backbone-truncated",

@@ -109,9 +109,11 @@ def test_other_segmentation_encodings_and_no_depth(set_copy: Path) -> None:
     first = [a for a in coco["annotations"] if a["image_id"] == 0]
     # Uncompressed RLE is column-major: 10 background pixels, then 5 foreground.
     first[0]["segmentation"] = {"size": [32, 32], "counts": [10, 5, 32 * 32 - 15]}
-    first[0].pop("keypoints")
+    for key in ("keypoints", "num_keypoints", "bbox", "area"):  # all optional
+        first[0].pop(key)
     assert len(first) >= 2  # seed 7's first scene has three objects
     first[1]["segmentation"] = [[4, 4, 12, 4, 12, 12, 4, 12]]
+    first[1].update(bbox=[4, 4, 8, 8], area=64)
     ann_path.write_text(json.dumps(coco))
     item = load_real_set(set_copy, WORLD.classes)[0]
     assert item.depth is None
@@ -146,6 +148,7 @@ def test_short_compressed_rle_never_yields_garbage(set_copy: Path) -> None:
     coco = json.loads(ann_path.read_text())
     short = mask_util.encode(np.asfortranarray(np.ones((16, 16), dtype=np.uint8)))["counts"].decode("ascii")
     coco["annotations"][0]["segmentation"] = {"size": [32, 32], "counts": short}
+    del coco["annotations"][0]["bbox"], coco["annotations"][0]["area"]  # this test is about the RLE alone
     ann_path.write_text(json.dumps(coco))
     try:
         item = load_real_set(set_copy, WORLD.classes)[0]
@@ -250,6 +253,31 @@ def _empty(coco: dict[str, Any]) -> None:
     coco["images"], coco["annotations"] = [], []
 
 
+def _nudge_bbox(right: float) -> Callable[[dict[str, Any]], None]:
+    """Move annotation 0's right edge ``right`` px inwards (it stays inside the image)."""
+
+    def change(coco: dict[str, Any]) -> None:
+        x, y, w, h = coco["annotations"][0]["bbox"]
+        assert w > right  # the first object of seed 7 is wider than any nudge here
+        coco["annotations"][0]["bbox"] = [x, y, w - right, h]
+
+    return change
+
+
+def _scale_area(factor: float, extra: float) -> Callable[[dict[str, Any]], None]:
+    def change(coco: dict[str, Any]) -> None:
+        coco["annotations"][0]["area"] = coco["annotations"][0]["area"] * factor + extra
+
+    return change
+
+
+def _relabel_one_keypoint(coco: dict[str, Any]) -> None:
+    """Mark one labelled keypoint unlabelled without updating num_keypoints."""
+    kps = coco["annotations"][0]["keypoints"]
+    k = next(i for i in range(2, len(kps), 3) if kps[i] > 0)
+    kps[k] = 0
+
+
 ANN = "annotations.json"
 # (id, how to break the set, file named in the message, field named, words in the message)
 MALFORMED = [
@@ -288,7 +316,7 @@ MALFORMED = [
         "keypoint count",
         _edit(_set("annotations.0.keypoints", [1.0, 2.0, 2] * 9)),
         ANN,
-        "annotations[0].keypoints",
+        "annotations[0] (id 1).keypoints",
         "declares",
     ),
     ("corrupt image", _write("images/000001.png", b"not a png at all"), ANN, "images[1].file_name", "000001.png"),
@@ -322,6 +350,39 @@ MALFORMED = [
     ("depth size", _small_depth, ANN, "images[0].depth_file", "differs"),
     ("depth missing", lambda d: (d / "depth" / "000003.png").unlink(), ANN, "images[3].depth_file", "not found"),
     ("depth scale", _edit(_set("info.depth_scale", 0)), ANN, "info.depth_scale", "positive"),
+    # -- internal consistency: each field agrees with the image, the masks and the other entries
+    (
+        "duplicate file name",
+        _edit(_set("images.2.file_name", "images/./000000.png")),
+        ANN,
+        "images[2].file_name",
+        "also the file of images[0]",
+    ),
+    ("duplicate annotation id", _edit(_set("annotations.1.id", 1)), ANN, "annotations[1].id", "duplicate annotation"),
+    ("bbox not 4 numbers", _edit(_set("annotations.0.bbox", [1, 2, 3])), ANN, "annotations[0].bbox", "[x, y, width"),
+    (
+        "bbox past the image",
+        _edit(_set("annotations.0.bbox", [30, 0, 10, 10])),
+        ANN,
+        "annotations[0] (id 1).bbox",
+        "[30, 0, 10, 10] extends past the image (32x32, WxH)",
+    ),
+    (
+        "bbox off its mask",
+        _edit(_nudge_bbox(3)),
+        ANN,
+        "annotations[0] (id 1).bbox",
+        "differs from the segmentation's own box",
+    ),
+    ("area off its mask", _edit(_scale_area(1.2, 3)), ANN, "annotations[0] (id 1).area", "by more than 5% or 2 px"),
+    ("area negative", _edit(_set("annotations.0.area", -1)), ANN, "annotations[0].area", ">= 0"),
+    (
+        "num_keypoints off",
+        _edit(_relabel_one_keypoint),
+        ANN,
+        "annotations[0] (id 1).num_keypoints",
+        "keypoints label",
+    ),
 ]
 
 
@@ -339,3 +400,10 @@ def test_malformed_set_is_one_line_error(
     assert file in (caught.value.file or "") and message.startswith(str(set_copy))
     assert (caught.value.field or "") == field
     assert words in message
+
+
+def test_derived_fields_within_tolerance_load(set_copy: Path) -> None:
+    """A box edge or an area 2 px off its mask is how tools round; only more is refused."""
+    _edit(_nudge_bbox(2))(set_copy)
+    _edit(_scale_area(1.0, 2))(set_copy)
+    assert len(load_real_set(set_copy, WORLD.classes)) == NUM
