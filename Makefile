@@ -20,6 +20,9 @@ export FIFTYONE_DATABASE_VALIDATION := false
 # Prefect server of `make serve` (SQLite under .prefect/); `make flow` keeps its temporary server.
 PREFECT_PORT ?= 4200
 APP_PORT ?= 5151
+# One factory run per workspace (datasetdm/workspace_lock.py): a second stops with one line
+# naming the run that holds it; `make run WAIT=1` queues behind it instead.
+HOLD := python -m datasetdm hold-workspace $(if $(WAIT),--wait) --
 
 .PHONY: setup run flow test test-fast lint style pretrain inspector uplift bench clean serve serve-stop app plots bench-dask browser
 
@@ -43,10 +46,10 @@ browser:
 
 ## run: the whole factory on the embedded backbone (every DVC stage but uplift), then the report
 run: setup
-	dvc repro curate report
+	$(HOLD) dvc repro curate report
 	@echo; echo "dataset: data/export (annotations.json, masks/, depth/, dataset.json, grid.png)"; echo "report:  reports/report.md"; echo "metrics: metrics/backbone.json, metrics/decoder.json, metrics/downstream.json (dvc metrics show)"; echo; sed -n '/^## Downstream uplift/,$$p' reports/report.md
 
-## flow: the same stages as one Prefect flow run (temporary local Prefect server)
+## flow: the same stages as one Prefect flow run (temporary local Prefect server; the flow holds the workspace lock)
 flow: setup
 	python -m flows.factory .
 
@@ -79,7 +82,7 @@ inspector: setup
 
 ## uplift: the 3-seed uplift table with the 2,000-real-image ceiling (metrics/uplift.json; long, not part of make run)
 uplift: setup
-	dvc repro uplift
+	$(HOLD) dvc repro uplift
 
 bench: setup
 	python benchmarks/sd_overhead.py

@@ -87,8 +87,11 @@ def _dvc(root: str | Path, *args: str) -> None:
         "DVC_NO_ANALYTICS": "1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     }
+    from datasetdm.workspace_lock import die_with
+
     proc = subprocess.Popen(
         [sys.executable, "-m", "dvc", *args],
+        preexec_fn=die_with(os.getpid()),  # a killed flow takes its dvc command down with it
         cwd=root,
         env=env,
         stdout=subprocess.PIPE,

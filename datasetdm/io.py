@@ -8,6 +8,7 @@ sibling and ``os.replace``, which is atomic on POSIX within one filesystem.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,28 +21,73 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from datasetdm.errors import DatasetDMError
+
+# Write failures that mean "the disk (or a limit) is full", not a bug: the user can act on them.
+_NO_SPACE = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the filesystem or the process's file-size limit",
+}
+
+
+class OutOfSpaceError(DatasetDMError):
+    """A write ran out of space; ``path`` is the output that was being replaced."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        self.path, self.reason = path, reason
+        previous = f"the previous {path} is untouched" if path.exists() else f"nothing was written to {path}"
+        super().__init__(path, None, f"{reason} while writing; {previous}")
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
     Works for files and directories alike: the caller writes whatever it wants at the
-    yielded path. On error the temporary is removed and ``path`` is untouched.
+    yielded path. On error the temporary is removed and ``path`` is untouched. A write
+    that runs out of space (ENOSPC, EDQUOT, EFBIG) becomes an ``OutOfSpaceError`` naming
+    ``path``: the outermost ``atomic_path`` names its own output, never a temporary inside it.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    target = tmp / path.name
+    with _naming_space_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
-        yield target
-        if path.is_dir() and not path.is_symlink():
-            # os.replace cannot overwrite a non-empty directory: move the old one
-            # aside first so the swap is still a pair of renames.
-            old = tmp / (path.name + ".old")
-            os.replace(path, old)
-        os.replace(target, path)
+        with _naming_space_errors(path):
+            yield tmp / path.name
+            _swap(tmp / path.name, path, tmp / (path.name + ".old"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _naming_space_errors(path: Path) -> Iterator[None]:
+    """Turn a write that ran out of space, here or in a nested ``atomic_path``, into one line naming ``path``."""
+    try:
+        yield
+    except OutOfSpaceError as e:
+        raise OutOfSpaceError(path, e.reason) from e.__cause__
+    except OSError as e:
+        reason = _NO_SPACE.get(e.errno or 0)
+        if reason is None:
+            raise
+        raise OutOfSpaceError(path, reason) from e
+
+
+def _swap(new: Path, path: Path, old: Path) -> None:
+    """Rename ``new`` over ``path``; a directory there is first moved to ``old``, and back if the swap fails."""
+    if not (path.is_dir() and not path.is_symlink()):
+        os.replace(new, path)
+        return
+    # os.replace cannot overwrite a non-empty directory: move the old one aside first
+    # so the swap is still a pair of renames, and undo the first if the second fails.
+    os.replace(path, old)
+    try:
+        os.replace(new, path)
+    except OSError:
+        os.replace(old, path)
+        raise
 
 
 def remove_temporaries(parent: str | Path, name: str = "*") -> list[Path]:

@@ -6,7 +6,9 @@ their order come from DVC's graph and each task runs ``dvc repro --single-item``
 stage DVC finds up to date is skipped and ``dvc.lock`` records whatever ran, exactly as
 after ``make run``. ``set_params`` (``key.path=value``, as ``dvc exp run -S``) edits
 ``params.yaml`` before the run and is recorded in the run's artifact. The run ends with
-a markdown artifact holding what each stage did, the report and the metrics.
+a markdown artifact holding what each stage did, the report and the metrics. Every
+flow holds the workspace lock (``datasetdm/workspace_lock.py``) for its whole run, so
+no ``make run`` or other flow can start between two of its stages.
 """
 
 from __future__ import annotations
@@ -15,15 +17,22 @@ import contextlib
 import sys
 
 from prefect import flow
+from prefect.runtime import flow_run
 
 from datasetdm import dvc_pipeline
 from datasetdm.config import load_params
 from datasetdm.orchestration import headline_metrics
+from datasetdm.workspace_lock import Holder, hold_workspace
 from flows.generate import bring_generation_up_to_date
 from tasks import stages
 
 # What `make run` reproduces (`dvc repro curate report`): every stage but `uplift`.
 FACTORY_TARGETS = ["curate", "report"]
+
+
+def hold() -> contextlib.AbstractContextManager[Holder]:
+    """Inside a flow, in the project directory: the workspace lock, named after the flow run."""
+    return hold_workspace(".", command=f"prefect flow run {flow_run.flow_name}/{flow_run.name}")
 
 
 def run_stages(targets: list[str], set_params: list[str] | None, workers: int = 1, address: str | None = None) -> dict:
@@ -48,7 +57,7 @@ def factory(
 ) -> dict:
     """``targets``: DVC stages to reach (default: the whole factory, as ``make run``);
     ``workers`` > 1 or a Dask scheduler ``address`` maps generation's shards over Dask."""
-    with contextlib.chdir(project_dir):
+    with contextlib.chdir(project_dir), hold():
         summary = run_stages(targets or FACTORY_TARGETS, set_params, workers=workers, address=address)
         params = load_params()
         summary.update(headline_metrics(params))

@@ -63,9 +63,9 @@ def bring_generation_up_to_date(workers: int = 2, address: str | None = None) ->
 @flow(name="generate", log_prints=True)
 def generate(project_dir: str = ".", workers: int = 1, address: str | None = None) -> dict:
     """The generate stage (and what it needs); ``workers`` > 1 or ``address``: shards over Dask."""
-    from flows.factory import run_stages
+    from flows.factory import hold, run_stages
 
-    with contextlib.chdir(project_dir):
+    with contextlib.chdir(project_dir), hold():
         return run_stages(["generate"], None, workers=workers, address=address)
 
 

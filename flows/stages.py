@@ -11,11 +11,11 @@ import contextlib
 
 from prefect import flow
 
-from flows.factory import run_stages
+from flows.factory import hold, run_stages
 
 
 def _reach(stage: str, project_dir: str, set_params: list[str] | None) -> dict:
-    with contextlib.chdir(project_dir):
+    with contextlib.chdir(project_dir), hold():
         return run_stages([stage], set_params)
 
 

@@ -80,3 +80,14 @@ def test_unknown_class_in_a_prompt_names_the_prompt(tiny_params_file, tmp_path):
     line = one_error_line(run_cli("generate", "--params", str(tiny_params_file)))
     assert "prompts.json" in line and "dodecahedron" in line
     assert not (tmp_path / "data/generated/manifest.json").exists()
+
+
+def test_verbose_logs_the_decisions(tiny_params_file):
+    raw = yaml.safe_load(tiny_params_file.read_text())
+    raw["prompts"]["num_prompts"] = 100
+    tiny_params_file.write_text(yaml.safe_dump(raw))
+    quiet = run_cli("expand-prompts", "--params", str(tiny_params_file))
+    assert quiet.returncode == 0 and "datasetdm.prompts" not in quiet.stderr
+    loud = run_cli("expand-prompts", "--params", str(tiny_params_file), "--verbose")
+    assert loud.returncode == 0, loud.stderr
+    assert "datasetdm.prompts: prompts.num_prompts is 100, but the world has only 14 distinct prompts" in loud.stderr
