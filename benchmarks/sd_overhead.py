@@ -15,7 +15,7 @@ processors, no hooks, no decoder; output_type "pt" moved to the CPU). "Annotated
 step, then the P-Decoder (untrained, same architecture: the weights do not change
 the time) and the quality score, i.e. what the factory runs per batch. A third line,
 sampling with capture but no decoder, splits the overhead into capture and decoder;
-on a GPU a fourth runs the P-Decoder on the GPU as well (the stages keep it on the CPU).
+on a GPU a fourth runs the P-Decoder on the GPU as well (as the stages do).
 ``--sd15-shaped`` builds SD 1.5's architecture with random weights (no download) for a
 GPU; on a CPU it runs too, slowly.
 """
@@ -102,9 +102,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         components, model_name = components_for(args, Path(tmp))
     plain_unet = copy.deepcopy(components["unet"])  # the backbone instruments its own UNet for capture
-    backbone = StableDiffusionBackbone(
-        components, dtype=args.dtype, device=args.device, channels_last=args.channels_last, compile=args.compile
-    )
+    # Where results land is chosen at loading (output_device), so the P-Decoder-on-device
+    # row gets its own backbone, built from an untouched copy of the same weights.
+    on_device_components = copy.deepcopy(components) if torch.device(args.device).type != "cpu" else None
+    options = dict(dtype=args.dtype, device=args.device, channels_last=args.channels_last, compile=args.compile)
+    backbone = StableDiffusionBackbone(components, **options)
     device = backbone.device
     plain_unet = plain_unet.to(device) if plain_unet.dtype == backbone.dtype else plain_unet.to(device, backbone.dtype)
     if args.channels_last:
@@ -137,23 +139,25 @@ def main() -> None:
             .cpu()
         )
 
-    _, probe = backbone.sample(prompts[:1], seeds[:1], 1, bb.guidance_scale, capture_timestep=bb.feature_timestep)
+    _, probe = backbone.sample(
+        prompts[:1], seeds[:1], steps=1, guidance_scale=bb.guidance_scale, capture_timestep=bb.feature_timestep
+    )
     assert probe is not None
     decoder = build_decoder(probe, classes, params.decoder, backbone.image_size).eval()
-    annotated = lambda: annotate_batch(backbone, decoder, prompts, seeds, classes, bb)  # noqa: E731
+    annotated = lambda: annotate_batch(backbone, decoder, prompts, seeds, classes=classes, bb=bb)  # noqa: E731
 
-    decoder_on_device = copy.deepcopy(decoder).to(device)
+    if on_device_components is not None:
+        backbone_on_device = StableDiffusionBackbone(on_device_components, output_device=device, **options)
+        decoder_on_device = copy.deepcopy(decoder).to(device)
 
     def annotated_on_device() -> Any:
-        """The same, with the P-Decoder on the model's device (the stages keep it on the CPU today)."""
-        backbone.output_device = device
-        try:
-            return annotate_batch(backbone, decoder_on_device, prompts, seeds, classes, bb)
-        finally:
-            backbone.output_device = torch.device("cpu")
+        """The same, with results and the P-Decoder on the model's device (as the stages run it)."""
+        return annotate_batch(backbone_on_device, decoder_on_device, prompts, seeds, classes=classes, bb=bb)
 
     def capture_only():
-        return backbone.sample(prompts, seeds, bb.steps, bb.guidance_scale, capture_timestep=bb.feature_timestep)
+        return backbone.sample(
+            prompts, seeds, steps=bb.steps, guidance_scale=bb.guidance_scale, capture_timestep=bb.feature_timestep
+        )
 
     same = (plain() - capture_only()[0]).abs().max().item()  # also the warm-up of both paths
     annotated()

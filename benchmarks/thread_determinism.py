@@ -25,7 +25,7 @@ from datasetdm.stages import load_backbone  # noqa: E402
 
 
 def pixels(backbone, prompts: list[str], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
-    images, _ = backbone.sample(prompts, seeds, steps, guidance)
+    images, _ = backbone.sample(prompts, seeds, steps=steps, guidance_scale=guidance)
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 

@@ -14,11 +14,14 @@ upsampler (an up block's own output is already upsampled).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+logger = logging.getLogger(__name__)
 
 
 class _CapturingCrossAttnProcessor:
@@ -92,10 +95,14 @@ class FeatureCapture:
             # attn2 is the cross-attention of every BasicTransformerBlock.
             is_cross = name.endswith("attn2.processor")
             procs[name] = _CapturingCrossAttnProcessor(self, AttnProcessor2_0()) if is_cross else proc
-        self.unet.set_attn_processor(procs)
+        capturing = sum(isinstance(p, _CapturingCrossAttnProcessor) for p in procs.values())
+        self.unet.set_attn_processor(procs)  # diffusers empties the dict it is given
         for i, block in enumerate(self.unet.up_blocks):
             last = block.attentions[-1] if getattr(block, "attentions", None) else block.resnets[-1]
             self._hooks.append(last.register_forward_hook(self._map_hook(i)))
+        logger.info(
+            "feature capture installed: %d cross-attention layers, maps of %d up blocks", capturing, len(self._hooks)
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:

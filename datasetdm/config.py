@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from datasetdm.backbones import check_kind
 from datasetdm.errors import DatasetDMError
 from datasetdm.strict_yaml import load_yaml
 
@@ -50,7 +51,7 @@ class RealConfig:
 class BackboneConfig:
     """Which text-to-image model generates images and provides features."""
 
-    kind: Literal["stable-diffusion"] = "stable-diffusion"
+    kind: str = "stable-diffusion"  # a name in the backbone registry (datasetdm/backbones/__init__.py)
     # A local diffusers Stable Diffusion pipeline folder, or a hub id already in the HF
     # cache. The default is the embedded miniature SD trained on the shapes world.
     model: str = "datasetdm/assets/mini-sd"
@@ -471,6 +472,7 @@ def _check_cross_fields(p: Params) -> None:
             raise DatasetDMError(s, f"prompts.templates[{i}]", "must contain {objects}")
     if p.prompts.max_objects > p.world.max_objects:
         raise DatasetDMError(s, "prompts.max_objects", "must not exceed world.max_objects")
+    check_kind(p.backbone.kind, s)
     if not p.backbone.model:
         raise DatasetDMError(
             s, "backbone.model", "needs a model: a local diffusers pipeline folder or a cached hub id"

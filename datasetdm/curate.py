@@ -27,6 +27,7 @@ FiftyOne reads its database settings from its own ``FIFTYONE_*`` environment var
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from datasetdm.errors import DatasetDMError
 from datasetdm.io import atomic_path, sha256_file, write_json
 from datasetdm.realset import DEPTH_SCALE
 
+logger = logging.getLogger(__name__)
 LOW_QUALITY = "low_quality"
 DUPLICATE = "duplicate"
 THUMBNAIL = 16
@@ -75,7 +77,9 @@ def load_export(export_dir: str | Path, name: str, overwrite: bool = True):
     coco = json.loads(ann_file.read_text())
     if name in fo.list_datasets():
         if not overwrite:
+            logger.info("FiftyOne dataset %s exists: reused", name)
             return fo.load_dataset(name)
+        logger.info("FiftyOne dataset %s exists: replaced by a fresh load of %s", name, export_dir)
         fo.delete_dataset(name)
     ds = fo.Dataset.from_dir(
         dataset_type=fo.types.COCODetectionDataset,
@@ -147,7 +151,18 @@ def tag_samples(ds, cfg: CurateConfig) -> dict[str, int]:
         duplicate_ids = []
     ds.select(duplicate_ids).tag_samples(DUPLICATE)
     ds.match(F("quality") < cfg.min_quality).tag_samples(LOW_QUALITY)
-    return ds.count_sample_tags()
+    counts = ds.count_sample_tags()
+    logger.info(
+        "tagged %d of %d samples %s (quality < %g) and %d %s (cosine distance < %g)",
+        counts.get(LOW_QUALITY, 0),
+        len(ds),
+        LOW_QUALITY,
+        cfg.min_quality,
+        counts.get(DUPLICATE, 0),
+        DUPLICATE,
+        cfg.duplicate_threshold,
+    )
+    return counts
 
 
 def write_curated(ds, export_dir: str | Path, out_dir: str | Path, cfg: CurateConfig) -> dict[str, Any]:

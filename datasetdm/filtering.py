@@ -24,11 +24,14 @@ changing ``filter.min_score`` re-runs filtering and export only.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+logger = logging.getLogger(__name__)
 MIN_AREA = 0.005  # fraction of pixels for a class to count as present
 OBJECT_AREA = 0.02  # a named object smaller than this fraction of the image is suspect
 BLOB_PIXELS = 16  # connected pieces smaller than this are speckle, not an object
@@ -130,4 +133,5 @@ def filter_samples(records: list[dict], min_score: float) -> dict:
             }
         )
     kept = sum(s["kept"] for s in samples)
+    logger.info("filter.min_score %g keeps %d of %d samples", min_score, kept, len(samples))
     return {"min_score": min_score, "kept": kept, "dropped": len(samples) - kept, "samples": samples}

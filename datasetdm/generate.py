@@ -10,6 +10,7 @@ half-written shard. The manifest, written last, lists every shard with its hash.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from datasetdm.io import atomic_path, remove_temporaries, save_png, sha256_dir, 
 from datasetdm.keypoints import CHANNELS, find_peaks
 from datasetdm.realset import depth_to_png
 
+logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
@@ -83,49 +85,40 @@ def generate(
     backbone: Backbone,
     decoder: PDecoder,
     prompts: list[str],
+    *,
     gen: GenerateConfig,
     bb: BackboneConfig,
     out_dir: str | Path,
     prompts_source: str = "prompts",
 ) -> dict:
-    """Generate ``gen.num_samples`` annotated samples into ``out_dir``; return the manifest."""
+    """Generate ``gen.num_samples`` annotated samples into ``out_dir``; return the manifest.
+
+    The single-process run of exactly what an orchestrator does across workers:
+    ``generate_shard`` for every shard of ``shard_plan``, then ``write_manifest``.
+    """
     out_dir = Path(out_dir)
+    # 1. Check inputs: every prompt encodes and names a class the decoder labels.
     classes = tuple(decoder.config["classes"])
     check_prompts(prompts, backbone, classes, prompts_source)
-    plan = plan_samples(prompts, gen)
-    shards = [plan[i : i + gen.shard_size] for i in range(0, len(plan), gen.shard_size)]
-    provenance = {
-        "backbone": backbone.fingerprint(),
-        "decoder": decoder.fingerprint(),
-        "scheduler": "DDIMScheduler",
-        "steps": bb.steps,
-        "guidance_scale": bb.guidance_scale,
-        "feature_timestep": bb.feature_timestep,
-    }
+    # 2. Plan: which samples go to which shard.
+    shards = shard_plan(prompts, gen)
+    # 3. Unseal: no manifest may vouch for the folder while its shards change.
     out_dir.mkdir(parents=True, exist_ok=True)
     _discard_leftovers(out_dir)
+    # 4. Make (or reuse) each shard.
     entries = []
-    bar = tqdm(total=len(plan), desc="generate", unit="img", mininterval=2)
-    for k, shard in enumerate(shards):
-        name = f"shard-{k:05d}"
-        shard_dir = out_dir / name
-        if not _shard_matches(shard_dir, shard, provenance):
-            _write_shard(shard_dir, name, shard, backbone, decoder, classes, gen, bb, provenance)
-        bar.update(len(shard))
-        entries.append({"name": name, "sha256": sha256_dir(shard_dir), "num_samples": len(shard)})
-    bar.close()
-    for stale in out_dir.glob("shard-*"):
-        if stale.name not in {e["name"] for e in entries}:
-            shutil.rmtree(stale)
-    manifest = {
-        "classes": list(classes),
-        "image_size": backbone.image_size,
-        **provenance,
-        "num_samples": len(plan),
-        "shards": entries,
-    }
-    write_json(out_dir / MANIFEST, manifest)
-    return manifest
+    with tqdm(total=gen.num_samples, desc="generate", unit="img", mininterval=2) as bar:
+        for k, shard in enumerate(shards):
+            entries.append(generate_shard(backbone, decoder, prompts, gen=gen, bb=bb, out_dir=out_dir, k=k))
+            bar.update(len(shard))
+    # 5. Seal: the manifest over every shard, stale shards gone.
+    return write_manifest(
+        out_dir,
+        entries,
+        classes=classes,
+        image_size=backbone.image_size,
+        provenance=generation_provenance(backbone, decoder, bb),
+    )
 
 
 def _discard_leftovers(out_dir: Path) -> None:
@@ -135,9 +128,12 @@ def _discard_leftovers(out_dir: Path) -> None:
     here on leaves no manifest that could vouch for shards it was replacing or
     removing, and the temporaries of a previously killed run go with it.
     """
+    if (out_dir / MANIFEST).is_file():
+        logger.info("%s: manifest removed until this run seals the folder again", out_dir)
     (out_dir / MANIFEST).unlink(missing_ok=True)
-    remove_temporaries(out_dir, "shard-*")
-    remove_temporaries(out_dir, MANIFEST)
+    removed = remove_temporaries(out_dir, "shard-*") + remove_temporaries(out_dir, MANIFEST)
+    if removed:
+        logger.info("%s: discarded %d leftover temporaries of a killed run", out_dir, len(removed))
 
 
 def _shard_matches(shard_dir: Path, shard: list[PlannedSample], provenance: dict) -> bool:
@@ -187,6 +183,7 @@ def annotate_batch(
     decoder: PDecoder,
     prompts: list[str],
     seeds: list[int],
+    *,
     classes: tuple[str, ...],
     bb: BackboneConfig,
     init_images: torch.Tensor | None = None,
@@ -202,8 +199,8 @@ def annotate_batch(
     images, features = backbone.sample(
         prompts,
         seeds,
-        bb.steps,
-        bb.guidance_scale,
+        steps=bb.steps,
+        guidance_scale=bb.guidance_scale,
         capture_timestep=bb.feature_timestep,
         init_images=init_images,
         strength=strength,
@@ -212,7 +209,7 @@ def annotate_batch(
     device = next(decoder.parameters()).device
     images, features = images.to(device), features.to(device)
     attention = class_attention(features, backbone, classes)
-    out = predict(decoder, backbone, features, images, classes, attention=attention)
+    out = predict(decoder, backbone, features, images, classes=classes, attention=attention)
     probs = out["semantic"]
     named = [[classes.index(c) for c in prompt_classes(p, backbone, classes)] for p in prompts]
     quality = quality_components(probs, attention, named)
@@ -231,26 +228,31 @@ def annotate_batch(
 
 def _write_shard(
     shard_dir: Path,
-    name: str,
     shard: list[PlannedSample],
+    *,
     backbone: Backbone,
     decoder: PDecoder,
-    classes: tuple[str, ...],
     gen: GenerateConfig,
     bb: BackboneConfig,
     provenance: dict,
 ) -> None:
+    """Generate ``shard`` and write it to ``shard_dir`` atomically (images, label PNGs, ``records.json``)."""
+    name = shard_dir.name
+    classes = tuple(decoder.config["classes"])
     records = []
     # This shard is about to change, so no manifest may vouch for the folder any more;
     # a killed earlier attempt at this shard may have left its temporary behind.
     (shard_dir.parent / MANIFEST).unlink(missing_ok=True)
-    remove_temporaries(shard_dir.parent, name)
+    if remove_temporaries(shard_dir.parent, name):
+        logger.info("%s: discarded the temporary of an earlier, killed attempt", name)
     with atomic_path(shard_dir) as tmp:
         (tmp / "images").mkdir(parents=True)
         (tmp / "semantic").mkdir()
         for start in range(0, len(shard), gen.batch_size):
             batch = shard[start : start + gen.batch_size]
-            made = annotate_batch(backbone, decoder, [s.prompt for s in batch], [s.seed for s in batch], classes, bb)
+            made = annotate_batch(
+                backbone, decoder, [s.prompt for s in batch], [s.seed for s in batch], classes=classes, bb=bb
+            )
             for j, s in enumerate(batch):
                 save_png(tmp / "images" / f"{s.id}.png", made.pixels[j])
                 save_png(tmp / "semantic" / f"{s.id}.png", made.labels[j])
@@ -296,10 +298,11 @@ def read_records(gen_dir: str | Path) -> list[dict]:
     return records
 
 
-# Sharded generation for orchestrators: each shard is an independent unit of work that
-# any worker can make (a sample's pixels depend only on its prompt and seed), and the
-# manifest is written once every shard exists. ``generate`` above is the same thing in
-# one process; both give byte-identical shards and manifests.
+# Sharded generation: each shard is an independent unit of work that any worker can
+# make (a sample's pixels depend only on its prompt and seed), and the manifest is
+# written once every shard exists. ``generate`` above calls these same functions in one
+# process, and an orchestrator maps ``generate_shard`` over workers, so both give
+# byte-identical shards and manifests.
 
 
 def shard_plan(prompts: list[str], gen: GenerateConfig) -> list[list[PlannedSample]]:
@@ -324,6 +327,7 @@ def generate_shard(
     backbone: Backbone,
     decoder: PDecoder,
     prompts: list[str],
+    *,
     gen: GenerateConfig,
     bb: BackboneConfig,
     out_dir: str | Path,
@@ -333,24 +337,26 @@ def generate_shard(
     shards = shard_plan(prompts, gen)
     if not 0 <= k < len(shards):
         raise DatasetDMError(None, "shard", f"shard {k} does not exist (the plan has {len(shards)} shards)")
-    classes = tuple(decoder.config["classes"])
     provenance = generation_provenance(backbone, decoder, bb)
-    name = f"shard-{k:05d}"
-    shard_dir = Path(out_dir) / name
-    if not _shard_matches(shard_dir, shards[k], provenance):
-        _write_shard(shard_dir, name, shards[k], backbone, decoder, classes, gen, bb, provenance)
-    return {"name": name, "sha256": sha256_dir(shard_dir), "num_samples": len(shards[k])}
+    shard_dir = Path(out_dir) / f"shard-{k:05d}"
+    if _shard_matches(shard_dir, shards[k], provenance):
+        logger.info("%s: reused (same samples, same models)", shard_dir.name)
+    else:
+        logger.info("%s: %s", shard_dir.name, "rebuilt (plan or models changed)" if shard_dir.exists() else "made")
+        _write_shard(shard_dir, shards[k], backbone=backbone, decoder=decoder, gen=gen, bb=bb, provenance=provenance)
+    return {"name": shard_dir.name, "sha256": sha256_dir(shard_dir), "num_samples": len(shards[k])}
 
 
 def write_manifest(
-    out_dir: str | Path, entries: list[dict], classes: tuple[str, ...], image_size: int, provenance: dict
+    out_dir: str | Path, entries: list[dict], *, classes: tuple[str, ...], image_size: int, provenance: dict
 ) -> dict:
     """Write the manifest over ``entries`` (in shard order) and drop shards not listed."""
     out_dir = Path(out_dir)
     names = {e["name"] for e in entries}
     _discard_leftovers(out_dir)
-    for stale in out_dir.glob("shard-*"):
+    for stale in sorted(out_dir.glob("shard-*")):
         if stale.name not in names:
+            logger.info("%s: removed (not in this plan)", stale.name)
             shutil.rmtree(stale)
     manifest = {
         "classes": list(classes),

@@ -32,7 +32,9 @@ def plan_shards(params: Params) -> int:
     decoder = stages.load_decoder(params, backbone)
     prompts = load_prompts(params.prompts.out)
     check_prompts(prompts, backbone, tuple(decoder.config["classes"]), params.prompts.out)
-    return len(shard_plan(prompts, params.generate))
+    n = len(shard_plan(prompts, params.generate))
+    logger.info("generation: %d samples in %d shards", params.generate.num_samples, n)
+    return n
 
 
 def make_shard(params: Params, k: int) -> dict:
@@ -42,7 +44,13 @@ def make_shard(params: Params, k: int) -> dict:
     backbone = stages.load_backbone(params)
     decoder = stages.load_decoder(params, backbone)
     return generate_shard(
-        backbone, decoder, load_prompts(params.prompts.out), params.generate, params.backbone, params.generate.out, k
+        backbone,
+        decoder,
+        load_prompts(params.prompts.out),
+        gen=params.generate,
+        bb=params.backbone,
+        out_dir=params.generate.out,
+        k=k,
     )
 
 
@@ -55,9 +63,9 @@ def finish_generate(params: Params, entries: list[dict]) -> dict:
     manifest = write_manifest(
         params.generate.out,
         entries,
-        tuple(decoder.config["classes"]),
-        backbone.image_size,
-        generation_provenance(backbone, decoder, params.backbone),
+        classes=tuple(decoder.config["classes"]),
+        image_size=backbone.image_size,
+        provenance=generation_provenance(backbone, decoder, params.backbone),
     )
     return {"num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}
 

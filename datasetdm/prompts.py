@@ -8,11 +8,14 @@ combinatorics make almost every prompt a crowded one) and shuffled with a fixed 
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 
 from datasetdm.config import PromptsConfig, WorldConfig
 from datasetdm.worlds.shapes import caption_for
+
+logger = logging.getLogger(__name__)
 
 
 def expand_prompts(world: WorldConfig, cfg: PromptsConfig) -> list[dict]:
@@ -40,4 +43,10 @@ def expand_prompts(world: WorldConfig, cfg: PromptsConfig) -> list[dict]:
             if prompt not in seen:
                 seen.add(prompt)
                 records.append({"prompt": prompt, "layout": [list(p) for p in layout]})
+    if len(records) < cfg.num_prompts:
+        logger.info(
+            "prompts.num_prompts is %d, but the world has only %d distinct prompts: all of them are used",
+            cfg.num_prompts,
+            len(records),
+        )
     return records[: cfg.num_prompts]

@@ -8,11 +8,14 @@ dependent: exporting again at the same commit gives the same card.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from datasetdm.strict_yaml import load_yaml
+
+logger = logging.getLogger(__name__)
 
 
 def git_revision(root: str | Path = ".") -> dict[str, Any] | None:
@@ -31,6 +34,7 @@ def git_revision(root: str | Path = ".") -> dict[str, Any] | None:
 
     sha = git("rev-parse", "HEAD")
     if not sha:
+        logger.info("%s is not a git work tree (or git is missing): no revision in the provenance", root)
         return None
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
     return {"revision": sha, "dirty": bool(status)}
@@ -45,6 +49,7 @@ def dvc_info(root: str | Path = ".", deps: tuple[str, ...] = ()) -> dict[str, An
     """
     root = Path(root)
     if not (root / ".dvc").is_dir():
+        logger.info("%s is not a DVC project: no DVC state in the provenance", root)
         return None
     import dvc
     from dvc.repo import Repo

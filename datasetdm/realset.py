@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import posixpath
 from collections.abc import Iterator
@@ -33,6 +34,8 @@ from datasetdm.errors import DatasetDMError
 from datasetdm.export.voc import voc_palette
 from datasetdm.io import atomic_path
 from datasetdm.worlds.shapes import KEYPOINT_NAMES, render_scene
+
+logger = logging.getLogger(__name__)
 
 DEPTH_SCALE = 1000  # depth PNGs are uint16 millimetres; also recorded as info.depth_scale
 ANNOTATIONS = "annotations.json"
@@ -102,6 +105,7 @@ def write_real_set(world: WorldConfig, out_dir: str | Path, num: int, seed: int)
     ]
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
+    occluded = 0
     palette = voc_palette()
     with atomic_path(out_dir) as tmp:
         for sub in ("images", "masks", "depth"):
@@ -130,6 +134,7 @@ def write_real_set(world: WorldConfig, out_dir: str | Path, num: int, seed: int)
             )
             for obj, visible, kps in zip(scene.objects, scene.instances, scene.keypoints):
                 if not visible.any():
+                    occluded += 1
                     continue
                 rle = mask_util.encode(np.asfortranarray(visible.astype(np.uint8)))
                 annotations.append(
@@ -146,6 +151,8 @@ def write_real_set(world: WorldConfig, out_dir: str | Path, num: int, seed: int)
                         "depth": float(obj.depth),
                     }
                 )
+        if occluded:
+            logger.info("%s: %d fully occluded instances left out of the annotations", out_dir, occluded)
         coco = {
             "info": {
                 "description": "datasetdm labelled set rendered from the shapes world",
@@ -198,7 +205,7 @@ def load_real_set(set_dir: str | Path, classes: tuple[str, ...]) -> list[Labelle
         height, width = pixels[i].shape[:2]
         for j in anns_by_image[entry["id"]]:
             masks[j] = _decode_segmentation(
-                src, f"annotations[{j}].segmentation", annotations[j]["segmentation"], height, width
+                src, f"annotations[{j}].segmentation", annotations[j]["segmentation"], height=height, width=width
             )
     for i, entry in enumerate(images):
         height, width = pixels[i].shape[:2]
@@ -212,7 +219,7 @@ def load_real_set(set_dir: str | Path, classes: tuple[str, ...]) -> list[Labelle
     for i, entry in enumerate(images):
         height, width = pixels[i].shape[:2]
         for j in anns_by_image[entry["id"]]:
-            _check_annotation_agrees(src, j, annotations[j], masks[j], width, height)
+            _check_annotation_agrees(src, j, annotations[j], masks[j], width=width, height=height)
 
     depth_scale = _depth_scale(src, coco)
     out = []
@@ -233,7 +240,7 @@ def load_real_set(set_dir: str | Path, classes: tuple[str, ...]) -> list[Labelle
                 semantic=semantic,
                 instance_masks=inst,
                 instance_classes=names,
-                depth=_read_depth(src, set_dir, i, entry, height, width, depth_scale),
+                depth=_read_depth(src, set_dir, i, entry, height=height, width=width, scale=depth_scale),
                 keypoints=[_keypoints(annotations[j], cat_by_id[annotations[j]["category_id"]]) for j in ids],
             )
         )
@@ -268,14 +275,14 @@ def _entries_with_unique_ids(
         where = f"{section}[{i}]"
         if not isinstance(entry, dict):
             raise DatasetDMError(src, where, f"must be an object, got {type(entry).__name__}")
-        entry_id = _require(src, entry, "id", where, _is_int, "an integer")
+        entry_id = _require(src, entry, "id", where, check=_is_int, what="an integer")
         if entry_id in seen:
             raise DatasetDMError(src, f"{where}.id", f"duplicate {noun} id {entry_id}")
         seen.add(entry_id)
         yield where, entry
 
 
-def _require(src: Path, obj: dict[str, Any], key: str, where: str, check: Any, what: str) -> Any:
+def _require(src: Path, obj: dict[str, Any], key: str, where: str, *, check: Any, what: str) -> Any:
     if key not in obj:
         raise DatasetDMError(src, f"{where}.{key}", "missing")
     if not check(obj[key]):
@@ -299,30 +306,30 @@ def _check_structure(src: Path, coco: Any) -> tuple[list[dict], list[dict], list
     positive = lambda v: _is_int(v) and v > 0  # noqa: E731
     non_empty_str = lambda v: isinstance(v, str) and bool(v)  # noqa: E731
     for where, entry in _entries_with_unique_ids(src, coco, "images", "image"):
-        _require(src, entry, "file_name", where, non_empty_str, "a non-empty string")
-        _require(src, entry, "width", where, positive, "a positive integer")
-        _require(src, entry, "height", where, positive, "a positive integer")
+        _require(src, entry, "file_name", where, check=non_empty_str, what="a non-empty string")
+        _require(src, entry, "width", where, check=positive, what="a positive integer")
+        _require(src, entry, "height", where, check=positive, what="a positive integer")
     for where, cat in _entries_with_unique_ids(src, coco, "categories", "category"):
-        _require(src, cat, "name", where, non_empty_str, "a non-empty string")
+        _require(src, cat, "name", where, check=non_empty_str, what="a non-empty string")
         if "keypoints" in cat:
             _require(
                 src,
                 cat,
                 "keypoints",
                 where,
-                lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
-                "a list of names",
+                check=lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                what="a list of names",
             )
     for where, ann in _entries_with_unique_ids(src, coco, "annotations", "annotation"):
-        _require(src, ann, "image_id", where, _is_int, "an integer")
-        _require(src, ann, "category_id", where, _is_int, "an integer")
+        _require(src, ann, "image_id", where, check=_is_int, what="an integer")
+        _require(src, ann, "category_id", where, check=_is_int, what="an integer")
         _require(
             src,
             ann,
             "segmentation",
             where,
-            lambda v: isinstance(v, (dict, list)),
-            "an RLE object or a list of polygons",
+            check=lambda v: isinstance(v, (dict, list)),
+            what="an RLE object or a list of polygons",
         )
         if "keypoints" in ann:
             _require(
@@ -330,8 +337,8 @@ def _check_structure(src: Path, coco: Any) -> tuple[list[dict], list[dict], list
                 ann,
                 "keypoints",
                 where,
-                lambda v: isinstance(v, list) and len(v) % 3 == 0 and all(map(_is_number, v)),
-                "a flat list of numbers x, y, v",
+                check=lambda v: isinstance(v, list) and len(v) % 3 == 0 and all(map(_is_number, v)),
+                what="a flat list of numbers x, y, v",
             )
         _check_optional_geometry(src, ann, where)
     return coco["images"], coco["categories"], coco["annotations"]
@@ -349,13 +356,15 @@ def _check_optional_geometry(src: Path, ann: dict[str, Any], where: str) -> None
             ann,
             "bbox",
             where,
-            lambda v: isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)) and v[2] >= 0 and v[3] >= 0,
-            "[x, y, width, height] numbers with width, height >= 0",
+            check=lambda v: (
+                isinstance(v, list) and len(v) == 4 and all(map(_is_number, v)) and v[2] >= 0 and v[3] >= 0
+            ),
+            what="[x, y, width, height] numbers with width, height >= 0",
         )
     if "area" in ann:
-        _require(src, ann, "area", where, lambda v: _is_number(v) and v >= 0, "a number >= 0")
+        _require(src, ann, "area", where, check=lambda v: _is_number(v) and v >= 0, what="a number >= 0")
     if "num_keypoints" in ann:
-        _require(src, ann, "num_keypoints", where, lambda v: _is_int(v) and v >= 0, "an integer >= 0")
+        _require(src, ann, "num_keypoints", where, check=lambda v: _is_int(v) and v >= 0, what="an integer >= 0")
 
 
 def _check_unique_file_names(src: Path, images: list[dict]) -> None:
@@ -411,7 +420,7 @@ def _fmt(values: Any) -> str:
 
 
 def _check_annotation_agrees(
-    src: Path, j: int, ann: dict[str, Any], mask: np.ndarray, width: int, height: int
+    src: Path, j: int, ann: dict[str, Any], mask: np.ndarray, *, width: int, height: int
 ) -> None:
     """Check an annotation's derived fields against its image and its own mask and keypoints.
 
@@ -420,7 +429,7 @@ def _check_annotation_agrees(
     and COCOeval would score against the other. ``mask`` is bool (H, W) of the image.
     """
     if "bbox" in ann:
-        _check_bbox(src, j, ann, mask, width, height)
+        _check_bbox(src, j, ann, mask, width=width, height=height)
     if "area" in ann:
         _check_area(src, j, ann, int(mask.sum()))
     if "num_keypoints" in ann:
@@ -433,7 +442,7 @@ def _check_annotation_agrees(
             )
 
 
-def _check_bbox(src: Path, j: int, ann: dict[str, Any], mask: np.ndarray, width: int, height: int) -> None:
+def _check_bbox(src: Path, j: int, ann: dict[str, Any], mask: np.ndarray, *, width: int, height: int) -> None:
     """The box lies in the image (``BBOX_IMAGE_TOLERANCE``) and on the mask's own box (``BBOX_MASK_TOLERANCE``)."""
     x, y, w, h = (float(v) for v in ann["bbox"])
     tol = BBOX_IMAGE_TOLERANCE
@@ -490,7 +499,7 @@ def _read_image(src: Path, set_dir: Path, i: int, entry: dict[str, Any]) -> np.n
     return np.asarray(rgb, dtype=np.uint8).copy()
 
 
-def _decode_segmentation(src: Path, field: str, seg: Any, height: int, width: int) -> np.ndarray:
+def _decode_segmentation(src: Path, field: str, seg: Any, *, height: int, width: int) -> np.ndarray:
     """Decode an RLE (compressed or not) or polygon segmentation to a bool (H, W) mask."""
     if isinstance(seg, list):
         if not seg or not all(
@@ -542,7 +551,7 @@ def _depth_scale(src: Path, coco: dict[str, Any]) -> float:
 
 
 def _read_depth(
-    src: Path, set_dir: Path, i: int, entry: dict[str, Any], height: int, width: int, scale: float
+    src: Path, set_dir: Path, i: int, entry: dict[str, Any], *, height: int, width: int, scale: float
 ) -> np.ndarray | None:
     if entry.get("depth_file") is None:
         return None

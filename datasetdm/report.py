@@ -9,7 +9,7 @@ from datasetdm.config import Params
 
 
 def render_report(
-    card: dict, metrics: dict, params: Params, downstream: dict | None = None, backbone: dict | None = None
+    card: dict, metrics: dict, params: Params, *, downstream: dict | None = None, backbone: dict | None = None
 ) -> str:
     counts = card.get("counts", {})
     models = card.get("models", {})

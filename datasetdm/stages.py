@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from datasetdm import backbones
 from datasetdm.backbones.base import Backbone
-from datasetdm.backbones.sd import StableDiffusionBackbone
 from datasetdm.config import Params
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import train_decoder
@@ -34,25 +35,24 @@ from datasetdm.prompts import expand_prompts
 from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
 from datasetdm.report import render_report
 
+logger = logging.getLogger(__name__)
+
 
 def load_backbone(params: Params) -> Backbone:
-    """The Stable Diffusion folder ``params.backbone.model`` names (by default the embedded miniature SD)."""
+    """The backbone ``backbone.kind`` names, loaded from ``backbone.model`` (by default the embedded miniature SD).
+
+    Results come back on ``backbone.device`` because the decoder runs there too (see ``load_decoder``).
+    """
     torch.manual_seed(0)
-    bb = params.backbone
-    backbone = StableDiffusionBackbone.load(
-        bb.model,
-        dtype=bb.dtype,
-        device=bb.device,
-        channels_last=bb.channels_last,
-        compile=bb.compile,
-        source=params.source,
-    )
-    backbone.output_device = torch.device(bb.device)  # the decoder runs there too (see load_decoder)
-    return backbone
+    return backbones.load_backbone(params.backbone, source=params.source, output_device=params.backbone.device)
 
 
 def make_real_sets(params: Params) -> dict:
-    """Render the labelled few-shot training set and the held-out test set."""
+    """Stage ``real-data``: render the labelled few-shot set and the held-out test set into ``real.dir``.
+
+    Reads ``world`` and ``real`` (and ``evaluate``): with ``evaluate.unseen_classes`` it
+    also renders the zero-shot test set, which adds classes the decoder never trains on.
+    """
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
     write_real_set(params.world, train_dir, params.real.num_train, params.real.train_seed)
     write_real_set(params.world, test_dir, params.real.num_test, params.real.test_seed)
@@ -70,21 +70,34 @@ def zero_shot_dir(params: Params) -> Path:
 
 
 def train_decoder_stage(params: Params) -> dict:
+    """Stage ``train-decoder``: train the P-Decoder on the K labelled images; save it to ``decoder.out``.
+
+    Reads the labelled set in ``real.dir`` and the backbone's features of it. The saved
+    config records the backbone's fingerprint, so a decoder is never run on features of
+    another backbone (``load_decoder`` checks).
+    """
     backbone = load_backbone(params)
     train_dir, _ = real_set_split_dirs(params.real.dir)
     labelled = load_real_set(train_dir, params.world.classes)
-    decoder, stats = train_decoder(backbone, labelled, params.world.classes, params.decoder, params.backbone)
+    decoder, stats = train_decoder(backbone, labelled, params.world.classes, cfg=params.decoder, bb=params.backbone)
     decoder.save(params.decoder.out, extra={"backbone": backbone.fingerprint(), "trained_on": len(labelled)})
     return stats
 
 
 def expand_prompts_stage(params: Params) -> dict:
+    """Stage ``expand-prompts``: write the prompts generation cycles through to ``prompts.out``.
+
+    Reads ``world`` and ``prompts`` only (no model): prompts are captions of the world's
+    classes, colours and counts, so every prompt names something the decoder labels.
+    """
     prompts = expand_prompts(params.world, params.prompts)
     write_json(params.prompts.out, {"num_prompts": len(prompts), "prompts": prompts})
     return {"num_prompts": len(prompts)}
 
 
 def load_decoder(params: Params, backbone: Backbone) -> PDecoder:
+    """The trained P-Decoder from ``decoder.out``, checked against ``backbone`` and ``world.classes``, on
+    ``backbone.device``."""
     decoder = PDecoder.load(params.decoder.out)
     trained_for = decoder.config.get("backbone")
     if trained_for and trained_for != backbone.fingerprint():
@@ -102,10 +115,16 @@ def load_decoder(params: Params, backbone: Backbone) -> PDecoder:
         )
     # The decoder runs where the backbone's features are: on a GPU, copying every
     # captured map to the CPU costs more than the decoder itself (measured 2.18x vs 1.03x).
+    logger.info("decoder %s placed on %s, beside the backbone's features", params.decoder.out, params.backbone.device)
     return decoder.to(params.backbone.device)
 
 
 def generate_stage(params: Params) -> dict:
+    """Stage ``generate``: sample images from the prompts and label them with the decoder, into ``generate.out``.
+
+    Reads ``prompts.out`` and both models. Shards already on disk with the same plan and
+    models are reused, so a killed run resumes; the manifest is written last, as the seal.
+    """
     backbone = load_backbone(params)
     decoder = load_decoder(params, backbone)
     prompts = load_prompts(params.prompts.out)
@@ -113,21 +132,33 @@ def generate_stage(params: Params) -> dict:
         backbone,
         decoder,
         prompts,
-        params.generate,
-        params.backbone,
-        params.generate.out,
+        gen=params.generate,
+        bb=params.backbone,
+        out_dir=params.generate.out,
         prompts_source=params.prompts.out,
     )
     return {"num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}
 
 
 def filter_stage(params: Params) -> dict:
+    """Stage ``filter``: score every generated sample and write keep/drop per sample to ``filter.out``.
+
+    Reads the records in ``generate.out`` only (their quality terms were computed at
+    generation), so changing ``filter.min_score`` reruns this stage, not generation.
+    """
     result = filter_samples(read_records(params.generate.out), params.filter.min_score)
     write_json(params.filter.out, result)
     return {"kept": result["kept"], "dropped": result["dropped"]}
 
 
 def export_stage(params: Params) -> dict:
+    """Stage ``export``: write the kept samples (images, COCO annotations, VOC masks, depth) and a dataset card
+    into ``export.out``.
+
+    Reads ``generate.out`` and ``filter.out``, checked against the generation manifest;
+    the card records the params, the git revision and the DVC state that made the set,
+    so an export found on a disk can be traced back.
+    """
     from datasetdm.provenance import repo_provenance
 
     provenance = repo_provenance(".", deps=(params.generate.out, params.filter.out))
@@ -135,15 +166,16 @@ def export_stage(params: Params) -> dict:
         params.generate.out,
         params.filter.out,
         params.export.out,
-        params.to_dict(),
-        params.export.grid_samples,
+        params_dict=params.to_dict(),
+        grid_samples=params.export.grid_samples,
         provenance=provenance,
     )
     return card["counts"]
 
 
 def curate_stage(params: Params) -> dict:
-    """Load the export into FiftyOne, tag low-quality and near-duplicate samples, export the rest."""
+    """Stage ``curate``: load ``export.out`` into FiftyOne, tag low-quality and near-duplicate samples, and export
+    the rest to ``curate.out``."""
     from datasetdm.curate import curate  # FiftyOne starts its database on import; only this stage needs it
 
     summary = curate(params.export.out, params.curate)
@@ -151,6 +183,12 @@ def curate_stage(params: Params) -> dict:
 
 
 def evaluate_stage(params: Params) -> dict:
+    """Stage ``evaluate``: score the decoder on the held-out real set; write ``evaluate.out``.
+
+    Reads both models and the sets in ``real.dir``. Also fits the attention-only baseline's
+    threshold on the labelled set, scores unseen classes (zero-shot) and measures the
+    filter on regenerated known layouts, each when ``evaluate`` asks for it.
+    """
     backbone = load_backbone(params)
     decoder = load_decoder(params, backbone)
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
@@ -162,8 +200,8 @@ def evaluate_stage(params: Params) -> dict:
         decoder,
         load_real_set(test_dir, params.world.classes),
         params.backbone,
-        params.filter.min_score,
-        threshold,
+        min_score=params.filter.min_score,
+        attention_threshold=threshold,
     )
     if params.evaluate.unseen_classes:
         every = params.world.classes + params.evaluate.unseen_classes
@@ -172,7 +210,7 @@ def evaluate_stage(params: Params) -> dict:
             decoder,
             load_real_set(zero_shot_dir(params), every),
             params.backbone,
-            params.evaluate.unseen_classes,
+            unseen=params.evaluate.unseen_classes,
         )
     ev = params.evaluate
     if ev.num_regenerated:
@@ -181,17 +219,21 @@ def evaluate_stage(params: Params) -> dict:
             decoder,
             params.world,
             params.backbone,
-            params.filter.min_score,
-            ev.num_regenerated,
-            ev.regenerated_seed,
-            ev.regenerate_strength,
+            min_score=params.filter.min_score,
+            num=ev.num_regenerated,
+            seed=ev.regenerated_seed,
+            strength=ev.regenerate_strength,
         )
     write_json(params.evaluate.out, metrics)
     return metrics
 
 
 def train_inspector_stage(params: Params) -> dict:
-    """Train the inspector (``make inspector``; it ships trained, like the backbone); save it to ``inspect.model``."""
+    """Train the inspector (``make inspector``; it ships trained, like the backbone); save it to ``inspect.model``.
+
+    Reads ``world`` and ``inspect`` only: it learns from rendered scenes of its own seed
+    range, so it can audit the backbone without sharing anything with what it audits.
+    """
     from datasetdm.evaluate.inspector import train_inspector
 
     inspector, stats = train_inspector(params.world, params.inspect)
@@ -200,7 +242,11 @@ def train_inspector_stage(params: Params) -> dict:
 
 
 def pretrain_curve_stage(params: Params) -> dict:
-    """Prompt fidelity of every pretraining snapshot, written as a DVC plot (``make pretrain`` runs it last)."""
+    """Prompt fidelity of every pretraining snapshot, written to ``pretrain.curve`` (``make pretrain`` runs it last).
+
+    Reads the EMA snapshots pretraining left in its work folder and the inspector in
+    ``inspect.model``; the curve (a DVC plot) says whether more pretraining would help.
+    """
     from datasetdm.evaluate.backbone import fidelity_curve
     from datasetdm.evaluate.inspector import Inspector
 
@@ -210,7 +256,13 @@ def pretrain_curve_stage(params: Params) -> dict:
 
 
 def inspect_stage(params: Params) -> dict:
-    """Audit the backbone and the export with the inspector: prompt fidelity, label agreement, Fréchet distance."""
+    """Stage ``inspect``: audit the backbone and the export with the inspector; write ``inspect.out``.
+
+    Reads the backbone, ``inspect.model``, the held-out real set and ``export.out``:
+    prompt fidelity (does an image show what its prompt says), label agreement between
+    the decoder's labels and the inspector's, Fréchet distance to real images; a grid of
+    captioned samples goes to ``inspect.grid``.
+    """
     from datasetdm.evaluate.backbone import measure_backbone
     from datasetdm.evaluate.inspector import Inspector, held_out_quality
 
@@ -235,20 +287,26 @@ def inspect_stage(params: Params) -> dict:
 
 
 def downstream_stage(params: Params) -> dict:
-    """Train one small model per task on real, synthetic and real + synthetic data; score all on held-out real."""
+    """Stage ``downstream``: the uplift a synthetic set gives; write ``downstream.out`` and ``downstream.plot``.
+
+    Reads the labelled and held-out sets in ``real.dir`` and ``export.out``; trains one
+    small model per task on real, synthetic and real + synthetic data and scores each on
+    held-out real images, the measure of whether the factory's output is worth using.
+    """
     cfg = params.downstream
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
     real = from_labelled(load_real_set(train_dir, params.world.classes))
     synthetic = from_export(params.export.out)
     test = load_real_set(test_dir, params.world.classes)
-    results = uplift_table(real, synthetic, test, params.world.classes, cfg)
+    results = uplift_table(real, synthetic, test, params.world.classes, cfg=cfg)
     write_json(cfg.out, results["metrics"])
     write_json(cfg.plot, results["plot"])
     return results["metrics"]
 
 
 def uplift_stage(params: Params) -> dict:
-    """The uplift table over ``downstream.uplift_seeds`` seeds with the fully supervised ceiling row (``make uplift``).
+    """Stage ``uplift``: the uplift table over ``downstream.uplift_seeds`` seeds with the fully supervised ceiling
+    row, written to ``downstream.uplift_out`` (``make uplift``).
 
     The ceiling's labelled images are rendered from their own seed range, never the
     held-out test images, and written and read as a COCO set as any labelled set is.
@@ -263,18 +321,28 @@ def uplift_stage(params: Params) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             write_real_set(params.world, Path(tmp) / "ceiling", cfg.ceiling_images, cfg.ceiling_seed)
             ceiling = from_labelled(load_real_set(Path(tmp) / "ceiling", params.world.classes))
-    results = uplift_table(real, synthetic, test, params.world.classes, cfg, seeds=cfg.uplift_seeds, ceiling=ceiling)
+    results = uplift_table(
+        real, synthetic, test, params.world.classes, cfg=cfg, seeds=cfg.uplift_seeds, ceiling=ceiling
+    )
     write_json(cfg.uplift_out, results["metrics"])
     return results["metrics"]
 
 
 def report_stage(params: Params) -> dict:
-    """A markdown run report: what was made, how good the annotator is, where things are."""
+    """Stage ``report``: a markdown run report at ``report.out``: what was made, how good the annotator is, where
+    things are.
+
+    Reads the dataset card in ``export.out`` and ``evaluate.out`` (both required), and
+    ``downstream.out`` and ``inspect.out`` when they exist (the report is written without them too).
+    """
     card = _read_json(Path(params.export.out) / "dataset.json")
     metrics = _read_json(Path(params.evaluate.out))
     downstream = _read_json(Path(params.downstream.out)) if Path(params.downstream.out).is_file() else None
     backbone = _read_json(Path(params.inspect.out)) if Path(params.inspect.out).is_file() else None
-    text = render_report(card, metrics, params, downstream, backbone)
+    for path, found in ((params.downstream.out, downstream), (params.inspect.out, backbone)):
+        if found is None:
+            logger.info("%s not found: the report leaves its section out", path)
+    text = render_report(card, metrics, params, downstream=downstream, backbone=backbone)
     write_text(params.report.out, text)
     return {"report": params.report.out}
 

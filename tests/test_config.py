@@ -33,7 +33,7 @@ def test_empty_mapping_gives_defaults():
         ({"generate": {"num_samples": -5}}, "generate.num_samples", "> 0"),
         ({"generate": {"num_samples": True}}, "generate.num_samples", "integer"),
         ({"filter": {"min_score": 2}}, "filter.min_score", "[0, 1]"),
-        ({"backbone": {"kind": "dalle"}}, "backbone.kind", "one of"),
+        ({"backbone": {"kind": "dalle"}}, "backbone.kind", "unknown backbone 'dalle' (known: stable-diffusion)"),
         ({"decoder": {"heads": ["semantic", "pose"]}}, "decoder.heads", "semantic"),
         ({"decoder": {"heads": ["depth"]}}, "decoder.heads", "semantic"),
         ({"decoder": {"image_skip": "yes"}}, "decoder.image_skip", "true or false"),

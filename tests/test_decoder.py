@@ -35,14 +35,16 @@ def test_class_attention_picks_named_classes(tiny_backbone):
 
 def test_training_lowers_the_loss_and_roundtrips(tiny_backbone, tiny_params, labelled, tmp_path):
     cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 25, "heads": ("semantic",)})
-    decoder, stats = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    decoder, stats = train_decoder(
+        tiny_backbone, labelled, tiny_params.world.classes, cfg=cfg, bb=tiny_params.backbone
+    )
     assert np.isfinite(stats["final_loss"]) and stats["final_loss"] < stats["first_loss"]
     decoder.save(tmp_path / "dec")
     loaded = PDecoder.load(tmp_path / "dec")
     assert loaded.fingerprint() == decoder.fingerprint()
     images = torch.rand(2, 3, 32, 32)
     feats = tiny_backbone.extract_features(images, ["a red circle", "a blue square"], 100, [1, 2])
-    probs = predict_semantic(loaded, tiny_backbone, feats, images, tiny_params.world.classes)
+    probs = predict_semantic(loaded, tiny_backbone, feats, images, classes=tiny_params.world.classes)
     assert probs.shape == (2, 3, 32, 32)
     torch.testing.assert_close(probs.sum(1), torch.ones(2, 32, 32))
     # Only the classes a prompt names can win: "a red circle" never gets square pixels.
@@ -80,13 +82,13 @@ def test_instance_grouping_and_coco_ap():
 
 def _train(tiny_backbone, tiny_params, labelled, steps: int, heads: tuple[str, ...]):
     cfg = dataclasses.replace(tiny_params.decoder, steps=steps, heads=heads)
-    return train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    return train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg=cfg, bb=tiny_params.backbone)
 
 
 def _predict_two_images(decoder, tiny_backbone, tiny_params) -> dict[str, torch.Tensor]:
     images = torch.rand(2, 3, 32, 32)
     feats = tiny_backbone.extract_features(images, ["a red circle", "a blue square"], 100, [1, 2])
-    return predict(decoder, tiny_backbone, feats, images, tiny_params.world.classes)
+    return predict(decoder, tiny_backbone, feats, images, classes=tiny_params.world.classes)
 
 
 def test_depth_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled):
@@ -146,11 +148,18 @@ def test_zero_shot_labels_name_only_prompted_classes(tiny_backbone, tiny_params,
     from datasetdm.evaluate.zero_shot import zero_shot_labels
 
     cfg = tiny_params.decoder.__class__(**{**tiny_params.decoder.__dict__, "steps": 5})
-    decoder, _ = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg, tiny_params.backbone)
+    decoder, _ = train_decoder(tiny_backbone, labelled, tiny_params.world.classes, cfg=cfg, bb=tiny_params.backbone)
     seen, unseen = tiny_params.world.classes, ("hexagon",)
     images = torch.rand(2, 3, 32, 32)
     labels = zero_shot_labels(
-        decoder, tiny_backbone, images, ["a red hexagon", "a blue square"], seen, unseen, 100, [1, 2]
+        decoder,
+        tiny_backbone,
+        images,
+        ["a red hexagon", "a blue square"],
+        seen=seen,
+        unseen=unseen,
+        timestep=100,
+        seeds=[1, 2],
     )
     assert labels.shape == (2, 32, 32)
     assert set(labels[0].unique().tolist()) <= {0, 3}  # background or hexagon

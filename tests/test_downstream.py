@@ -43,11 +43,21 @@ def test_each_task_model_learns(sets):
     train, test = sets
     data = from_labelled(train)
     untrained = {
-        t: evaluate_model(t, train_model(t, [data], 3, 1, 8, 0.0, 0, width=8), test, WORLD.classes)
+        t: evaluate_model(
+            t,
+            train_model(t, [data], num_labels=3, steps=1, batch_size=8, lr=0.0, seed=0, width=8),
+            test,
+            WORLD.classes,
+        )
         for t in ("semantic", "depth")
     }
     trained = {
-        t: evaluate_model(t, train_model(t, [data], 3, 60, 8, 0.01, 0, width=8), test, WORLD.classes)
+        t: evaluate_model(
+            t,
+            train_model(t, [data], num_labels=3, steps=60, batch_size=8, lr=0.01, seed=0, width=8),
+            test,
+            WORLD.classes,
+        )
         for t in ("semantic", "depth")
     }
     assert trained["semantic"]["mIoU"] > untrained["semantic"]["mIoU"] + 0.2
@@ -55,8 +65,13 @@ def test_each_task_model_learns(sets):
     assert trained["depth"]["abs_rel"] < untrained["depth"]["abs_rel"] - 0.2
     rng = np.random.default_rng(5)
     x, targets = _batch("keypoints", data, np.arange(16), rng)
-    before = task_loss("keypoints", train_model("keypoints", [data], 3, 1, 8, 0.0, 0, width=8)(x), targets, 3)
-    model = train_model("keypoints", [data], 3, 60, 8, 0.01, 0, width=8)
+    before = task_loss(
+        "keypoints",
+        train_model("keypoints", [data], num_labels=3, steps=1, batch_size=8, lr=0.0, seed=0, width=8)(x),
+        targets,
+        3,
+    )
+    model = train_model("keypoints", [data], num_labels=3, steps=60, batch_size=8, lr=0.01, seed=0, width=8)
     with torch.no_grad():
         after = task_loss("keypoints", model(x), targets, 3)
     assert torch.isfinite(after) and after < before
@@ -96,7 +111,7 @@ def _real_test_cfg(p):
 def test_uplift_table_covers_every_task(exported):
     p = exported
     real, test, cfg = _real_test_cfg(p)
-    table = uplift_table(real, from_export(p.export.out), test, p.world.classes, cfg)
+    table = uplift_table(real, from_export(p.export.out), test, p.world.classes, cfg=cfg)
     assert set(table["metrics"]) == {"semantic", "instances", "depth", "keypoints"}
     assert {"mIoU_real", "mIoU_synthetic", "mIoU_real+synthetic", "uplift"} <= set(table["metrics"]["semantic"])
     assert {"abs_rel_real", "abs_rel_real+synthetic", "abs_rel_reduction"} <= set(table["metrics"]["depth"])
@@ -107,7 +122,7 @@ def test_uplift_table_covers_every_task(exported):
     }
     # A synthetic set without depth (a decoder without the depth head) leaves depth real-only.
     no_depth = dataclasses.replace(from_export(p.export.out), depth=None)
-    partial = uplift_table(real, no_depth, test, p.world.classes, cfg)["metrics"]["depth"]
+    partial = uplift_table(real, no_depth, test, p.world.classes, cfg=cfg)["metrics"]["depth"]
     assert "abs_rel_real" in partial and "abs_rel_synthetic" not in partial and "abs_rel_reduction" not in partial
 
 
@@ -115,14 +130,14 @@ def test_seeds_give_mean_and_std_and_the_ceiling_row_what_it_recovers(exported):
     p = exported
     real, test, cfg = _real_test_cfg(p)
     synthetic = from_export(p.export.out)
-    table = uplift_table(real, synthetic, test, p.world.classes, cfg, seeds=2, ceiling=synthetic)["metrics"]
+    table = uplift_table(real, synthetic, test, p.world.classes, cfg=cfg, seeds=2, ceiling=synthetic)["metrics"]
     sem = table["semantic"]
     assert sem["seeds"] == 2 and sem["num_ceiling"] == len(synthetic)
     for arm in ("real", "synthetic", "real+synthetic", "ceiling"):
         assert sem[f"mIoU_{arm}"] == sem[f"mIoU_{arm}_mean"] and sem[f"mIoU_{arm}_std"] >= 0
     assert sem["uplift_mean"] == pytest.approx(sem["mIoU_real+synthetic"] - sem["mIoU_real"])
     assert "gap_recovered" in sem and "abs_rel_reduction_std" in table["depth"]
-    one = uplift_table(real, synthetic, test, p.world.classes, cfg, seeds=1)["metrics"]["semantic"]
+    one = uplift_table(real, synthetic, test, p.world.classes, cfg=cfg, seeds=1)["metrics"]["semantic"]
     assert one["mIoU_real_std"] == 0.0 and "mIoU_ceiling" not in one
 
 

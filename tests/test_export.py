@@ -99,7 +99,13 @@ def gen(tmp_path: Path) -> dict:
 
 
 def _export(g: dict, grid_samples: int = 5) -> dict:
-    return export_dataset(g["gen"], g["filtered"], g["out"], {"export": {"grid_samples": grid_samples}}, grid_samples)
+    return export_dataset(
+        g["gen"],
+        g["filtered"],
+        g["out"],
+        params_dict={"export": {"grid_samples": grid_samples}},
+        grid_samples=grid_samples,
+    )
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -294,7 +300,7 @@ def test_coco_annotations_area_bbox_and_order() -> None:
     ]
     assert all(a["image_id"] == 7 and a["iscrowd"] == 0 and isinstance(a["segmentation"]["counts"], str) for a in anns)
     with pytest.raises(ValueError):
-        semantic_to_coco_annotations(np.full((2, 2), 4, np.uint8), 1, CLASSES, 1)
+        semantic_to_coco_annotations(np.full((2, 2), 4, np.uint8), image_id=1, classes=CLASSES, start_ann_id=1)
 
 
 def test_each_separate_object_is_its_own_instance() -> None:

@@ -1,6 +1,7 @@
 """Generation in shards, resume, filtering and export on a tiny real backbone + decoder."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -47,15 +48,18 @@ def test_generate_filter_export(trained):
     assert card["counts"]["kept"] == 6
 
 
-def test_resume_reuses_finished_shards(trained):
+def test_resume_reuses_finished_shards(trained, caplog):
     from pathlib import Path
 
     p = trained
     stages.generate_stage(p)
     shard = Path(p.generate.out) / "shard-00000" / "records.json"
     first = shard.stat().st_mtime_ns
-    stages.generate_stage(p)
+    with caplog.at_level(logging.INFO, logger="datasetdm"):
+        stages.generate_stage(p)
     assert shard.stat().st_mtime_ns == first
+    said = [r.getMessage() for r in caplog.records if r.name == "datasetdm.generate"]
+    assert "shard-00000: reused (same samples, same models)" in said  # the decision is logged, not silent
 
 
 def test_filter_threshold():
@@ -101,9 +105,9 @@ def test_prompt_the_tokenizer_cannot_encode_names_the_file_and_index(trained, ti
             tiny_backbone,
             decoder,
             ["a red circle", "a red circle $$"],
-            trained.generate,
-            trained.backbone,
-            trained.generate.out,
+            gen=trained.generate,
+            bb=trained.backbone,
+            out_dir=trained.generate.out,
             prompts_source="prompts.json",
         )
     with pytest.raises(DatasetDMError, match=r"prompts\[0\]: .* names no class"):
@@ -111,9 +115,9 @@ def test_prompt_the_tokenizer_cannot_encode_names_the_file_and_index(trained, ti
             tiny_backbone,
             decoder,
             ["a red star"],
-            trained.generate,
-            trained.backbone,
-            trained.generate.out,
+            gen=trained.generate,
+            bb=trained.backbone,
+            out_dir=trained.generate.out,
             prompts_source="prompts.json",
         )
 
@@ -148,20 +152,46 @@ def test_img2img_keeps_the_layout_and_filter_is_measured_on_it(tiny_backbone, ti
         recon = (
             vae.decode(tiny_backbone._encode(init) / vae.config.scaling_factor, return_dict=False)[0] / 2 + 0.5
         ).clamp(0, 1)
-    near, _ = tiny_backbone.sample([scene.caption], [1], 10, bb.guidance_scale, None, init_images=init, strength=0.1)
-    far, _ = tiny_backbone.sample([scene.caption], [1], 10, bb.guidance_scale, None, init_images=init, strength=1.0)
+    near, _ = tiny_backbone.sample(
+        [scene.caption],
+        [1],
+        steps=10,
+        guidance_scale=bb.guidance_scale,
+        capture_timestep=None,
+        init_images=init,
+        strength=0.1,
+    )
+    far, _ = tiny_backbone.sample(
+        [scene.caption],
+        [1],
+        steps=10,
+        guidance_scale=bb.guidance_scale,
+        capture_timestep=None,
+        init_images=init,
+        strength=1.0,
+    )
     assert (near - recon).abs().mean() < (far - recon).abs().mean()
     with pytest.raises(ValueError, match="strength"):
-        tiny_backbone.sample([scene.caption], [1], 10, bb.guidance_scale, None, init_images=init, strength=0.0)
+        tiny_backbone.sample(
+            [scene.caption],
+            [1],
+            steps=10,
+            guidance_scale=bb.guidance_scale,
+            capture_timestep=None,
+            init_images=init,
+            strength=0.0,
+        )
 
     write_real_set(tiny_params.world, tiny_params.real.dir, 4, seed=1)
     decoder, _ = train_decoder(
         tiny_backbone,
         load_real_set(tiny_params.real.dir, tiny_params.world.classes),
         tiny_params.world.classes,
-        tiny_params.decoder,
-        bb,
+        cfg=tiny_params.decoder,
+        bb=bb,
     )
-    result = filter_on_regenerated(tiny_backbone, decoder, tiny_params.world, bb, 0.0, 5, 700000, 0.6, batch_size=2)
+    result = filter_on_regenerated(
+        tiny_backbone, decoder, tiny_params.world, bb, min_score=0.0, num=5, seed=700000, strength=0.6, batch_size=2
+    )
     assert result["num_images"] == 5 and result["kept_fraction"] == 1.0 and result["image_mIoU_dropped"] is None
     assert 0 <= result["image_mIoU_all"] <= 1 and result["image_mIoU_kept"] == result["image_mIoU_all"]

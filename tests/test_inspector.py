@@ -71,13 +71,13 @@ def test_frechet_distance_is_zero_for_one_distribution_and_grows_with_a_shift():
 
 
 def test_fidelity_layouts_cover_every_shape_and_colour_once_per_cycle():
-    singles = fidelity_layouts(("circle", "star"), ("red", "blue"), 8, 1, 0)
+    singles = fidelity_layouts(("circle", "star"), ("red", "blue"), num=8, num_objects=1, seed=0)
     assert Counter(tuple(lay[0]) for lay in singles) == Counter(
         {p: 2 for p in [("circle", "red"), ("circle", "blue"), ("star", "red"), ("star", "blue")]}
     )
-    pairs = fidelity_layouts(("circle", "star"), ("red", "blue"), 5, 2, 0)
+    pairs = fidelity_layouts(("circle", "star"), ("red", "blue"), num=5, num_objects=2, seed=0)
     assert all(len(lay) == 2 for lay in pairs) and pairs == fidelity_layouts(
-        ("circle", "star"), ("red", "blue"), 5, 2, 0
+        ("circle", "star"), ("red", "blue"), num=5, num_objects=2, seed=0
     )
 
 

@@ -253,7 +253,9 @@ def test_the_card_is_enough_to_reproduce_a_sample(trained):
         guidance_scale=reproduce["guidance_scale"],
         feature_timestep=reproduce["feature_timestep"],
     )
-    made = annotate_batch(backbone, decoder, [sample["prompt"]], [sample["seed"]], tuple(card["classes"]), bb)
+    made = annotate_batch(
+        backbone, decoder, [sample["prompt"]], [sample["seed"]], classes=tuple(card["classes"]), bb=bb
+    )
     pixels, labels = made.pixels, made.labels
     with Image.open(out / "images" / f"{sample['id']}.png") as im:
         np.testing.assert_array_equal(np.asarray(im), pixels[0])
@@ -261,7 +263,7 @@ def test_the_card_is_enough_to_reproduce_a_sample(trained):
         np.testing.assert_array_equal(np.asarray(im), labels[0])
     # The same sample under other settings differs, so the check above could fail.
     other = annotate_batch(
-        backbone, decoder, [sample["prompt"]], [sample["seed"] + 1], tuple(card["classes"]), bb
+        backbone, decoder, [sample["prompt"]], [sample["seed"] + 1], classes=tuple(card["classes"]), bb=bb
     ).pixels
     assert not np.array_equal(other[0], pixels[0])
 

@@ -90,6 +90,8 @@ def test_bad_dtype_and_device(sd_dir):
     if not torch.cuda.is_available():
         _one_line_error(r"backbone.device: 'cuda', but this machine has no CUDA GPU", model=str(sd_dir), device="cuda")
     _one_line_error(r"backbone.device: not a torch device", model=str(sd_dir), device="gpu0")
+    # Where results land is chosen at loading, checked as the model's device is.
+    _one_line_error(r"backbone.device: not a torch device", model=str(sd_dir), output_device="gpu0")
 
 
 def test_params_need_a_model_and_a_known_kind(tmp_path):
@@ -98,7 +100,7 @@ def test_params_need_a_model_and_a_known_kind(tmp_path):
     with pytest.raises(DatasetDMError, match="backbone.model: must be a non-empty string"):
         params_from_dict(raw, source="params.yaml")
     raw["backbone"] = {"kind": "toy"}  # the toy backbone is gone: one backbone path, two sizes
-    with pytest.raises(DatasetDMError, match=r"backbone.kind: must be one of \['stable-diffusion'\]"):
+    with pytest.raises(DatasetDMError, match=r"backbone.kind: unknown backbone 'toy' \(known: stable-diffusion\)"):
         params_from_dict(raw, source="params.yaml")
 
 
@@ -183,7 +185,7 @@ def test_decoder_trains_on_sd_features(sd, sd_dir, tmp_path):
     write_real_set(params.world, tmp_path / "set", 4, seed=7)
     labelled = load_real_set(tmp_path / "set", params.world.classes)
     cfg = params.decoder.__class__(**{**params.decoder.__dict__, "steps": 25})
-    decoder, stats = train_decoder(sd, labelled, params.world.classes, cfg, params.backbone)
+    decoder, stats = train_decoder(sd, labelled, params.world.classes, cfg=cfg, bb=params.backbone)
     assert np.isfinite(stats["final_loss"]) and stats["final_loss"] < stats["first_loss"]
     assert decoder.config["map_channels"] == [64, 64, 32]
 

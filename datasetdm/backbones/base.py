@@ -53,9 +53,10 @@ class Backbone(Protocol):
         self,
         prompts: list[str],
         seeds: list[int],
+        *,
         steps: int,
         guidance_scale: float,
-        capture_timestep: int | None,
+        capture_timestep: int | None = None,
         init_images: torch.Tensor | None = None,
         strength: float = 1.0,
     ) -> tuple[torch.Tensor, Features | None]:

@@ -57,7 +57,7 @@ def render_pool(params: Params, size: int, seed: int) -> tuple[torch.Tensor, lis
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
 
 
-def _lr(base: float, step: int, cycle: int, restart_decay: float = 1.0, warmup: int = 200) -> float:
+def _lr(base: float, step: int, cycle: int, *, restart_decay: float = 1.0, warmup: int = 200) -> float:
     """Warm restarts: in each cycle a linear warm-up, then cosine decay to a tenth of its peak;
     cycle k peaks at ``base * restart_decay**k``. Depends on the step, never on the total."""
     k, s = divmod(step, cycle)
@@ -88,7 +88,7 @@ def _reconstruction_loss(
 
 
 def _optimizer_step(
-    opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], losses: list[float], bar: tqdm
+    opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], *, losses: list[float], bar: tqdm
 ) -> None:
     """Backward, clip to norm 1, step; log the loss and advance the progress bar."""
     opt.zero_grad(set_to_none=True)
@@ -164,7 +164,7 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tens
 
 
 def train_vae(
-    params: Params, vae: torch.nn.Module, images: torch.Tensor, work: Path, device: torch.device
+    params: Params, vae: torch.nn.Module, images: torch.Tensor, *, work: Path, device: torch.device
 ) -> torch.nn.Module:
     """Stage 1: reconstruct rendered scenes; resumable; returns the trained VAE (eval mode)."""
     cfg, vcfg = params.pretrain, params.pretrain.vae
@@ -193,7 +193,7 @@ def train_vae(
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device)
         recon = vae.decode(z).sample
         loss = _reconstruction_loss(recon, x, vcfg.edge_weight, kl=vcfg.kl_weight * posterior.kl().mean())
-        _optimizer_step(opt, loss, list(vae.parameters()), losses, bar)
+        _optimizer_step(opt, loss, list(vae.parameters()), losses=losses, bar=bar)
         step += 1
         if step % cfg.checkpoint_every == 0 or step == vcfg.steps:
             _save_state(
@@ -209,6 +209,7 @@ def finetune_decoder(
     params: Params,
     vae: torch.nn.Module,
     images: torch.Tensor,
+    *,
     means: torch.Tensor,
     stds: torch.Tensor,
     work: Path,
@@ -217,6 +218,7 @@ def finetune_decoder(
     """Stage 1b: the VAE decoder alone on the frozen encoder's latents (resumable); the latent space stays put."""
     cfg, vcfg = params.pretrain, params.pretrain.vae
     if not vcfg.decoder_steps:
+        logger.info("pretrain.vae.decoder_steps is 0: the VAE decoder is not fine-tuned")
         return vae
     done, key = work / DECODER_DIR, settings_key(params, "decoder")
     decoder = [vae.post_quant_conv, vae.decoder]
@@ -245,7 +247,7 @@ def finetune_decoder(
         x = images[idx].to(device).float() / 127.5 - 1
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)).to(device)
         recon = vae.decode(z).sample
-        _optimizer_step(opt, _reconstruction_loss(recon, x, vcfg.edge_weight), params_, losses, bar)
+        _optimizer_step(opt, _reconstruction_loss(recon, x, vcfg.edge_weight), params_, losses=losses, bar=bar)
         step += 1
         if step % cfg.checkpoint_every == 0 or step == vcfg.decoder_steps:
             decoder_state = {
@@ -276,6 +278,7 @@ def encode_pool(
 def train_unet(
     params: Params,
     components: dict[str, Any],
+    *,
     means: torch.Tensor,
     stds: torch.Tensor,
     captions: list[str],
@@ -318,7 +321,7 @@ def train_unet(
     start = time.monotonic() - (log[-1]["minutes"] * 60 if log else 0.0)
     stop = cfg.steps if until_step is None else min(cfg.steps, until_step)
     while step < stop:
-        lr = _lr(cfg.lr, step, cfg.cycle_steps, cfg.restart_decay)
+        lr = _lr(cfg.lr, step, cfg.cycle_steps, restart_decay=cfg.restart_decay)
         for g in opt.param_groups:
             g["lr"] = lr
         rng, gen = _step_rng(cfg.seed, step)
@@ -415,6 +418,7 @@ def build_components(params: Params) -> dict[str, Any]:
 
 def pretrain_sd(
     params: Params,
+    *,
     out: str | Path | None = None,
     device: str = "cpu",
     preview: bool = True,
@@ -437,16 +441,18 @@ def pretrain_sd(
     images, captions = render_pool(params, cfg.pool_size, cfg.seed)
     components = build_components(params)
     # 2. the VAE, and its scaling factor from the pool's latents
-    vae = train_vae(params, components["vae"], images, work, dev)
+    vae = train_vae(params, components["vae"], images, work=work, device=dev)
     means, stds = encode_pool(vae, images, dev)
-    vae = finetune_decoder(params, vae, images, means, stds, work, dev)
+    vae = finetune_decoder(params, vae, images, means=means, stds=stds, work=work, device=dev)
     scaling = float(1.0 / means.std().item())
     vae.register_to_config(scaling_factor=scaling)
     components["vae"] = vae.cpu().eval()
     components["vae"].save_pretrained(work / VAE_FINAL, safe_serialization=True)  # snapshots are measured with it
     logger.info("VAE scaling_factor %.5f", scaling)
     # 3. UNet + text encoder
-    unet, text, log, reached = train_unet(params, components, means, stds, captions, work, dev, until_step)
+    unet, text, log, reached = train_unet(
+        params, components, means=means, stds=stds, captions=captions, work=work, device=dev, until_step=until_step
+    )
     if reached < cfg.steps:
         logger.info("stopped at step %d of %d (checkpointed in %s)", reached, cfg.steps, work)
         return {"stopped_at": reached, "steps": cfg.steps, "work": str(work)}

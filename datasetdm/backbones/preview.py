@@ -28,6 +28,7 @@ PREVIEW_PROMPTS = (
 def preview_grid(
     backbone: Backbone,
     path: str | Path,
+    *,
     prompts: tuple[str, ...] = PREVIEW_PROMPTS,
     seeds_per_prompt: int = 2,
     steps: int = 20,
@@ -38,7 +39,7 @@ def preview_grid(
     items = []
     for k, prompt in enumerate(prompts):
         seeds = [1000 * k + j for j in range(seeds_per_prompt)]
-        images, _ = backbone.sample([prompt] * seeds_per_prompt, seeds, steps, guidance_scale)
+        images, _ = backbone.sample([prompt] * seeds_per_prompt, seeds, steps=steps, guidance_scale=guidance_scale)
         for img in images:
             pixels = (img.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
             items.append((pixels, None, prompt or "(empty prompt)", None))

@@ -14,6 +14,7 @@ specialises on ``capture.active`` (two graphs) instead of recompiling every batc
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from datasetdm.backbones.sd_folder import check_model_index, folder_fingerprint,
 from datasetdm.capture import FeatureCapture
 from datasetdm.errors import DatasetDMError
 
+logger = logging.getLogger(__name__)
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -61,9 +63,9 @@ class StableDiffusionBackbone:
     """Implements ``datasetdm.backbones.base.Backbone`` for SD 1.x/2.x-style diffusers pipelines.
 
     Images and features are handed back as float32 on ``output_device`` (the CPU unless
-    set), whatever ``dtype`` and ``device`` the model runs in: the stages run the P-Decoder
-    and everything after it on the CPU in float32. Where the decoder is moved to the GPU
-    too, set ``output_device`` to the model's device to skip the round trip.
+    given), whatever ``dtype`` and ``device`` the model runs in. The stages load it with
+    ``output_device`` = ``backbone.device`` because the P-Decoder runs there too: on a
+    GPU, copying every captured map to the CPU and back costs more than the decoder.
     """
 
     name = "stable-diffusion"
@@ -74,6 +76,7 @@ class StableDiffusionBackbone:
         *,
         dtype: str = "float32",
         device: str = "cpu",
+        output_device: str | torch.device = "cpu",
         channels_last: bool = False,
         compile: bool = False,
         folder: Path | None = None,
@@ -84,7 +87,7 @@ class StableDiffusionBackbone:
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.device = parse_device(device, source)
         self.folder = folder
-        self.output_device = torch.device("cpu")
+        self.output_device = parse_device(str(output_device), source)
         self.tokenizer = components["tokenizer"]
         self.scheduler_config = dict(components["scheduler"].config)
         self.unet = _place(components["unet"], self.device, self.dtype)
@@ -100,6 +103,16 @@ class StableDiffusionBackbone:
         self.capture = FeatureCapture(self.unet).__enter__()
         if compile:
             self.unet.compile()
+        logger.info(
+            "stable-diffusion backbone from %s: %s on %s, results on %s, %dpx, channels_last=%s, compile=%s",
+            folder if folder is not None else "components in memory",
+            dtype,
+            self.device,
+            self.output_device,
+            self.image_size,
+            channels_last,
+            compile,
+        )
         self._fingerprint: str | None = None
         self._token_cache: dict[str, list[str]] = {}
 
@@ -110,6 +123,7 @@ class StableDiffusionBackbone:
         *,
         dtype: str = "float32",
         device: str = "cpu",
+        output_device: str | torch.device = "cpu",
         channels_last: bool = False,
         compile: bool = False,
         source: str | None = None,
@@ -118,12 +132,14 @@ class StableDiffusionBackbone:
         if dtype not in DTYPES:
             raise DatasetDMError(source, "backbone.dtype", f"must be one of {list(DTYPES)}, got {dtype!r}")
         parse_device(device, source)  # fail before reading gigabytes
+        parse_device(str(output_device), source)
         folder = resolve_folder(model)
         check_model_index(folder)
         return cls(
             load_components(folder, DTYPES[dtype]),
             dtype=dtype,
             device=device,
+            output_device=output_device,
             channels_last=channels_last,
             compile=compile,
             folder=folder,
@@ -245,6 +261,7 @@ class StableDiffusionBackbone:
         self,
         prompts: list[str],
         seeds: list[int],
+        *,
         steps: int,
         guidance_scale: float,
         capture_timestep: int | None = None,

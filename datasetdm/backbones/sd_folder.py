@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from transformers.utils import logging as transformers_logging
 
 from datasetdm.errors import DatasetDMError
 
+logger = logging.getLogger(__name__)
 FIELD = "backbone.model"
 HOW_TO_GET = (
     "set backbone.model to a diffusers Stable Diffusion folder (model_index.json, unet/, vae/, text_encoder/, "
@@ -49,7 +51,7 @@ def resolve_folder(model: str) -> Path:
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            return Path(snapshot_download(model, local_files_only=True))
+            found = Path(snapshot_download(model, local_files_only=True))
         except (LocalEntryNotFoundError, OSError, ValueError):
             raise DatasetDMError(
                 model,
@@ -57,6 +59,8 @@ def resolve_folder(model: str) -> Path:
                 f"no such folder, and hub id {model!r} is not in the local Hugging Face cache "
                 f"(downloads are off); {HOW_TO_GET}",
             ) from None
+        logger.info("backbone.model %r: no such folder, using the hub id's cached snapshot %s", model, found)
+        return found
     raise DatasetDMError(path, FIELD, f"no such folder; {HOW_TO_GET}")
 
 

@@ -13,6 +13,7 @@ labelled image (the dihedral group), each with its own backbone features.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -26,6 +27,7 @@ from datasetdm.decoder.model import PDecoder
 from datasetdm.keypoints import render_heatmaps
 from datasetdm.realset import LabelledImage
 
+logger = logging.getLogger(__name__)
 NOISE_DRAWS = 3  # feature samples per image and view
 
 
@@ -61,6 +63,7 @@ def feature_bank(
     labelled: list[LabelledImage],
     bb: BackboneConfig,
     classes: tuple[str, ...],
+    *,
     views: int = 2,
     batch_size: int = 16,
 ):
@@ -113,12 +116,25 @@ def feature_bank(
 
 
 def train_decoder(
-    backbone: Backbone, labelled: list[LabelledImage], classes: tuple[str, ...], cfg: DecoderConfig, bb: BackboneConfig
+    backbone: Backbone,
+    labelled: list[LabelledImage],
+    classes: tuple[str, ...],
+    *,
+    cfg: DecoderConfig,
+    bb: BackboneConfig,
 ) -> tuple[PDecoder, dict[str, float]]:
     """Train a P-Decoder from scratch; returns the model (eval mode) and loss figures."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    maps, att, named, imgs, targets = feature_bank(backbone, labelled, bb, classes, cfg.views)
+    maps, att, named, imgs, targets = feature_bank(backbone, labelled, bb, classes, views=cfg.views)
+    # The feature bank is on the CPU (it is built once and small); the decoder trains beside it.
+    logger.info(
+        "training the P-Decoder on the CPU: %d labelled images x %d views x %d noise draws, heads %s",
+        len(labelled),
+        cfg.views,
+        NOISE_DRAWS,
+        ", ".join(cfg.heads),
+    )
     probe = Features([m[:1] for m in maps], att[:1], [""])
     decoder = build_decoder(probe, classes, cfg, imgs.shape[-1]).train()
     opt = torch.optim.AdamW(decoder.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -144,6 +160,7 @@ def train_decoder(
             float(curve[:10, j].mean()),
             float(curve[-20:, j].mean()),
         )
+    logger.info("P-Decoder loss %.4f -> %.4f over %d steps", stats["first_loss"], stats["final_loss"], cfg.steps)
     return decoder.eval(), stats
 
 
@@ -161,6 +178,7 @@ def predict(
     backbone: Backbone,
     features: Features,
     images: torch.Tensor,
+    *,
     classes: tuple[str, ...],
     restrict: bool = True,
     attention: torch.Tensor | None = None,
@@ -192,8 +210,9 @@ def predict_semantic(
     backbone: Backbone,
     features: Features,
     images: torch.Tensor,
+    *,
     classes: tuple[str, ...],
     restrict: bool = True,
 ) -> torch.Tensor:
     """Class probabilities (B, 1 + C, H, W) for images whose features were captured."""
-    return predict(decoder, backbone, features, images, classes, restrict)["semantic"]
+    return predict(decoder, backbone, features, images, classes=classes, restrict=restrict)["semantic"]

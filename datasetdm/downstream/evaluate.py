@@ -21,7 +21,7 @@ from datasetdm.realset import LabelledImage
 
 @torch.no_grad()
 def evaluate_model(
-    task: str, model: SmallUNet, test: list[LabelledImage], classes: tuple[str, ...], batch_size: int = 64
+    task: str, model: SmallUNet, test: list[LabelledImage], classes: tuple[str, ...], *, batch_size: int = 64
 ) -> dict:
     """Metrics of one trained downstream model on ``test``."""
     n = 1 + len(classes)

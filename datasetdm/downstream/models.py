@@ -119,6 +119,7 @@ def colour_jitter(x: torch.Tensor, rng: np.random.Generator, strength: float = 0
 def train_model(
     task: str,
     sources: list[ArraySet],
+    *,
     num_labels: int,
     steps: int,
     batch_size: int,

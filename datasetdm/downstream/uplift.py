@@ -43,6 +43,7 @@ def _train_and_score(
     synthetic: ArraySet,
     test: list[LabelledImage],
     classes: tuple[str, ...],
+    *,
     cfg: DownstreamConfig,
     seeds: int,
     ceiling: ArraySet | None,
@@ -53,18 +54,19 @@ def _train_and_score(
         scores[task] = {}
         for name, sources in _arms(real, synthetic, ceiling).items():
             if not all(usable(task, src) for src in sources):
+                logger.info("downstream %s: the %s arm is left out (a source has no %s labels)", task, name, task)
                 continue
             scores[task][name] = []
             for k in range(seeds):
                 model = train_model(
                     task,
                     sources,
-                    1 + len(classes),
-                    cfg.steps,
-                    cfg.batch_size,
-                    cfg.lr,
-                    cfg.seed + k,
-                    cfg.width,
+                    num_labels=1 + len(classes),
+                    steps=cfg.steps,
+                    batch_size=cfg.batch_size,
+                    lr=cfg.lr,
+                    seed=cfg.seed + k,
+                    width=cfg.width,
                     desc=f"downstream {task} ({name}, seed {cfg.seed + k})",
                     jitter=cfg.colour_jitter,
                 )
@@ -128,6 +130,7 @@ def uplift_table(
     synthetic: ArraySet,
     test: list[LabelledImage],
     classes: tuple[str, ...],
+    *,
     cfg: DownstreamConfig,
     seeds: int | None = None,
     ceiling: ArraySet | None = None,
@@ -142,7 +145,7 @@ def uplift_table(
     counts = {"num_real": len(real), "num_synthetic": len(synthetic), "num_test": len(test), "seeds": seeds}
     if ceiling is not None:
         counts["num_ceiling"] = len(ceiling)
-    scores = _train_and_score(real, synthetic, test, classes, cfg, seeds, ceiling)
+    scores = _train_and_score(real, synthetic, test, classes, cfg=cfg, seeds=seeds, ceiling=ceiling)
     metrics: dict = {}
     plot = []
     for task, model_task, key, label in TABLE:

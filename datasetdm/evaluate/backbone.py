@@ -37,7 +37,7 @@ Layout = list[tuple[str, str]]
 
 
 def fidelity_layouts(
-    classes: tuple[str, ...], colours: tuple[str, ...], num: int, num_objects: int, seed: int
+    classes: tuple[str, ...], colours: tuple[str, ...], *, num: int, num_objects: int, seed: int
 ) -> list[Layout]:
     """``num`` prompt layouts: single objects cycle through every (shape, colour); pairs are drawn at random."""
     if num_objects == 1:
@@ -60,7 +60,7 @@ def to_uint8(images, size: int) -> np.ndarray:
 
 
 def generate_layouts(
-    backbone: Backbone, layouts: list[Layout], seed: int, params: Params, batch_size: int = 16
+    backbone: Backbone, layouts: list[Layout], *, seed: int, params: Params, batch_size: int = 16
 ) -> np.ndarray:
     """One image per layout from its canonical caption, seeds ``seed + i``."""
     prompts = [caption_for(layout) for layout in layouts]
@@ -69,9 +69,8 @@ def generate_layouts(
         images, _ = backbone.sample(
             prompts[i : i + batch_size],
             [seed + i + j for j in range(len(prompts[i : i + batch_size]))],
-            params.backbone.steps,
-            params.backbone.guidance_scale,
-            None,
+            steps=params.backbone.steps,
+            guidance_scale=params.backbone.guidance_scale,
         )
         out.append(to_uint8(images, params.world.image_size))
     return np.concatenate(out)
@@ -107,7 +106,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def fidelity_grid(
-    images: np.ndarray, layouts: list[Layout], readings: list[Counter], ok: list[bool], path: str | Path
+    images: np.ndarray, layouts: list[Layout], readings: list[Counter], ok: list[bool], *, path: str | Path
 ) -> None:
     """Generated images captioned with prompt, verdict and what the inspector read: look at these before trusting the
     number."""
@@ -122,6 +121,7 @@ def measure_backbone(
     backbone: Backbone,
     inspector: Inspector,
     params: Params,
+    *,
     real_images: np.ndarray | None = None,
     export_dir: str | Path | None = None,
     grid: str | Path | None = None,
@@ -131,8 +131,10 @@ def measure_backbone(
     result: dict = {"prompt_fidelity": {}}
     shown = []
     for key, n in (("single_object", 1), ("two_objects", 2)):
-        layouts = fidelity_layouts(inspector.classes, params.world.colours, cfg.num_fidelity, n, cfg.fidelity_seed)
-        images = generate_layouts(backbone, layouts, cfg.fidelity_seed + 10_000 * n, params)
+        layouts = fidelity_layouts(
+            inspector.classes, params.world.colours, num=cfg.num_fidelity, num_objects=n, seed=cfg.fidelity_seed
+        )
+        images = generate_layouts(backbone, layouts, seed=cfg.fidelity_seed + 10_000 * n, params=params)
         score, ok, readings = prompt_fidelity(inspector, images, layouts)
         result["prompt_fidelity"][key] = score
         # The same layouts rendered by the world itself: the inspector's ceiling for this group.

@@ -17,6 +17,8 @@ that is a generation error the filter should catch too.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -29,12 +31,15 @@ from datasetdm.filtering import quality_score
 from datasetdm.generate import annotate_batch
 from datasetdm.worlds.shapes import render_scene
 
+logger = logging.getLogger(__name__)
+
 
 def filter_on_regenerated(
     backbone: Backbone,
     decoder: PDecoder,
     world: WorldConfig,
     bb: BackboneConfig,
+    *,
     min_score: float,
     num: int,
     seed: int,
@@ -54,8 +59,8 @@ def filter_on_regenerated(
             decoder,
             [s.caption for s in scenes],
             [seed + start + j for j in range(len(scenes))],
-            classes,
-            bb,
+            classes=classes,
+            bb=bb,
             init_images=images,
             strength=strength,
         )
@@ -64,6 +69,13 @@ def filter_on_regenerated(
             miou.append(float(np.nanmean(iou_from_confusion(confusion_matrix(labels, scene.semantic, n)))))
     kept = np.array(scores) >= min_score
     per_image = np.array(miou)
+    logger.info(
+        "filter at min_score %.2f keeps %d of %d regenerated scenes (strength %.2f)",
+        min_score,
+        int(kept.sum()),
+        num,
+        strength,
+    )
     return {
         "num_images": num,
         "strength": strength,

@@ -7,6 +7,8 @@ training (encode, noise to the feature timestep, one UNet pass with the caption)
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,6 +25,8 @@ from datasetdm.evaluate.keypoints import KeypointAP
 from datasetdm.filtering import quality_components, quality_score
 from datasetdm.keypoints import gt_keypoints, predict_keypoints
 from datasetdm.realset import LabelledImage
+
+logger = logging.getLogger(__name__)
 
 
 def confusion_matrix(pred: np.ndarray, target: np.ndarray, num_labels: int) -> np.ndarray:
@@ -56,6 +60,7 @@ def fit_attention_threshold(
     labelled: list[LabelledImage],
     bb: BackboneConfig,
     classes: tuple[str, ...],
+    *,
     grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9),
 ) -> float:
     """The attention-only baseline's one knob, chosen on the K *labelled training* images
@@ -71,7 +76,10 @@ def fit_attention_threshold(
     for t in grid:
         for p, x in zip(attention_masks(attention, named, images.shape[-2:], t).numpy(), labelled):
             conf[t] += confusion_matrix(p, x.semantic, n)
-    return max(grid, key=lambda t: float(np.nanmean(iou_from_confusion(conf[t]))))
+    miou = {t: float(np.nanmean(iou_from_confusion(conf[t]))) for t in grid}
+    best = max(grid, key=lambda t: miou[t])
+    logger.info("attention-only baseline: threshold %.2f chosen on the labelled set (mIoU %.4f)", best, miou[best])
+    return best
 
 
 def evaluate_decoder(
@@ -79,6 +87,7 @@ def evaluate_decoder(
     decoder: PDecoder,
     test: list[LabelledImage],
     bb: BackboneConfig,
+    *,
     min_score: float = 0.5,
     attention_threshold: float = 0.5,
     batch_size: int = 16,
@@ -158,6 +167,7 @@ def evaluate_decoder(
         "image_mIoU_kept": float(per_image[kept].mean()) if kept.any() else None,
         "image_mIoU_dropped": float(per_image[~kept].mean()) if (~kept).any() else None,
     }
+    logger.info("filter at min_score %.2f keeps %d of %d held-out images", min_score, int(kept.sum()), len(kept))
     if depth is not None:
         metrics["depth"] = depth.result()
     if keypoints is not None:

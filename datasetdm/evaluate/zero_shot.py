@@ -30,6 +30,7 @@ def zero_shot_labels(
     backbone: Backbone,
     images: torch.Tensor,
     prompts: list[str],
+    *,
     seen: tuple[str, ...],
     unseen: tuple[str, ...],
     timestep: int,
@@ -57,9 +58,11 @@ def evaluate_zero_shot(
     decoder: PDecoder,
     test: list[LabelledImage],
     bb: BackboneConfig,
+    *,
     unseen: tuple[str, ...],
     batch_size: int = 16,
 ) -> dict:
+    """Seen, unseen and harmonic mIoU of ``zero_shot_labels`` on held-out images showing ``unseen`` classes."""
     seen = tuple(decoder.config["classes"])
     n = 1 + len(seen) + len(unseen)
     conf = np.zeros((n, n), dtype=np.int64)
@@ -71,10 +74,10 @@ def evaluate_zero_shot(
             backbone,
             images,
             [x.caption for x in chunk],
-            seen,
-            unseen,
-            bb.feature_timestep,
-            [2 * 10**9 + x.id for x in chunk],
+            seen=seen,
+            unseen=unseen,
+            timestep=bb.feature_timestep,
+            seeds=[2 * 10**9 + x.id for x in chunk],
         )
         for p, x in zip(labels.numpy(), chunk):
             conf += confusion_matrix(p, x.semantic, n)

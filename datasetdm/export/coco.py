@@ -31,6 +31,7 @@ SUPERCATEGORY = "shape"
 
 def semantic_to_coco_annotations(
     semantic: np.ndarray,
+    *,
     image_id: int,
     classes: Sequence[str],
     start_ann_id: int,
@@ -101,6 +102,7 @@ def write_coco(
     images: list[dict],
     annotations: list[dict],
     classes: Sequence[str],
+    *,
     info: dict[str, Any],
     keypoints: bool = False,
 ) -> None:

@@ -20,6 +20,7 @@ inputs is a ``DatasetDMError`` naming the file and field.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from datasetdm.export.voc import save_voc_mask
 from datasetdm.io import atomic_path, sha256_dir, sha256_file, write_json
 from datasetdm.keypoints import CHANNELS
 from datasetdm.realset import DEPTH_SCALE
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 RECORDS = "records.json"
@@ -83,6 +86,7 @@ def export_dataset(
     gen_dir: str | Path,
     filtered_json: str | Path,
     out_dir: str | Path,
+    *,
     params_dict: dict[str, Any],
     grid_samples: int,
     provenance: dict[str, Any] | None = None,
@@ -97,6 +101,9 @@ def export_dataset(
     samples = _read_shards(gen_dir, manifest, manifest_file)
     min_score, samples = _apply_filter(Path(filtered_json), samples)
     kept = [s for s in samples if s.kept]
+    logger.info(
+        "exporting %d of %d generated samples (filter.min_score %s) to %s", len(kept), len(samples), min_score, out_dir
+    )
 
     has_keypoints = any("keypoints" in s.record for s in kept)
     with atomic_path(out_dir) as tmp:
@@ -129,7 +136,7 @@ def export_dataset(
             images.append(entry)
             peaks = _read_peaks(s) if "keypoints" in s.record else None
             annotations += semantic_to_coco_annotations(
-                semantic, n, classes, start_ann_id=len(annotations) + 1, peaks=peaks
+                semantic, image_id=n, classes=classes, start_ann_id=len(annotations) + 1, peaks=peaks
             )
             label_counts.append(np.bincount(semantic.ravel(), minlength=1 + len(classes)))
             if len(grid) < grid_samples:
@@ -144,7 +151,7 @@ def export_dataset(
             "min_score": min_score,
             "depth_scale": DEPTH_SCALE,
         }
-        write_coco(tmp / "annotations.json", images, annotations, classes, info, keypoints=has_keypoints)
+        write_coco(tmp / "annotations.json", images, annotations, classes, info=info, keypoints=has_keypoints)
         files = {
             "annotations.json": sha256_file(tmp / "annotations.json"),
             "images": sha256_dir(tmp / "images"),
@@ -183,7 +190,7 @@ def _read_json(path: Path, missing: str) -> Any:
         raise DatasetDMError(path, None, "not UTF-8 text") from None
 
 
-def _need(obj: Any, key: str, kind: type | tuple[type, ...], file: Path, field: str) -> Any:
+def _need(obj: Any, key: str, kind: type | tuple[type, ...], file: Path, *, field: str) -> Any:
     """``obj[key]`` if present and of JSON type ``kind`` (a bool is not a number)."""
     if not isinstance(obj, dict) or key not in obj:
         raise DatasetDMError(file, field, "missing")
@@ -198,22 +205,22 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     manifest = _read_json(path, "not found; run the generate stage")
     if not isinstance(manifest, dict):
         raise DatasetDMError(path, None, "must be a JSON object")
-    classes = _need(manifest, "classes", list, path, "classes")
+    classes = _need(manifest, "classes", list, path, field="classes")
     if not classes or not all(isinstance(c, str) for c in classes) or len(set(classes)) != len(classes):
         raise DatasetDMError(path, "classes", "must be a non-empty list of distinct names")
     if len(classes) > 254:  # mask pixels are uint8 and 255 is VOC's boundary colour
         raise DatasetDMError(path, "classes", f"at most 254 classes fit a uint8 mask, got {len(classes)}")
-    if _need(manifest, "image_size", int, path, "image_size") <= 0:
+    if _need(manifest, "image_size", int, path, field="image_size") <= 0:
         raise DatasetDMError(path, "image_size", "must be > 0")
     for key in ("backbone", "decoder"):
-        _need(manifest, key, str, path, key)
-    shards = _need(manifest, "shards", list, path, "shards")
+        _need(manifest, key, str, path, field=key)
+    shards = _need(manifest, "shards", list, path, field="shards")
     for i, shard in enumerate(shards):
-        name = _need(shard, "name", str, path, f"shards[{i}].name")
+        name = _need(shard, "name", str, path, field=f"shards[{i}].name")
         if not SAFE_NAME.fullmatch(name):
             raise DatasetDMError(path, f"shards[{i}].name", f"must be a plain folder name, got {name!r}")
-        _need(shard, "sha256", str, path, f"shards[{i}].sha256")
-        _need(shard, "num_samples", int, path, f"shards[{i}].num_samples")
+        _need(shard, "sha256", str, path, field=f"shards[{i}].sha256")
+        _need(shard, "num_samples", int, path, field=f"shards[{i}].num_samples")
     return manifest
 
 
@@ -243,9 +250,9 @@ def _read_shards(gen_dir: Path, manifest: dict[str, Any], manifest_file: Path) -
             )
         for j, record in enumerate(records):
             for key, kind in RECORD_FIELDS.items():
-                _need(record, key, kind, records_file, f"[{j}].{key}")
+                _need(record, key, kind, records_file, field=f"[{j}].{key}")
             if "depth" in record:
-                _need(record, "depth", str, records_file, f"[{j}].depth")
+                _need(record, "depth", str, records_file, field=f"[{j}].depth")
             for key in ("image", "semantic", "depth"):
                 if key not in record:
                     continue
@@ -295,16 +302,16 @@ def _apply_filter(path: Path, samples: list[Sample]) -> tuple[float | None, list
     min_score = data.get("min_score")
     if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))):
         raise DatasetDMError(path, "min_score", f"must be a number, got {min_score!r}")
-    entries = _need(data, "samples", list, path, "samples")
+    entries = _need(data, "samples", list, path, field="samples")
     by_key = {(s.shard, s.id): s for s in samples}
     decided: dict[tuple[str, str], Sample] = {}
     for i, entry in enumerate(entries):
         key = (
-            _need(entry, "shard", str, path, f"samples[{i}].shard"),
-            _need(entry, "id", str, path, f"samples[{i}].id"),
+            _need(entry, "shard", str, path, field=f"samples[{i}].shard"),
+            _need(entry, "id", str, path, field=f"samples[{i}].id"),
         )
-        score = float(_need(entry, "score", (int, float), path, f"samples[{i}].score"))
-        kept = _need(entry, "kept", bool, path, f"samples[{i}].kept")
+        score = float(_need(entry, "score", (int, float), path, field=f"samples[{i}].score"))
+        kept = _need(entry, "kept", bool, path, field=f"samples[{i}].kept")
         if key not in by_key:
             raise DatasetDMError(
                 path, f"samples[{i}]", f"sample {key[1]} of {key[0]} is not in the generated set; re-run filter"

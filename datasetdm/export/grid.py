@@ -79,6 +79,7 @@ def _wrap(text: str, font, width: int) -> list[str]:
 def sample_grid(
     items: Sequence[tuple[np.ndarray, np.ndarray | None, str, float | None]],
     path: str | Path,
+    *,
     columns: int = 4,
     scale: int = 3,
     classes: Sequence[str] | None = None,
@@ -124,7 +125,7 @@ def sample_grid(
             sheet.paste(big, (x + i * (w * scale + GAP), y))
         for j, line in enumerate(lines):
             draw.text((x, y + h * scale + GAP + j * line_h), line, fill=TEXT, font=font)
-    _draw_legend(draw, legend, font, PAD, row_y[-1], line_h)
+    _draw_legend(draw, legend, font, x0=PAD, y0=row_y[-1], line_h=line_h)
     save_png(path, sheet)
 
 
@@ -144,7 +145,7 @@ def _legend_entries(classes: Sequence[str], font, width: int) -> list[list[tuple
 
 
 def _draw_legend(
-    draw: ImageDraw.ImageDraw, rows: list[list[tuple[int, str]]], font, x0: int, y0: int, line_h: int
+    draw: ImageDraw.ImageDraw, rows: list[list[tuple[int, str]]], font, *, x0: int, y0: int, line_h: int
 ) -> None:
     colours = voc_colours()
     swatch = font.getbbox("Ag")[3]

@@ -149,7 +149,7 @@ def render_scene(cfg: WorldConfig, seed: int, layout: list[tuple[str, str]] | No
     depths = _distinct_depths(len(layout), rng)
     objects: list[ShapeObject] = []
     for (shape, colour), depth in zip(layout, depths):
-        objects.append(_place(cfg, shape, colour, depth, objects, rng))
+        objects.append(_place(cfg, shape, colour, depth, placed=objects, rng=rng))
 
     # Paint far to near so nearer objects occlude.
     order = sorted(range(len(objects)), key=lambda i: -objects[i].depth)
@@ -226,7 +226,7 @@ def _distinct_depths(n: int, rng: np.random.Generator, gap: float = 0.3) -> list
 
 
 def _place(
-    cfg: WorldConfig, shape: str, colour: str, depth: float, placed: list[ShapeObject], rng: np.random.Generator
+    cfg: WorldConfig, shape: str, colour: str, depth: float, *, placed: list[ShapeObject], rng: np.random.Generator
 ) -> ShapeObject:
     """Place an object; nearer tends to be larger. Retries keep heavy overlaps rare."""
     size = cfg.image_size
