@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from datasetdm.keypoints import CHANNELS, find_peaks
 from datasetdm.realset import depth_to_png
 
 logger = logging.getLogger(__name__)
+SAFE_SHARD = re.compile(r"shard-\d{5}")
 MANIFEST = "manifest.json"
 
 
@@ -102,8 +104,10 @@ def generate(
     check_prompts(prompts, backbone, classes, prompts_source)
     # 2. Plan: which samples go to which shard.
     shards = shard_plan(prompts, gen)
-    # 3. Unseal: no manifest may vouch for the folder while its shards change.
+    # 3. Unseal: shards whose files changed since the last seal are remade; no manifest
+    #    may vouch for the folder while its shards change.
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_changed_shards(out_dir)
     _discard_leftovers(out_dir)
     # 4. Make (or reuse) each shard.
     entries = []
@@ -277,7 +281,11 @@ def _write_shard(
 
 
 def read_records(gen_dir: str | Path) -> list[dict]:
-    """All sample records of a generated set, in sample order (filtering reads these)."""
+    """All sample records of a generated set, in sample order (filtering reads these).
+
+    Each shard is checked against the hash the manifest recorded when it was made, so
+    a shard edited after generation stops the reader instead of flowing on.
+    """
     gen_dir = Path(gen_dir)
     manifest_file = gen_dir / MANIFEST
     if not manifest_file.is_file():
@@ -286,6 +294,7 @@ def read_records(gen_dir: str | Path) -> list[dict]:
         manifest = json.loads(manifest_file.read_text())
         records = []
         for i, shard in enumerate(manifest["shards"]):
+            verify_shard(gen_dir, shard, field=f"shards[{i}].sha256")
             file = gen_dir / shard["name"] / "records.json"
             try:
                 records += json.loads(file.read_text())
@@ -296,6 +305,38 @@ def read_records(gen_dir: str | Path) -> list[dict]:
     except (KeyError, TypeError):
         raise DatasetDMError(manifest_file, "shards", "malformed manifest") from None
     return records
+
+
+def verify_shard(gen_dir: Path, shard: dict, *, field: str) -> None:
+    """Stop with one line if a shard's files are not the ones its manifest entry hashed."""
+    shard_dir = gen_dir / shard["name"]
+    if not shard_dir.is_dir() or sha256_dir(shard_dir) != shard["sha256"]:
+        raise DatasetDMError(
+            shard_dir,
+            field,
+            "its files changed (or went missing) since generation; run the generate stage to remake it",
+        )
+
+
+def remove_changed_shards(out_dir: Path) -> list[str]:
+    """Delete the shards whose files no longer match the last manifest, so they are remade.
+
+    A shard is otherwise reused when its records name the planned samples and models;
+    an image or mask edited by hand would pass that test, its hash does not.
+    """
+    try:
+        shards = json.loads((out_dir / MANIFEST).read_text())["shards"]
+        recorded = {s["name"]: s["sha256"] for s in shards}
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no seal (first run, or a killed one): shards are judged by their records
+    removed = []
+    for name, digest in recorded.items():
+        shard_dir = out_dir / name
+        if SAFE_SHARD.fullmatch(name) and shard_dir.is_dir() and sha256_dir(shard_dir) != digest:
+            shutil.rmtree(shard_dir)
+            removed.append(name)
+            logger.info("%s: files changed since generation: removed, to be made again", name)
+    return removed
 
 
 # Sharded generation: each shard is an independent unit of work that any worker can

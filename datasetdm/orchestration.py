@@ -26,12 +26,14 @@ logger = logging.getLogger(__name__)
 
 def plan_shards(params: Params) -> int:
     """Check the prompts against the models and return the number of shards to make."""
-    from datasetdm.generate import check_prompts, load_prompts, shard_plan
+    from datasetdm.generate import check_prompts, load_prompts, remove_changed_shards, shard_plan
 
     backbone = stages.load_backbone(params)
     decoder = stages.load_decoder(params, backbone)
     prompts = load_prompts(params.prompts.out)
     check_prompts(prompts, backbone, tuple(decoder.config["classes"]), params.prompts.out)
+    if Path(params.generate.out).is_dir():  # shards edited since the last seal are made again
+        remove_changed_shards(Path(params.generate.out))
     n = len(shard_plan(prompts, params.generate))
     logger.info("generation: %d samples in %d shards", params.generate.num_samples, n)
     return n

@@ -195,3 +195,43 @@ def test_img2img_keeps_the_layout_and_filter_is_measured_on_it(tiny_backbone, ti
     )
     assert result["num_images"] == 5 and result["kept_fraction"] == 1.0 and result["image_mIoU_dropped"] is None
     assert 0 <= result["image_mIoU_all"] <= 1 and result["image_mIoU_kept"] == result["image_mIoU_all"]
+
+
+def test_a_shard_edited_after_generation_stops_the_filter_and_generate_remakes_it(trained, tiny_params_file):
+    """The manifest protects the reader: an edited shard is one line at `filter`, the
+    earlier filter output stays as it was, and `generate` remakes exactly that shard."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from datasetdm.io import sha256_file
+    from tests.conftest import REPO
+
+    p = trained
+    stages.generate_stage(p)
+    stages.filter_stage(p)
+    gen = Path(p.generate.out)
+    made = {f: sha256_file(f) for f in sorted(gen.rglob("*")) if f.is_file()}
+    filtered = Path(p.filter.out).read_bytes()
+
+    def cli(stage: str) -> subprocess.CompletedProcess:
+        args = [sys.executable, "-m", "datasetdm", stage, "--params", str(tiny_params_file)]
+        return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    records_file = gen / "shard-00001" / "records.json"
+    records = json.loads(records_file.read_text())
+    records[0]["prompt"] = "a blue star"  # one prompt changed by hand
+    records_file.write_text(json.dumps(records))
+    image = gen / "shard-00000" / "images" / "000000.png"
+    image.write_bytes(image.read_bytes() + b"\0")  # and one image
+    refused = cli("filter")
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+    assert "shard-00000: shards[0].sha256: its files changed" in refused.stderr
+    assert "run the generate stage" in refused.stderr
+    assert Path(p.filter.out).read_bytes() == filtered
+
+    assert cli("generate").returncode == 0
+    assert {
+        f: sha256_file(f) for f in sorted(gen.rglob("*")) if f.is_file()
+    } == made  # both shards remade as they were
+    assert cli("filter").returncode == 0 and Path(p.filter.out).read_bytes() == filtered
