@@ -14,6 +14,7 @@ no ``make run`` or other flow can start between two of its stages.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 
 from prefect import flow
@@ -25,6 +26,10 @@ from datasetdm.orchestration import headline_metrics
 from datasetdm.workspace_lock import Holder, hold_workspace
 from flows.generate import bring_generation_up_to_date
 from tasks import stages
+
+# Prefect hands the library's loggers its handlers (PREFECT_LOGGING_EXTRA_LOGGERS=datasetdm)
+# but not a level; at INFO their decisions and DVC's output reach the flow-run logs.
+logging.getLogger("datasetdm").setLevel(logging.INFO)
 
 # What `make run` reproduces (`dvc repro curate report`): every stage but `uplift`.
 FACTORY_TARGETS = ["curate", "report"]
