@@ -118,8 +118,14 @@ def quality_score(components: dict[str, float]) -> float:
     return mean * components.get("area", 1.0)
 
 
-def filter_samples(records: list[dict], min_score: float) -> dict:
-    """Decide which samples to keep; ``records`` carry ``id``, ``shard`` and ``quality``."""
+def filter_samples(records: list[dict], min_score: float, *, generation_manifest: str | None = None) -> dict:
+    """Decide which samples to keep; ``records`` carry ``id``, ``shard`` and ``quality``.
+
+    generation_manifest: sha256 of the manifest.json the records were read under. The
+    filter stage passes it and it is written into the decisions, so the export can refuse
+    decisions made for another generation run (same sample ids, other pixels). None
+    leaves it out (scoring alone, in tests); the export refuses such decisions.
+    """
     samples = []
     for r in records:
         score = quality_score(r["quality"])
@@ -134,4 +140,5 @@ def filter_samples(records: list[dict], min_score: float) -> dict:
         )
     kept = sum(s["kept"] for s in samples)
     logger.info("filter.min_score %g keeps %d of %d samples", min_score, kept, len(samples))
-    return {"min_score": min_score, "kept": kept, "dropped": len(samples) - kept, "samples": samples}
+    sealed = {"generation_manifest": generation_manifest} if generation_manifest is not None else {}
+    return {**sealed, "min_score": min_score, "kept": kept, "dropped": len(samples) - kept, "samples": samples}

@@ -28,9 +28,10 @@ from datasetdm.evaluate.regenerated import filter_on_regenerated
 from datasetdm.evaluate.semantic import evaluate_decoder, fit_attention_threshold
 from datasetdm.evaluate.zero_shot import evaluate_zero_shot
 from datasetdm.export.dataset import export_dataset
+from datasetdm.export.verify import verify_export
 from datasetdm.filtering import filter_samples
-from datasetdm.generate import generate, load_prompts, read_records
-from datasetdm.io import write_json, write_text
+from datasetdm.generate import MANIFEST, generate, load_prompts, read_records
+from datasetdm.io import sha256_file, write_json, write_text
 from datasetdm.prompts import expand_prompts
 from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
 from datasetdm.report import render_report
@@ -144,9 +145,12 @@ def filter_stage(params: Params) -> dict:
     """Stage ``filter``: score every generated sample and write keep/drop per sample to ``filter.out``.
 
     Reads the records in ``generate.out`` only (their quality terms were computed at
-    generation), so changing ``filter.min_score`` reruns this stage, not generation.
+    generation), so changing ``filter.min_score`` reruns this stage, not generation. The
+    decisions record the sha256 of the manifest they were computed under; the export checks it.
     """
-    result = filter_samples(read_records(params.generate.out), params.filter.min_score)
+    records = read_records(params.generate.out)  # checks the manifest exists and every shard's hash
+    manifest_sha256 = sha256_file(Path(params.generate.out) / MANIFEST)
+    result = filter_samples(records, params.filter.min_score, generation_manifest=manifest_sha256)
     write_json(params.filter.out, result)
     return {"kept": result["kept"], "dropped": result["dropped"]}
 
@@ -334,8 +338,9 @@ def report_stage(params: Params) -> dict:
 
     Reads the dataset card in ``export.out`` and ``evaluate.out`` (both required), and
     ``downstream.out`` and ``inspect.out`` when they exist (the report is written without them too).
+    The export is checked against its card's hashes first: the report links its grid and quotes its counts.
     """
-    card = _read_json(Path(params.export.out) / "dataset.json")
+    card = verify_export(params.export.out)
     metrics = _read_json(Path(params.evaluate.out))
     downstream = _read_json(Path(params.downstream.out)) if Path(params.downstream.out).is_file() else None
     backbone = _read_json(Path(params.inspect.out)) if Path(params.inspect.out).is_file() else None

@@ -16,7 +16,7 @@ from datasetdm.export.coco import load_coco_masks, semantic_to_coco_annotations
 from datasetdm.export.dataset import export_dataset
 from datasetdm.export.grid import GAP, PAD, overlay
 from datasetdm.export.voc import voc_palette
-from datasetdm.io import sha256_dir
+from datasetdm.io import sha256_dir, sha256_file
 
 CLASSES = ["circle", "square", "triangle"]
 SIZE = 32
@@ -34,10 +34,17 @@ def _semantic(rng: np.random.Generator) -> np.ndarray:
 
 
 def _rehash(gen: Path) -> None:
+    """Reseal a hand-edited generated set: shard hashes in the manifest, the manifest's in the decisions."""
     manifest = json.loads((gen / "manifest.json").read_text())
     for shard in manifest["shards"]:
         shard["sha256"] = sha256_dir(gen / shard["name"])
     (gen / "manifest.json").write_text(json.dumps(manifest))
+    filtered = gen.parent / "filtered.json"
+    filtered.write_text(json.dumps({**json.loads(filtered.read_text()), "generation_manifest": _manifest_hash(gen)}))
+
+
+def _manifest_hash(gen: Path) -> str:
+    return sha256_file(gen / "manifest.json")
 
 
 @pytest.fixture
@@ -94,7 +101,9 @@ def gen(tmp_path: Path) -> dict:
     }
     (gen_dir / "manifest.json").write_text(json.dumps(manifest))
     filtered_json = tmp_path / "filtered.json"
-    filtered_json.write_text(json.dumps({"min_score": 0.5, "samples": filtered}))
+    filtered_json.write_text(
+        json.dumps({"generation_manifest": _manifest_hash(gen_dir), "min_score": 0.5, "samples": filtered})
+    )
     return {"gen": gen_dir, "filtered": filtered_json, "out": tmp_path / "export", "truth": truth}
 
 
@@ -233,6 +242,21 @@ def _unknown_sample(g: dict) -> Path:
     return g["filtered"]
 
 
+def _decisions_for_another_run(g: dict) -> Path:
+    """Generation rerun (here: its manifest rewritten) after filtering: same ids, other run."""
+    manifest = json.loads((g["gen"] / "manifest.json").read_text())
+    manifest["params"]["generate"]["seed"] = 1
+    (g["gen"] / "manifest.json").write_text(json.dumps(manifest))
+    return g["filtered"]
+
+
+def _decisions_unsealed(g: dict) -> Path:
+    data = json.loads(g["filtered"].read_text())
+    del data["generation_manifest"]
+    g["filtered"].write_text(json.dumps(data))
+    return g["filtered"]
+
+
 def _record_extra(g: dict, **fields) -> Path:
     """Add ``fields`` to the first record of shard-00000; return its records.json."""
     records_file = g["gen"] / "shard-00000" / "records.json"
@@ -275,6 +299,8 @@ def _bad_peaks(g: dict) -> Path:
         (_small_mask, "size"),
         (_class_out_of_range, "pixel values"),
         (_unknown_sample, r"samples\[0\]"),
+        (_decisions_for_another_run, "generation_manifest"),
+        (_decisions_unsealed, "generation_manifest"),
     ],
 )
 def test_malformed_inputs_name_file_and_field_and_write_nothing(gen: dict, corrupt, field: str) -> None:

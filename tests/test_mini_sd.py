@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from datasetdm.backbones.pretrain_sd import pretrain_sd, snapshots, work_dir
 from datasetdm.backbones.sd import StableDiffusionBackbone
+from datasetdm.backbones.sd_folder import folder_fingerprint
 from datasetdm.config import params_from_dict
 
 pytestmark = pytest.mark.slow
@@ -58,8 +59,9 @@ def test_pretrain_writes_a_pipeline_stable_diffusion_loads(tmp_path):
     images, features = backbone.sample(["a blue star"], [1], steps=2, guidance_scale=2.0, capture_timestep=500)
     assert images.shape == (1, 3, 32, 32) and features is not None and features.attention.shape[0] == 1
     assert [step for step, _ in snapshots(params)] == [3, 6]
-    log = json.loads((out / "pretrain_log.json").read_text())["log"]
-    assert [row["step"] for row in log] == [3, 6]
+    written = json.loads((out / "pretrain_log.json").read_text())
+    assert [row["step"] for row in written["log"]] == [3, 6]
+    assert written["fingerprint"] == folder_fingerprint(out)  # the seal every load checks
 
 
 def test_stopped_and_resumed_pretraining_gives_the_weights_of_an_unbroken_run(tmp_path):

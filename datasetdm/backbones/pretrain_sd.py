@@ -34,10 +34,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from datasetdm.backbones.mini_sd import mini_sd_configs
+from datasetdm.backbones.sd_folder import PRETRAIN_LOG, folder_fingerprint
 from datasetdm.backbones.tiny_sd import build_sd_components, save_sd_folder
 from datasetdm.config import Params
 from datasetdm.errors import DatasetDMError
-from datasetdm.io import atomic_path, write_json
+from datasetdm.io import atomic_path, sha256_file, write_json
 from datasetdm.worlds.shapes import render_scene
 
 logger = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def _save_state(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, 
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
+        meta = {**meta, "sha256": sha256_file(tmp / "state.safetensors")}  # checked on resume
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
@@ -121,7 +123,14 @@ def _load_state(folder: Path, key: str | None = None) -> tuple[dict[str, torch.T
             "this checkpoint was written under other pretrain/world settings; "
             "restore them to resume, or delete the folder to start over",
         )
-    return load_file(folder / "state.safetensors"), meta
+    state = folder / "state.safetensors"
+    if "sha256" not in meta:  # written before checkpoints recorded their hash
+        logger.info("%s: no recorded sha256 (an older checkpoint): resumed unchecked", folder)
+    elif sha256_file(state) != meta["sha256"]:
+        raise DatasetDMError(
+            state, "sha256", "differs from the one meta.json recorded; delete the folder to start this stage over"
+        )
+    return load_file(state), meta
 
 
 def settings_key(params: Params, stage: str) -> str:
@@ -460,7 +469,8 @@ def pretrain_sd(
     # 4. save as a diffusers pipeline folder, preview beside it
     with atomic_path(out) as tmp:
         save_sd_folder(components, tmp)
-        write_json(tmp / "pretrain_log.json", {"scaling_factor": scaling, "log": log})
+        log_file = {"scaling_factor": scaling, "log": log, "fingerprint": folder_fingerprint(tmp)}
+        write_json(tmp / PRETRAIN_LOG, log_file)  # the seal StableDiffusionBackbone.load checks
     if preview:
         from datasetdm.backbones.preview import preview_grid
         from datasetdm.backbones.sd import StableDiffusionBackbone

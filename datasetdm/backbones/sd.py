@@ -25,7 +25,13 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers.utils import logging as transformers_logging
 
 from datasetdm.backbones.base import Features, img2img_timesteps
-from datasetdm.backbones.sd_folder import check_model_index, folder_fingerprint, load_components, resolve_folder
+from datasetdm.backbones.sd_folder import (
+    check_model_index,
+    check_seal,
+    folder_fingerprint,
+    load_components,
+    resolve_folder,
+)
 from datasetdm.capture import FeatureCapture
 from datasetdm.errors import DatasetDMError
 
@@ -135,6 +141,7 @@ class StableDiffusionBackbone:
         parse_device(str(output_device), source)
         folder = resolve_folder(model)
         check_model_index(folder)
+        check_seal(folder)
         return cls(
             load_components(folder, DTYPES[dtype]),
             dtype=dtype,

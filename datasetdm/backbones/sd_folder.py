@@ -187,6 +187,37 @@ def folder_fingerprint(folder: Path) -> str:
     return digest.hexdigest()
 
 
+# Written by pretraining beside the pipeline: its log and the folder's fingerprint at the
+# moment it was written (the seal every later load checks).
+PRETRAIN_LOG = "pretrain_log.json"
+
+
+def check_seal(folder: Path) -> None:
+    """Stop with one line if a folder pretraining sealed no longer has the files it wrote.
+
+    A folder without a seal (any SD folder a user brings) is loaded as it is; a sealed
+    one (the embedded model) must hash as recorded, so a weight or config edited or
+    damaged since is never silently used to draw and label a dataset. Cost: one read
+    of the weights (29 MB for the embedded model), which loading does anyway.
+    """
+    log = folder / PRETRAIN_LOG
+    if not log.is_file():
+        return
+    try:
+        recorded = json.loads(log.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        raise DatasetDMError(log, None, "not a readable JSON object; run make pretrain") from None
+    if recorded is None:
+        return
+    if folder_fingerprint(folder) != recorded:
+        raise DatasetDMError(
+            folder,
+            f"{PRETRAIN_LOG}: fingerprint",
+            "its weights, configs or tokenizer changed since pretraining wrote it; restore the folder "
+            "(git checkout, for the embedded model) or run make pretrain",
+        )
+
+
 def _hashed(f: Path) -> bool:
     if f.suffix in (".json", ".txt"):
         return True

@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from datasetdm.checkpoints import load_weights
+from datasetdm.checkpoints import WEIGHTS_SHA256, load_weights, verify_weights
 from datasetdm.decoder.heads import HEADS
 from datasetdm.errors import DatasetDMError
-from datasetdm.io import atomic_path
+from datasetdm.io import atomic_path, sha256_file
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "decoder.safetensors"
 
@@ -74,10 +74,12 @@ class PDecoder(nn.Module):
 
     # -- persistence ------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write config + weights as one folder; the config seals the weights with their sha256."""
         with atomic_path(path) as tmp:
             tmp.mkdir()
-            (tmp / CONFIG_FILE).write_text(json.dumps({**self.config, **(extra or {})}, indent=2) + "\n")
             save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp / WEIGHTS_FILE)
+            config = {**self.config, **(extra or {}), WEIGHTS_SHA256: sha256_file(tmp / WEIGHTS_FILE)}
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "PDecoder":
@@ -91,10 +93,14 @@ class PDecoder(nn.Module):
             )
         try:
             config = json.loads(cfg_file.read_text())
+            # The seal describes the file, not the model: kept out of ``config`` so
+            # ``fingerprint`` (recorded in every generated sample) does not change with it.
+            recorded = config.pop(WEIGHTS_SHA256, None)
             model = cls(config)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
             raise DatasetDMError(cfg_file, None, f"not a decoder config ({e})") from None
         load_weights(weights, model, CONFIG_FILE)
+        verify_weights(weights, recorded, config_file=cfg_file, remedy="run the train-decoder stage")
         return model.eval()
 
     def fingerprint(self) -> str:

@@ -20,6 +20,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from datasetdm.errors import DatasetDMError
+from datasetdm.export.verify import CARD, verify_export
 from datasetdm.keypoints import render_heatmaps
 from datasetdm.realset import DEPTH_SCALE, LabelledImage
 
@@ -49,16 +50,18 @@ def from_labelled(items: list[LabelledImage]) -> ArraySet:
 
 
 def from_export(export_dir: str | Path, limit: int | None = None) -> ArraySet:
-    """The kept synthetic samples of an export (images/, VOC masks/, depth/, COCO keypoints), in card order."""
+    """The kept synthetic samples of an export (images/, VOC masks/, depth/, COCO keypoints), in card order.
+
+    The export is first checked against the hashes its card records (``verify_export``),
+    so an edited mask or image stops here, never reaching a model or a metric.
+    """
     export_dir = Path(export_dir)
-    card_file = export_dir / "dataset.json"
+    card_file = export_dir / CARD
+    card = verify_export(export_dir)
     try:
-        card = json.loads(card_file.read_text())
         kept = [s["id"] for s in card["samples"] if s["kept"]]
         scale = float(card.get("depth_scale", DEPTH_SCALE))
-    except FileNotFoundError:
-        raise DatasetDMError(card_file, None, "not found; run the export stage") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise DatasetDMError(card_file, "samples", f"not a dataset card ({e})") from None
     kept = kept[:limit] if limit is not None else kept
     if not kept:

@@ -25,12 +25,13 @@ from safetensors.torch import load_file, save_file
 from scipy import ndimage
 from tqdm import tqdm
 
+from datasetdm.checkpoints import WEIGHTS_SHA256, verify_weights
 from datasetdm.config import InspectConfig, WorldConfig
 from datasetdm.downstream.data import ArraySet
 from datasetdm.downstream.models import SmallUNet, to_input, train_model
 from datasetdm.errors import DatasetDMError
 from datasetdm.evaluate.semantic import confusion_matrix, semantic_metrics
-from datasetdm.io import atomic_path
+from datasetdm.io import atomic_path, sha256_file
 from datasetdm.worlds.shapes import COLOUR_RGB, render_scene
 
 logger = logging.getLogger(__name__)
@@ -105,17 +106,19 @@ class Inspector:
 
     # -- persistence ----------------------------------------------------------------------------
     def save(self, path: str | Path, extra: dict | None = None) -> None:
+        """Write config + weights as one folder; the config seals the weights with their sha256."""
         with atomic_path(path) as tmp:
             tmp.mkdir()
+            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / WEIGHTS_FILE)
             meta = {
                 "classes": list(self.classes),
                 "colours": list(self.colours),
                 "min_area": self.min_area,
                 "width": self.model.e1[0].out_channels,
                 **(extra or {}),
+                WEIGHTS_SHA256: sha256_file(tmp / WEIGHTS_FILE),
             }
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-            save_file({k: v.contiguous() for k, v in self.model.state_dict().items()}, tmp / WEIGHTS_FILE)
 
     @classmethod
     def load(cls, path: str | Path) -> "Inspector":
@@ -132,6 +135,12 @@ class Inspector:
             raise DatasetDMError(
                 path, "inspect.model", f"not a usable inspector ({str(e).splitlines()[0][:200]})"
             ) from None
+        verify_weights(
+            path / WEIGHTS_FILE,
+            meta.get(WEIGHTS_SHA256),
+            config_file=path / CONFIG_FILE,
+            remedy="run `make inspector`",
+        )
         return cls(model.eval(), tuple(meta["classes"]), tuple(meta["colours"]), int(meta["min_area"]))
 
 

@@ -9,6 +9,9 @@ and writes ``out_dir`` as one unit::
     depth/<id>.png       16-bit PNG, millimetres (card: depth_scale), if the decoder has a depth head
     annotations.json     COCO (image entries also carry prompt, seed, score; keypoints
                          per instance if the decoder has a keypoint head)
+    embeddings.npy       (N, D) float16, row i = images[i] of annotations.json: the backbone's
+                         pooled features of each image (curation's similarity search), if the
+                         generated shards carry them
     dataset.json         the dataset card (see ``card.py``)
     grid.png             the first ``grid_samples`` kept samples, if any
 
@@ -43,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 RECORDS = "records.json"
+EMBEDDINGS = "embeddings.npy"
 # Fields every generation record must carry, with their JSON types.
 RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "id": str,
@@ -71,6 +75,7 @@ class Sample:
     shard: str
     records_file: Path
     field: str  # e.g. "[3]", the record's place in records_file, for error messages
+    row: int  # the record's index in records_file (and its row of the shard's embeddings.npy)
     score: float | None = None
     kept: bool = False
 
@@ -99,7 +104,7 @@ def export_dataset(
     manifest = _read_manifest(manifest_file)
     classes = manifest["classes"]
     samples = _read_shards(gen_dir, manifest, manifest_file)
-    min_score, samples = _apply_filter(Path(filtered_json), samples)
+    min_score, samples = _apply_filter(Path(filtered_json), samples, manifest_file=manifest_file)
     kept = [s for s in samples if s.kept]
     logger.info(
         "exporting %d of %d generated samples (filter.min_score %s) to %s", len(kept), len(samples), min_score, out_dir
@@ -128,6 +133,8 @@ def export_dataset(
                 "sample_id": s.id,
                 "shard": s.shard,
             }
+            if "class_probs" in s.record:
+                entry["class_probs"] = _read_class_probs(s, len(classes))
             if "depth" in s.record:
                 _check_depth(s, semantic.shape)
                 (tmp / "depth").mkdir(exist_ok=True)
@@ -159,6 +166,10 @@ def export_dataset(
         }
         if (tmp / "depth").is_dir():
             files["depth"] = sha256_dir(tmp / "depth")
+        embeddings = _read_embeddings(kept)
+        if embeddings is not None:
+            np.save(tmp / EMBEDDINGS, embeddings)
+            files[EMBEDDINGS] = sha256_file(tmp / EMBEDDINGS)
         if grid:
             sample_grid(grid, tmp / "grid.png", classes=classes)
             files["grid.png"] = sha256_file(tmp / "grid.png")
@@ -286,19 +297,33 @@ def _read_shards(gen_dir: Path, manifest: dict[str, Any], manifest_file: Path) -
                     f"must be a plain file name (letters, digits, '.', '_', '-'), got {record['id']!r}",
                 )
             seen[record["id"]] = name
-            samples.append(Sample(record, name, records_file, f"[{j}]"))
+            samples.append(Sample(record, name, records_file, f"[{j}]", j))
     return samples
 
 
-def _apply_filter(path: Path, samples: list[Sample]) -> tuple[float | None, list[Sample]]:
+def _apply_filter(
+    path: Path, samples: list[Sample], *, manifest_file: Path | None = None
+) -> tuple[float | None, list[Sample]]:
     """Attach filtered.json's score and decision to every sample.
 
-    filtered.json must cover exactly the generated samples: an unknown or missing
-    sample means it was computed from a different generation run.
+    The decisions must have been made for this generation run: filtered.json records
+    the sha256 of the manifest.json it was computed under (``generation_manifest``),
+    checked against ``manifest_file`` (by default the manifest beside the samples'
+    shards). Matching sample ids are not enough: generate rerun with another seed
+    keeps every id and changes every pixel. The decisions must also cover exactly the
+    generated samples: an unknown or missing sample means another run too.
+
+    No self-hash of the decisions is kept: it could only catch an edit of
+    filtered.json itself, which nothing but the filter stage writes, whose every
+    entry is checked here (type, coverage) and whose effect the card records (each
+    kept sample and its score); and a hash stored beside what it vouches for is
+    rewritten by whoever edits on purpose. Stale decisions are what slip through
+    silently, and the manifest hash catches those.
     """
     data = _read_json(path, "not found; run the filter stage")
     if not isinstance(data, dict):
         raise DatasetDMError(path, None, "must be a JSON object")
+    _check_generation_manifest(path, data, manifest_file or _manifest_of(samples))
     min_score = data.get("min_score")
     if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, (int, float))):
         raise DatasetDMError(path, "min_score", f"must be a number, got {min_score!r}")
@@ -319,7 +344,7 @@ def _apply_filter(path: Path, samples: list[Sample]) -> tuple[float | None, list
         if key in decided:
             raise DatasetDMError(path, f"samples[{i}]", f"sample {key[1]} of {key[0]} is listed twice")
         s = by_key[key]
-        decided[key] = Sample(s.record, s.shard, s.records_file, s.field, score, kept)
+        decided[key] = Sample(s.record, s.shard, s.records_file, s.field, s.row, score, kept)
     missing = [k for k in by_key if k not in decided]
     if missing:
         raise DatasetDMError(
@@ -397,3 +422,79 @@ def _read_png(s: Sample, key: str, modes: tuple[str, ...], expected: str | None 
             return np.asarray(im).copy()
     except (OSError, SyntaxError, ValueError) as e:
         raise DatasetDMError(path, None, f"not a readable image ({e})") from None
+
+
+def _read_class_probs(s: Sample, num_classes: int) -> list[float]:
+    """The record's ``class_probs``: 1 + K probabilities (background first), validated, to 4 places.
+
+    Four places are plenty for a hardness score and keep ``annotations.json`` the same
+    across batch sizes, where CPU kernels move the probabilities in their last bits.
+    """
+    value = s.record["class_probs"]
+    if (
+        not isinstance(value, list)
+        or len(value) != 1 + num_classes
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1 for v in value)
+    ):
+        raise DatasetDMError(
+            s.records_file, f"{s.field}.class_probs", f"must be {1 + num_classes} probabilities (background first)"
+        )
+    return [round(float(v), 4) for v in value]
+
+
+def _read_embeddings(kept: list[Sample]) -> np.ndarray | None:
+    """The kept samples' rows of their shards' ``embeddings.npy``, in export order.
+
+    None when the shards carry no embeddings (curation then falls back to thumbnails);
+    all or none, since one export holds one generation run.
+    """
+    shards: dict[Path, np.ndarray] = {}
+    rows = []
+    for s in kept:
+        file = s.records_file.parent / EMBEDDINGS
+        if file not in shards:
+            if not file.is_file():
+                if shards:
+                    raise DatasetDMError(file, None, "missing, but other shards of this run have embeddings")
+                return None
+            try:
+                shards[file] = np.load(file, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DatasetDMError(file, None, f"not a readable .npy array ({e})") from None
+            array = shards[file]
+            if array.ndim != 2 or array.dtype != np.float16 or rows and array.shape[1] != rows[0].shape[0]:
+                raise DatasetDMError(file, "shape", f"must be (records, D) float16, got {array.shape} {array.dtype}")
+        array = shards[file]
+        if s.row >= len(array):
+            raise DatasetDMError(file, "shape", f"{len(array)} rows but {s.records_file.name} has record {s.field}")
+        rows.append(array[s.row])
+    return np.stack(rows) if rows else None
+
+
+def _manifest_of(samples: list[Sample]) -> Path | None:
+    """The manifest.json of the generated set ``samples`` were read from (shards sit beside it), if any sample."""
+    return samples[0].records_file.parent.parent / MANIFEST if samples else None
+
+
+def _check_generation_manifest(path: Path, data: dict[str, Any], manifest_file: Path | None) -> None:
+    """Stop unless filtered.json (``path``, parsed as ``data``) was computed under ``manifest_file``.
+
+    Costs one read of manifest.json (a few kB per thousand samples).
+    """
+    recorded = data.get("generation_manifest")
+    if recorded is None:
+        raise DatasetDMError(
+            path, "generation_manifest", "missing, so these decisions name no generation run; run the filter stage"
+        )
+    if not isinstance(recorded, str):
+        raise DatasetDMError(path, "generation_manifest", f"must be the sha256 of manifest.json, got {recorded!r}")
+    if manifest_file is None:
+        logger.info("%s: no generated samples, so no manifest to check the decisions against", path)
+        return
+    if sha256_file(manifest_file) != recorded:
+        raise DatasetDMError(
+            path,
+            "generation_manifest",
+            f"these decisions were made for another generation run than {manifest_file} (its sha256 differs); "
+            "run the filter stage",
+        )
