@@ -24,7 +24,7 @@ APP_PORT ?= 5151
 # naming the run that holds it; `make run WAIT=1` queues behind it instead.
 HOLD := python -m datasetdm hold-workspace $(if $(WAIT),--wait) --
 
-.PHONY: setup run flow test test-fast lint style pretrain inspector uplift bench clean serve serve-stop app plots bench-dask browser
+.PHONY: setup run flow test test-fast lint style pretrain inspector uplift bench clean serve serve-stop app app-screenshots plots bench-dask browser
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -97,6 +97,10 @@ serve-stop:
 ## app: the FiftyOne app on 127.0.0.1:$(APP_PORT) with the curated dataset of the current export
 app: setup
 	python scripts/fiftyone_app.py --port $(APP_PORT)
+
+## app-screenshots: the app's "similar samples" and "hardest first" views, photographed headless into reports/app/
+app-screenshots: setup browser
+	python scripts/fiftyone_app.py --port $(APP_PORT) --screenshots reports/app
 
 ## plots: render the DVC plots offline (dvc plots show --json + vl-convert) to reports/plots/
 plots: setup

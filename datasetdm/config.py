@@ -178,7 +178,8 @@ class CurateConfig:
 
     out: str = "data/curated"
     min_quality: float = 0.55  # filter score below this: tagged "low_quality"
-    # Near duplicates: cosine distance between 16x16 thumbnails below this.
+    # Near duplicates: cosine distance between the backbone's pooled features (``Features.pooled``,
+    # saved at generation) below this; 16x16 thumbnails for an export without them.
     duplicate_threshold: float = 0.02
     dataset_prefix: str = "datasetdm"  # FiftyOne dataset name: <prefix>-<card sha256[:12]>
 

@@ -11,17 +11,23 @@ overwrite each other and the app can show any of them), with
 * ``keypoints``: each instance's COCO keypoints as a FiftyOne keypoint (missing points
   NaN, as FiftyOne wants), if the export has keypoints,
 * ``quality``, ``prompt``, ``seed``, ``sample_id``: from the export's image entries,
-* ``uniqueness``: FiftyOne Brain's uniqueness over thumbnail embeddings.
+* ``decoder``: the decoder's class distribution over the pixels it calls objects, as a
+  classification with logits, and ``hardness``: FiftyOne Brain's entropy of it,
+* ``uniqueness``: FiftyOne Brain's uniqueness over the embeddings below,
+* a similarity index (brain key ``similarity``): "sort by similarity" in the app.
+
+The embeddings are the factory's own: the backbone's pooled UNet features of each image,
+saved at generation (``embeddings.npy`` in the export). Nothing can be downloaded here,
+and the model that drew the images is the one that knows what is in them; an export
+without them (made by hand) falls back to 16x16 thumbnails.
 
 Samples whose filter score is below ``curate.min_quality`` are tagged ``low_quality``;
 FiftyOne Brain's near-duplicate search tags all but the first of each group
 ``duplicate``. The curated export in ``curate.out`` has the export's layout
-(``images/``, ``masks/``, ``depth/``, ``annotations.json``) without the tagged samples, plus
-``curation.json`` (counts, thresholds, the FiftyOne dataset name, what was dropped).
-
-Embeddings are 16x16 thumbnails, not a pretrained network: nothing can be downloaded
-here, and for 64x64 synthetic images pixel similarity is what "near duplicate" means.
-FiftyOne reads its database settings from its own ``FIFTYONE_*`` environment variables.
+(``images/``, ``masks/``, ``depth/``, ``annotations.json``, ``embeddings.npy``) without the
+tagged samples, plus ``curation.json`` (counts, thresholds, the FiftyOne dataset name,
+what was dropped). FiftyOne reads its database settings from its own ``FIFTYONE_*``
+environment variables.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from PIL import Image
 
 from datasetdm.config import CurateConfig
 from datasetdm.errors import DatasetDMError
+from datasetdm.export.verify import CURATION, export_files, verify_export
 from datasetdm.io import atomic_path, sha256_file, write_json
 from datasetdm.realset import DEPTH_SCALE
 
@@ -44,6 +51,8 @@ logger = logging.getLogger(__name__)
 LOW_QUALITY = "low_quality"
 DUPLICATE = "duplicate"
 THUMBNAIL = 16
+EMBEDDINGS = "embeddings.npy"
+SIMILARITY = "similarity"  # brain key of the similarity index
 
 
 def dataset_name(export_dir: str | Path, prefix: str) -> str:
@@ -64,6 +73,23 @@ def thumbnail_embeddings(paths: list[str]) -> np.ndarray:
         v = v - v.mean()
         rows.append(v / max(float(np.linalg.norm(v)), 1e-8))
     return np.stack(rows) if rows else np.zeros((0, 3 * THUMBNAIL**2), np.float32)
+
+
+def model_embeddings(export_dir: str | Path, sample_ids: list[str]) -> np.ndarray | None:
+    """The export's embeddings (float32) for ``sample_ids`` in that order, or None if it has none."""
+    export_dir = Path(export_dir)
+    file = export_dir / EMBEDDINGS
+    if not file.is_file():
+        return None
+    images = json.loads((export_dir / "annotations.json").read_text())["images"]
+    try:
+        array = np.load(file, allow_pickle=False).astype(np.float32)
+    except (OSError, ValueError) as e:
+        raise DatasetDMError(file, None, f"not a readable .npy array ({e}); run the export stage") from None
+    if array.ndim != 2 or len(array) != len(images):
+        raise DatasetDMError(file, "shape", f"{array.shape} but annotations.json has {len(images)} images")
+    row = {im["sample_id"]: i for i, im in enumerate(images)}
+    return array[[row[s] for s in sample_ids]]
 
 
 def load_export(export_dir: str | Path, name: str, overwrite: bool = True):
@@ -114,6 +140,8 @@ def load_export(export_dir: str | Path, name: str, overwrite: bool = True):
         with Image.open(export_dir / "masks" / f"{im['sample_id']}.png") as m:
             mask = np.asarray(m, dtype=np.uint8)  # palette PNG: the indices are the class ids
         sample["semantic"] = fo.Segmentation(mask=mask)
+        if im.get("class_probs"):
+            sample["decoder"] = _decoder_classification(im["class_probs"], classes)
         sample["quality"] = float(im["score"]) if im.get("score") is not None else None
         sample["prompt"] = im["prompt"]
         sample["seed"] = int(im["seed"])
@@ -130,8 +158,27 @@ def _keypoint(ann: dict, classes: list[str], width: int, height: int):
     return fo.Keypoint(label=classes[ann["category_id"] - 1], points=points)
 
 
-def tag_samples(ds, cfg: CurateConfig) -> dict[str, int]:
-    """Compute uniqueness and near duplicates; tag low-quality and duplicate samples."""
+def _decoder_classification(probs: list[float], classes: list[str]):
+    """The decoder's object-pixel class distribution as a FiftyOne classification with logits.
+
+    Label: the most probable object class; logits: log-probabilities over background and
+    the classes, whose softmax is the distribution again, so FiftyOne's hardness (the
+    entropy of that softmax) is the entropy of what the decoder said.
+    """
+    import fiftyone as fo
+
+    p = np.clip(np.asarray(probs, dtype=np.float64), 1e-6, 1.0)
+    return fo.Classification(
+        label=classes[int(np.argmax(p[1:]))], confidence=float(p[1:].max()), logits=np.log(p / p.sum())
+    )
+
+
+def tag_samples(ds, cfg: CurateConfig, embeddings: np.ndarray | None = None) -> dict[str, int]:
+    """Index, score and tag: similarity, uniqueness, hardness; low-quality and duplicate tags.
+
+    ``embeddings``: one row per sample in ``sample_id`` order (``model_embeddings``); the
+    16x16 thumbnails when None.
+    """
     import fiftyone.brain as fob
     from fiftyone import ViewField as F
 
@@ -139,8 +186,15 @@ def tag_samples(ds, cfg: CurateConfig) -> dict[str, int]:
     if len(ds) == 0:
         return {LOW_QUALITY: 0, DUPLICATE: 0}
     ds = ds.sort_by("sample_id")
-    embeddings = thumbnail_embeddings(ds.values("filepath"))
+    if embeddings is None:
+        logger.info("the export has no %s: similarity from 16x16 thumbnails", EMBEDDINGS)
+        embeddings = thumbnail_embeddings(ds.values("filepath"))
+    if ds.has_field("decoder"):
+        fob.compute_hardness(ds, "decoder", progress=False)
     if len(ds) > 1:
+        fob.compute_similarity(
+            ds, embeddings=embeddings, brain_key=SIMILARITY, backend="sklearn", metric="cosine", progress=False
+        )
         fob.compute_uniqueness(ds, embeddings=embeddings, progress=False)
         index = fob.compute_near_duplicates(
             ds, embeddings=embeddings, threshold=cfg.duplicate_threshold, progress=False
@@ -203,12 +257,19 @@ def write_curated(ds, export_dir: str | Path, out_dir: str | Path, cfg: CurateCo
                 "annotations": [a for a in coco["annotations"] if a["image_id"] in keep_ids],
             },
         )
-        write_json(tmp / "curation.json", summary)
+        if (export_dir / EMBEDDINGS).is_file():
+            np.save(
+                tmp / EMBEDDINGS,
+                model_embeddings(export_dir, [im["sample_id"] for im in keep_images]).astype(np.float16),
+            )
+        summary["files"] = export_files(tmp, record_file=CURATION)
+        write_json(tmp / CURATION, summary)
     return summary
 
 
 def curate(export_dir: str | Path, cfg: CurateConfig) -> dict[str, Any]:
     """Load, tag and write the curated export; the stage function."""
+    verify_export(export_dir)
     ds = load_export(export_dir, dataset_name(export_dir, cfg.dataset_prefix))
-    tag_samples(ds, cfg)
+    tag_samples(ds, cfg, model_embeddings(export_dir, ds.sort_by("sample_id").values("sample_id")))
     return write_curated(ds, export_dir, cfg.out, cfg)

@@ -34,6 +34,7 @@ from datasetdm.realset import depth_to_png
 logger = logging.getLogger(__name__)
 SAFE_SHARD = re.compile(r"shard-\d{5}")
 MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.npy"
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ def _shard_matches(shard_dir: Path, shard: list[PlannedSample], provenance: dict
         return (
             want == have
             and same_models
+            and (shard_dir / EMBEDDINGS).is_file()
             and all(
                 (shard_dir / r[key]).is_file() for r in records for key in ("image", "semantic", "depth") if key in r
             )
@@ -178,6 +180,8 @@ class AnnotatedBatch:
     pixels: np.ndarray  # (B, H, W, 3) uint8
     labels: np.ndarray  # (B, H, W) uint8
     quality: list[dict[str, float]]
+    embeddings: np.ndarray  # (B, D) float16, ``Features.pooled``
+    class_probs: np.ndarray  # (B, 1 + K) float, see ``object_class_probs``
     depth: np.ndarray | None = None  # (B, H, W) uint16 mm
     keypoints: list[dict[str, list[list[float]]]] | None = None
 
@@ -219,7 +223,8 @@ def annotate_batch(
     quality = quality_components(probs, attention, named)
     labels = np.stack([remove_speckle(x) for x in probs.argmax(1).to(torch.uint8).cpu().numpy()])
     pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    batch = AnnotatedBatch(pixels, labels, quality)
+    embeddings = features.pooled().cpu().numpy().astype(np.float16)
+    batch = AnnotatedBatch(pixels, labels, quality, embeddings, object_class_probs(probs))
     if "depth" in out:
         batch.depth = depth_to_png(out["depth"].cpu().numpy())
     if "keypoints" in out:
@@ -228,6 +233,20 @@ def annotate_batch(
             for h in out["keypoints"].cpu().numpy()
         ]
     return batch
+
+
+def object_class_probs(probs: torch.Tensor) -> np.ndarray:
+    """(B, 1 + K): the decoder's class distribution averaged over the pixels it calls objects.
+
+    Curation reads its entropy as the sample's hardness (FiftyOne Brain): high where
+    the decoder hesitates between classes or between object and background. Averaging
+    over object pixels only keeps a small object's doubt from drowning in background;
+    an image with no object pixels averages over all of them.
+    """
+    objects = (probs.argmax(1, keepdim=True) > 0).to(probs.dtype)
+    objects = torch.where(objects.sum(dim=(2, 3), keepdim=True) > 0, objects, torch.ones_like(objects))
+    mean = (probs * objects).sum(dim=(2, 3)) / objects.sum(dim=(2, 3))
+    return mean.double().cpu().numpy()
 
 
 def _write_shard(
@@ -243,7 +262,7 @@ def _write_shard(
     """Generate ``shard`` and write it to ``shard_dir`` atomically (images, label PNGs, ``records.json``)."""
     name = shard_dir.name
     classes = tuple(decoder.config["classes"])
-    records = []
+    records, embeddings = [], []
     # This shard is about to change, so no manifest may vouch for the folder any more;
     # a killed earlier attempt at this shard may have left its temporary behind.
     (shard_dir.parent / MANIFEST).unlink(missing_ok=True)
@@ -274,9 +293,13 @@ def _write_shard(
                     record["depth"] = f"depth/{s.id}.png"
                 if made.keypoints is not None:
                     record["keypoints"] = made.keypoints[j]
+                record["class_probs"] = np.round(made.class_probs[j], 6).tolist()
                 records.append(
                     {**record, **provenance, "quality": {k: round(v, 6) for k, v in made.quality[j].items()}}
                 )
+            embeddings.append(made.embeddings)
+        # Row i is records[i]: the backbone's pooled view of each image, for curation.
+        np.save(tmp / EMBEDDINGS, np.concatenate(embeddings))
         write_json(tmp / "records.json", records)
 
 

@@ -13,8 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +52,7 @@ def exported(tiny_params):
 def test_curate_loads_labels_tags_and_exports(fiftyone_env, exported):
     import fiftyone as fo
 
-    from datasetdm.curate import DUPLICATE, LOW_QUALITY, curate, dataset_name
+    from datasetdm.curate import DUPLICATE, LOW_QUALITY, SIMILARITY, curate, dataset_name, model_embeddings
 
     p = exported
     coco = json.loads((Path(p.export.out) / "annotations.json").read_text())
@@ -79,6 +77,8 @@ def test_curate_loads_labels_tags_and_exports(fiftyone_env, exported):
         "seed",
         "sample_id",
         "uniqueness",
+        "decoder",
+        "hardness",
     ):
         assert field in schema, field
     first = ds.sort_by("sample_id").first()
@@ -94,6 +94,21 @@ def test_curate_loads_labels_tags_and_exports(fiftyone_env, exported):
     assert semantic.shape == (p.world.image_size, p.world.image_size) and semantic.max() <= len(p.world.classes)
     assert sorted(ds.values("quality")) == pytest.approx(scores)
     assert ds.count_sample_tags() == {LOW_QUALITY: 2}
+    # Hardness: the entropy of the decoder's object-pixel class distribution, as exported.
+    by_id = {im["sample_id"]: np.asarray(im["class_probs"]) for im in coco["images"]}
+    for sid, hardness in zip(ds.values("sample_id"), ds.values("hardness")):
+        q = np.clip(by_id[sid], 1e-6, 1.0)
+        q = q / q.sum()
+        assert hardness == pytest.approx(float(-(q * np.log(q)).sum()), rel=1e-4)
+    assert ds.sort_by("hardness", reverse=True).first()["hardness"] == max(ds.values("hardness"))
+    # Similarity: indexed on the factory's own embeddings (the backbone's pooled features).
+    assert SIMILARITY in ds.list_brain_runs()
+    index = ds.load_brain_results(SIMILARITY)
+    embeddings, ids, _ = index.get_embeddings()
+    sample_id = dict(zip(ds.values("id"), ds.values("sample_id")))
+    assert len(ids) == n and np.allclose(embeddings, model_embeddings(p.export.out, [sample_id[i] for i in ids]))
+    nearest = ds.sort_by_similarity(first.id, k=3, brain_key=SIMILARITY)
+    assert nearest.first().id == first.id and len(nearest) == 3
     assert summary["counts"] == {"exported": 6, "curated": 4, LOW_QUALITY: 2, DUPLICATE: 0}
 
     out = Path(cfg.out)
@@ -103,15 +118,14 @@ def test_curate_loads_labels_tags_and_exports(fiftyone_env, exported):
         assert (out / im["file_name"]).read_bytes() == (Path(p.export.out) / im["file_name"]).read_bytes()
         assert (out / im["depth_file"]).read_bytes() == (Path(p.export.out) / im["depth_file"]).read_bytes()
     assert {a["image_id"] for a in curated["annotations"]} <= {im["id"] for im in curated["images"]}
+    assert np.array_equal(
+        np.load(out / "embeddings.npy"), model_embeddings(p.export.out, [im["sample_id"] for im in curated["images"]])
+    )
 
     # Near duplicates: a loose threshold groups everything; one of each group survives.
     loose = dataclasses.replace(cfg, min_quality=0.0, duplicate_threshold=2.0, out=str(out) + "-loose")
     counts = curate(p.export.out, loose)["counts"]
     assert counts[DUPLICATE] >= 1 and counts["curated"] == n - counts[DUPLICATE] >= 1
-
-
-def _blank(pixels: np.ndarray) -> bool:
-    return not (pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50)
 
 
 def free_port() -> int:
@@ -126,11 +140,11 @@ def test_app_renders_in_headless_chromium(fiftyone_env, exported, tmp_path):
     from datasetdm.curate import curate
 
     sys.path.insert(0, str(REPO / "scripts"))
-    from fiftyone_app import app_command
+    from fiftyone_app import app_command, blank, save_views, screenshot, wait_until_up
 
     name = curate(exported.export.out, exported.curate)["fiftyone_dataset"]
+    assert set(save_views(name)) == {"similar", "hardest"}
     port = free_port()
-    url = f"http://127.0.0.1:{port}/datasets/{name}"
     server = subprocess.Popen(
         app_command(port),
         env={**os.environ, **fiftyone_env},
@@ -140,46 +154,15 @@ def test_app_renders_in_headless_chromium(fiftyone_env, exported, tmp_path):
     )
     shot = tmp_path / "fiftyone-app.png"
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).read()
-                break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, "FiftyOne app server did not come up"
-                time.sleep(1)
-        # The first page load can outlast chromium's virtual-time budget while the app
-        # server warms up (seen only inside the full suite, on a busy machine: the page
-        # was still FiftyOne's empty dark loading screen), so up to three loads, each
-        # judged by the same check; the last one counts.
-        for attempt in range(3):
-            shot.unlink(missing_ok=True)
-            subprocess.run(
-                [
-                    "chromium",
-                    "--headless",
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--no-first-run",
-                    f"--user-data-dir={tmp_path / f'profile-{attempt}'}",
-                    f"--screenshot={shot}",
-                    "--window-size=1280,900",
-                    "--virtual-time-budget=15000",
-                    url,
-                ],
-                capture_output=True,
-                timeout=180,
-            )
-            if shot.is_file() and not _blank(np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)):
-                break
+        wait_until_up(server, port)
+        # The saved similarity view: the app runs the index's query to show it.
+        screenshot(f"http://127.0.0.1:{port}/datasets/{name}?view=similar", shot, tmp_path / "profile")
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
     assert shot.is_file()
     pixels = np.asarray(Image.open(shot).convert("RGB"), dtype=np.float32)
     assert pixels.shape == (900, 1280, 3)
-    assert pixels.std() > 10 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, "screenshot is blank"
+    assert not blank(shot), "screenshot is blank"
     (REPO / "reports").mkdir(exist_ok=True)
     shutil.copyfile(shot, REPO / "reports/fiftyone-app.png")

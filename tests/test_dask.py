@@ -53,17 +53,22 @@ def test_two_dask_workers_make_the_same_dataset(tiny_params, tmp_path, tiny_back
 
     single = with_out(p, tmp_path / "gen-single")
     stages.generate_stage(single)
-    assert len(outs[1]) == 1 + (1 + 3 * 4) + (
-        1 + 3 * 2
-    )  # manifest; per shard records.json + image, mask, depth per sample
+    # manifest; per shard records.json, embeddings.npy + image, mask, depth per sample
+    assert len(outs[1]) == 1 + (2 + 3 * 4) + (2 + 3 * 2)
     assert outs[2] == outs[1]
     # The single process runs torch with more threads than a Dask worker: images, masks
     # and records are identical, but a depth value (exp of a float, in mm) can round
     # differently (the documented thread-count limit), so depth is compared to 1 mm,
-    # and the manifest, which hashes the depth files, is left out.
+    # and the manifest, which hashes the depth files, is left out; so can a float16
+    # embedding, compared to 1e-2.
     single_hashes = file_hashes(tmp_path / "gen-single")
-    exact = lambda h: {k: v for k, v in h.items() if "/depth/" not in k and k != "manifest.json"}  # noqa: E731
+    exact = lambda h: {  # noqa: E731
+        k: v for k, v in h.items() if "/depth/" not in k and k != "manifest.json" and not k.endswith("embeddings.npy")
+    }
     assert exact(single_hashes) == exact(outs[1]) and single_hashes.keys() == outs[1].keys()
+    for name in (k for k in outs[1] if k.endswith("embeddings.npy")):
+        a, b = (np.load(tmp_path / d / name).astype(np.float32) for d in ("gen-single", "gen-1"))
+        assert np.abs(a - b).max() <= 1e-2, name
     for name in (k for k in outs[1] if "/depth/" in k):
         a = np.asarray(Image.open(tmp_path / "gen-single" / name), dtype=np.int64)
         b = np.asarray(Image.open(tmp_path / "gen-1" / name), dtype=np.int64)

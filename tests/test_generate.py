@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,11 +40,21 @@ def test_generate_filter_export(trained):
         assert key in r
     assert set(r["quality"]) == {"confidence", "classes", "agreement", "area"}
     assert all(0 <= v <= 1 for rec in records for v in rec["quality"].values())
+    # Curation's inputs: the decoder's class distribution and the backbone's pooled view.
+    assert all(len(rec["class_probs"]) == 1 + len(p.world.classes) for rec in records)
+    assert all(sum(rec["class_probs"]) == pytest.approx(1.0, abs=1e-4) for rec in records)
+    shard_embeddings = [np.load(Path(p.generate.out) / f"shard-0000{k}" / "embeddings.npy") for k in (0, 1)]
+    embeddings = np.concatenate(shard_embeddings).astype(np.float32)
+    assert embeddings.shape[0] == 6 and np.linalg.norm(embeddings, axis=1) == pytest.approx(1.0, abs=1e-2)
+    assert len({e.tobytes() for e in embeddings}) == 6  # each image its own
 
     stages.filter_stage(p)
     stages.export_stage(p)
     coco = COCO(f"{p.export.out}/annotations.json")
     assert len(coco.getImgIds()) == 6
+    exported = np.load(Path(p.export.out) / "embeddings.npy").astype(np.float32)
+    rows = {r["id"]: e for r, e in zip(records, embeddings)}
+    assert all(np.array_equal(exported[i], rows[im["sample_id"]]) for i, im in enumerate(coco.dataset["images"]))
     card = json.loads(open(f"{p.export.out}/dataset.json").read())
     assert card["counts"]["kept"] == 6
 

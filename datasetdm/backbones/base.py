@@ -33,6 +33,21 @@ class Features:
     def to(self, device: torch.device | str) -> "Features":
         return Features([m.to(device) for m in self.maps], self.attention.to(device), self.prompts)
 
+    def pooled(self) -> torch.Tensor:
+        """(B, 4 sum C_i) float32: each scale's map averaged over the quadrants of the image.
+
+        The image as the backbone sees it, in a thousand-odd numbers: curation searches
+        near duplicates and similar samples with it. Quadrants, not one global mean,
+        so that the same shape in another place is similar but not a duplicate. Each
+        scale is normalised on its own so the wide maps do not drown the narrow ones;
+        the row then has unit length (cosine-ready).
+        """
+        scales = [
+            torch.nn.functional.normalize(torch.nn.functional.adaptive_avg_pool2d(m.float(), 2).flatten(1), dim=1)
+            for m in self.maps
+        ]
+        return torch.cat(scales, dim=1) / len(scales) ** 0.5
+
 
 class Backbone(Protocol):
     """A text-to-image diffusion model that can report where things are."""

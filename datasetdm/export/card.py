@@ -20,6 +20,8 @@ FORMATS = {
     "annotations": "annotations.json, COCO; one RLE annotation per object instance (connected piece of a class); "
     "keypoints per instance (COCO order, corners clockwise from 12 o'clock) when the decoder has a keypoint head",
     "depth": "depth/<id>.png, 16-bit greyscale PNG, metres = value / depth_scale (when the decoder has a depth head)",
+    "embeddings": "embeddings.npy, (N, D) float16, row i = annotations.json images[i]: the backbone's pooled "
+    "features (unit length); images[i].class_probs: the decoder's class distribution over its object pixels",
 }
 
 
