@@ -13,8 +13,11 @@ import argparse
 import contextlib
 import logging
 import sys
+import time
+from pathlib import Path
 
 from datasetdm.config import load_params
+from datasetdm.cost import record_cost
 from datasetdm.errors import DatasetDMError
 
 
@@ -74,7 +77,10 @@ def _run(args: argparse.Namespace, stages) -> int:
         elif args.stage == "pretrain-curve":
             result = stages.pretrain_curve_stage(params)
         else:
+            started = time.perf_counter()
             result = stages.STAGES[args.stage](params)
+            seconds = time.perf_counter() - started
+            record_cost(Path(args.params).parent, args.stage, seconds, device=params.backbone.device)
     except DatasetDMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

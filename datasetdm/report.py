@@ -6,10 +6,17 @@ import os
 from pathlib import Path
 
 from datasetdm.config import Params
+from datasetdm.cost import MAKING, cost_summary
 
 
 def render_report(
-    card: dict, metrics: dict, params: Params, *, downstream: dict | None = None, backbone: dict | None = None
+    card: dict,
+    metrics: dict,
+    params: Params,
+    *,
+    downstream: dict | None = None,
+    backbone: dict | None = None,
+    costs: dict[str, dict] | None = None,
 ) -> str:
     counts = card.get("counts", {})
     models = card.get("models", {})
@@ -148,7 +155,35 @@ def render_report(
                 + f" | {change} |"
             )
         lines.append("")
+    if costs:
+        lines += _cost_section(costs, counts)
     return "\n".join(lines)
+
+
+def _count(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:,.0f}"
+
+
+def _cost_section(costs: dict[str, dict], counts: dict) -> list[str]:
+    """Wall seconds of each stage's latest run (``datasetdm.cost``) and what a kept sample costs."""
+    summary = cost_summary(costs, generated=counts.get("generated", 0), kept=counts.get("kept", 0))
+    lines = [
+        "## Cost",
+        "",
+        f"Wall seconds of each stage's latest run on {'; '.join(summary['machines'])} (a stage DVC skipped keeps "
+        "the time of the run that made its outputs; the report's own time is not in it).",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+        *(f"| {stage} | {seconds:.1f} |" for stage, seconds in summary["stages"].items()),
+        f"| **total** | **{summary['total_seconds']:.1f}** |",
+        "",
+        f"Generation: {_count(summary['images_per_hour'])} images per hour; making the dataset "
+        f"({', '.join(s for s in MAKING if s in costs)}): {summary['making_seconds']:.1f} s, "
+        f"{_count(summary['seconds_per_1000_kept'])} s per 1,000 kept samples.",
+        "",
+    ]
+    return lines
 
 
 def _backbone_section(backbone: dict | None, params: Params, here: Path) -> list[str]:

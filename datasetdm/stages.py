@@ -19,6 +19,7 @@ import torch
 from datasetdm import backbones
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import Params
+from datasetdm.cost import read_costs
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import train_decoder
 from datasetdm.downstream.data import from_export, from_labelled
@@ -347,7 +348,8 @@ def report_stage(params: Params) -> dict:
     for path, found in ((params.downstream.out, downstream), (params.inspect.out, backbone)):
         if found is None:
             logger.info("%s not found: the report leaves its section out", path)
-    text = render_report(card, metrics, params, downstream=downstream, backbone=backbone)
+    costs = read_costs(Path(params.source).parent) if Path(params.source).is_file() else None
+    text = render_report(card, metrics, params, downstream=downstream, backbone=backbone, costs=costs)
     write_text(params.report.out, text)
     return {"report": params.report.out}
 

@@ -91,3 +91,33 @@ def test_verbose_logs_the_decisions(tiny_params_file):
     loud = run_cli("expand-prompts", "--params", str(tiny_params_file), "--verbose")
     assert loud.returncode == 0, loud.stderr
     assert "datasetdm.prompts: prompts.num_prompts is 100, but the world has only 14 distinct prompts" in loud.stderr
+
+
+def test_each_stage_run_records_its_cost_and_the_report_shows_it(tiny_params_file):
+    """The CLI keeps each stage's wall time beside params.yaml (not a DVC output); the report turns it into a table."""
+    from datasetdm.cost import COST_DIR, cost_summary, read_costs
+    from datasetdm.report import _cost_section
+
+    root = tiny_params_file.parent
+    proc = run_cli("expand-prompts", "--params", str(tiny_params_file))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((root / COST_DIR / "expand-prompts.json").read_text())
+    assert record["stage"] == "expand-prompts" and 0 < record["seconds"] < 600 and "cores" in record["machine"]
+    assert run_cli("generate", "--params", str(tiny_params_file)).returncode == 2  # a failed run records nothing
+    assert set(read_costs(root)) == {"expand-prompts"}
+
+    costs = {
+        "generate": {"stage": "generate", "seconds": 90.0, "machine": "cpu x"},
+        "filter": {"stage": "filter", "seconds": 10.0, "machine": "cpu x"},
+        "evaluate": {"stage": "evaluate", "seconds": 50.0, "machine": "cpu x"},
+    }
+    summary = cost_summary(costs, generated=100, kept=80)
+    assert summary["images_per_hour"] == 4000 and summary["making_seconds"] == 100.0
+    assert summary["seconds_per_1000_kept"] == 1250.0 and summary["total_seconds"] == 150.0
+    text = "\n".join(_cost_section(costs, {"generated": 100, "kept": 80}))
+    assert (
+        "| generate | 90.0 |" in text
+        and "| **total** | **150.0** |" in text
+        and "4,000 images per hour" in text
+        and "1,250 s per 1,000 kept" in text
+    )
