@@ -171,7 +171,7 @@ def _cost_section(costs: dict[str, dict], counts: dict) -> list[str]:
         "## Cost",
         "",
         f"Wall seconds of each stage's latest run on {'; '.join(summary['machines'])} (a stage DVC skipped keeps "
-        "the time of the run that made its outputs; the report's own time is not in it).",
+        "the time of the run that made its outputs; the report's is its previous run's).",
         "",
         "| stage | seconds |",
         "|---|---:|",

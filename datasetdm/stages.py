@@ -348,7 +348,8 @@ def report_stage(params: Params) -> dict:
     for path, found in ((params.downstream.out, downstream), (params.inspect.out, backbone)):
         if found is None:
             logger.info("%s not found: the report leaves its section out", path)
-    costs = read_costs(Path(params.source).parent) if Path(params.source).is_file() else None
+    costs = read_costs(Path(params.source).parent) if Path(params.source).is_file() else {}
+    costs = {stage: costs[stage] for stage in STAGES if stage in costs}  # in pipeline order
     text = render_report(card, metrics, params, downstream=downstream, backbone=backbone, costs=costs)
     write_text(params.report.out, text)
     return {"report": params.report.out}

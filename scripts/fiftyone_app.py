@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -118,7 +119,8 @@ def screenshots(name: str, port: int, out: Path) -> int:
         wait_until_up(server, port)
         for slug, description in views.items():
             shot = out / f"fiftyone-{slug}.png"
-            ok = screenshot(f"http://127.0.0.1:{port}/datasets/{name}?view={slug}", shot, out / f".profile-{slug}")
+            with tempfile.TemporaryDirectory() as profile:
+                ok = screenshot(f"http://127.0.0.1:{port}/datasets/{name}?view={slug}", shot, Path(profile) / "p")
             print(f"{shot}: {description}{'' if ok else ' (BLANK: the app did not render)'}", flush=True)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
