@@ -17,6 +17,7 @@ def render_report(
     downstream: dict | None = None,
     backbone: dict | None = None,
     costs: dict[str, dict] | None = None,
+    weakness: dict | None = None,
 ) -> str:
     counts = card.get("counts", {})
     models = card.get("models", {})
@@ -155,9 +156,31 @@ def render_report(
                 + f" | {change} |"
             )
         lines.append("")
+    if weakness:
+        lines += _weakness_section(weakness)
     if costs:
         lines += _cost_section(costs, counts)
     return "\n".join(lines)
+
+
+def _weakness_section(weakness: dict) -> list[str]:
+    """Where the synthetic data is weak, by class and by pair (``datasetdm.steering``), weakest first."""
+    lines = [
+        "## Where the synthetic data is weak",
+        "",
+        "From the factory's own outputs only (each sample's prompt, filter score and decision, the decoder's "
+        "confidence at generation; never the held-out set). A sample counts for every class its prompt names.",
+        "",
+        "| class or pair | samples | rejected | mean filter score | 10th percentile | decoder confidence |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = [*weakness["per_class"].items(), *weakness["per_pair"].items()]
+    for name, row in sorted(rows, key=lambda kv: kv[1]["score_mean"]):
+        lines.append(
+            f"| {name} | {row['samples']} | {row['rejection_rate'] * 100:.1f}% | {row['score_mean']:.3f} | "
+            f"{row['score_p10']:.3f} | {row['confidence_mean']:.3f} |"
+        )
+    return [*lines, ""]
 
 
 def _count(v: float | None) -> str:

@@ -338,7 +338,9 @@ def report_stage(params: Params) -> dict:
     things are.
 
     Reads the dataset card in ``export.out`` and ``evaluate.out`` (both required), and
-    ``downstream.out`` and ``inspect.out`` when they exist (the report is written without them too).
+    ``downstream.out`` and ``inspect.out`` when they exist (the report is written without them too), and
+    the generated records, filter decisions and prompts for "where the synthetic data is weak"
+    (``datasetdm.steering``); the cost table comes from ``.datasetdm/cost/`` beside the params file.
     The export is checked against its card's hashes first: the report links its grid and quotes its counts.
     """
     card = verify_export(params.export.out)
@@ -348,11 +350,25 @@ def report_stage(params: Params) -> dict:
     for path, found in ((params.downstream.out, downstream), (params.inspect.out, backbone)):
         if found is None:
             logger.info("%s not found: the report leaves its section out", path)
+    weakness = _weakness(params)
     costs = read_costs(Path(params.source).parent) if Path(params.source).is_file() else {}
     costs = {stage: costs[stage] for stage in STAGES if stage in costs}  # in pipeline order
-    text = render_report(card, metrics, params, downstream=downstream, backbone=backbone, costs=costs)
+    text = render_report(
+        card, metrics, params, downstream=downstream, backbone=backbone, costs=costs, weakness=weakness
+    )
     write_text(params.report.out, text)
     return {"report": params.report.out}
+
+
+def _weakness(params: Params) -> dict | None:
+    """Per-class and per-pair weakness of this run's synthetic data (``datasetdm.steering``), if its inputs exist."""
+    from datasetdm.steering import prompt_shapes, weakness_signals
+
+    if not (Path(params.filter.out).is_file() and Path(params.prompts.out).is_file()):
+        return None
+    decisions = _read_json(Path(params.filter.out)).get("samples", [])
+    shapes_of = prompt_shapes(_read_json(Path(params.prompts.out)).get("prompts", []))
+    return weakness_signals(read_records(params.generate.out), decisions, shapes_of)
 
 
 def _read_json(path: Path) -> dict:
