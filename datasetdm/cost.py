@@ -44,7 +44,7 @@ def machine(device: str = "cpu") -> str:
 
 def record_cost(root: str | Path, stage: str, seconds: float, *, device: str = "cpu") -> None:
     """Keep ``stage``'s wall time of this run as its latest cost (written atomically)."""
-    entry = {"stage": stage, "seconds": round(seconds, 2), "machine": machine(device), "device": device}
+    entry = {"stage": stage, "seconds": round(seconds, 3), "machine": machine(device), "device": device}
     write_json(Path(root) / COST_DIR / f"{stage}.json", entry)
     logger.info("%s took %.1f s on %s", stage, seconds, entry["machine"])
 
