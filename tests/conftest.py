@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,16 @@ def tiny_params_file(tmp_path: Path, tiny_backbone_dir: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_raw(tmp_path, tiny_backbone_dir)))
     return path
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Path:
+    """A workspace after every stage up to export ran (tiny params; one per test module that asks)."""
+    from datasetdm import stages
+
+    root = tmp_path_factory.mktemp("finished")
+    shutil.copytree(tiny_backbone_dir, root / "sd")
+    params = params_from_dict(tiny_raw(root, root / "sd"), source=str(root / "params.yaml"))
+    for stage in ("real-data", "train-decoder", "expand-prompts", "generate", "filter", "export"):
+        stages.STAGES[stage](params)
+    return root

@@ -27,21 +27,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from datasetdm import stages
 from datasetdm.config import Params, params_from_dict
 from datasetdm.errors import DatasetDMError
 from tests.conftest import REPO, tiny_raw
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Path:
-    """A workspace after every stage up to export ran: backbone, sets, decoder, prompts, data."""
-    root = tmp_path_factory.mktemp("finished")
-    shutil.copytree(tiny_backbone_dir, root / "sd")
-    params = params_from_dict(tiny_raw(root, root / "sd"), source=str(root / "params.yaml"))
-    for stage in ("real-data", "train-decoder", "expand-prompts", "generate", "filter", "export"):
-        stages.STAGES[stage](params)
-    return root
 
 
 @pytest.fixture

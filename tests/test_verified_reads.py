@@ -31,17 +31,6 @@ from datasetdm.export.verify import export_files, verify_curated, verify_export
 from tests.conftest import REPO, build_tiny_inspector, tiny_raw
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory, tiny_backbone_dir: Path) -> Path:
-    """A workspace after every stage up to export ran (tiny params)."""
-    root = tmp_path_factory.mktemp("finished")
-    shutil.copytree(tiny_backbone_dir, root / "sd")
-    params = params_from_dict(tiny_raw(root, root / "sd"), source=str(root / "params.yaml"))
-    for stage in ("real-data", "train-decoder", "expand-prompts", "generate", "filter", "export"):
-        stages.STAGES[stage](params)
-    return root
-
-
 @pytest.fixture
 def workspace(finished: Path, tmp_path: Path) -> Path:
     root = tmp_path / "ws"
