@@ -24,7 +24,7 @@ APP_PORT ?= 5151
 # naming the run that holds it; `make run WAIT=1` queues behind it instead.
 HOLD := python -m datasetdm hold-workspace $(if $(WAIT),--wait) --
 
-.PHONY: setup run flow test test-fast lint style pretrain inspector uplift bench clean serve serve-stop app app-screenshots plots bench-dask browser
+.PHONY: setup run flow test test-fast lint style pretrain inspector uplift bench clean serve serve-stop app app-screenshots plots bench-dask browser rounds steering
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -83,6 +83,14 @@ inspector: setup
 ## uplift: the 3-seed uplift table with the 2,000-real-image ceiling (metrics/uplift.json; long, not part of make run)
 uplift: setup
 	$(HOLD) dvc repro uplift
+
+## rounds: the next regeneration round (steered by params.yaml: steer) as one DVC experiment, as the nightly deployment runs it
+rounds: setup
+	$(HOLD) python -c "from datasetdm.orchestration import regeneration_round; print(regeneration_round('.', $(if $(BUDGET),$(BUDGET),None)))"
+
+## steering: steered vs uniform regeneration rounds over 3 seeds (metrics/steering.json; about 40 min on 2 cores)
+steering: setup
+	$(HOLD) dvc repro steering
 
 bench: setup
 	python benchmarks/sd_overhead.py

@@ -246,6 +246,31 @@ class DownstreamConfig:
 
 
 @dataclass(frozen=True)
+class SteerConfig:
+    """Regeneration rounds (``python -m datasetdm rounds``; not part of ``make run``).
+
+    Round r appends ``budget`` samples beside rounds 0..r-1 (round 0 is ``generate.out``),
+    allotted over the prompt pool in proportion to measured weakness (``steered``) or
+    evenly (``uniform``, the comparison arm); ``floor`` of every round is always spread
+    evenly, so no class, colour or pairing starves."""
+
+    out: str = "data/rounds"
+    metrics: str = "metrics/rounds.json"
+    plot: str = "metrics/rounds_plot.json"
+    round: int = 0  # rounds to have made; 0 = none (the plain run makes none)
+    mode: Literal["steered", "uniform"] = "steered"
+    budget: int = 400  # samples per round
+    floor: float = 0.3  # share of a round spread evenly over the prompt pool
+    seed: int = 1  # round r's sample seeds and its validation model's seed derive from (seed, r)
+    # The steering experiment (make steering): steered vs uniform rounds over seeds.
+    experiment_out: str = "data/steering"
+    experiment_metrics: str = "metrics/steering.json"
+    experiment_plot: str = "metrics/steering_plot.json"
+    experiment_rounds: int = 2
+    experiment_seeds: int = 3
+
+
+@dataclass(frozen=True)
 class ReportConfig:
     out: str = "reports/report.md"
 
@@ -265,6 +290,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     inspect: InspectConfig = field(default_factory=InspectConfig)
     downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
+    steer: SteerConfig = field(default_factory=SteerConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     source: str = "params.yaml"  # where these were read from, for error messages
 
@@ -353,6 +379,11 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "generate.shard_size": _POSITIVE,
     "filter.min_score": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "export.grid_samples": _NON_NEGATIVE,
+    "steer.round": _NON_NEGATIVE,
+    "steer.budget": _POSITIVE,
+    "steer.experiment_rounds": _POSITIVE,
+    "steer.experiment_seeds": _POSITIVE,
+    "steer.floor": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "curate.min_quality": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "curate.duplicate_threshold": (lambda v: 0 <= v <= 2, "must be in [0, 2] (cosine distance)"),
 }

@@ -161,3 +161,17 @@ def apply_params(root: str | Path, overrides: list[str]) -> dict[str, Any]:
         tmp.write_text(text, encoding="utf-8")
     logger.info("params.yaml overrides applied: %s", applied)
     return applied
+
+
+def run_experiment(root: str | Path, stage: str, name: str | None = None) -> None:
+    """``dvc exp run <stage>`` in the workspace: one DVC experiment (a git ref with params, dvc.lock and
+    metrics), listed by ``dvc exp show`` beside the others.
+
+    Set its parameters with ``apply_params`` first: they are checked there, and the
+    experiment records the workspace's params.yaml as it then is.
+    """
+    if not (Path(root) / ".git").exists():
+        raise DatasetDMError(
+            Path(root), "git", "not a git repository: a regeneration round is a DVC experiment (git init, commit)"
+        )
+    _dvc(root, "exp", "run", *(("--name", name) if name else ()), stage)

@@ -104,3 +104,25 @@ def headline_metrics(params: Params) -> dict:
     if semantic := read(params.downstream.out).get("semantic"):
         out["downstream_semantic"] = semantic
     return out
+
+
+def regeneration_round(root: str | Path, budget: int | None = None) -> dict:
+    """The next regeneration round (``datasetdm.rounds``) as one DVC experiment named ``round-NNN``.
+
+    ``steer.round`` (and ``steer.budget`` when given) are set in params.yaml, checked, and
+    ``dvc exp run rounds`` makes the round and scores it; ``dvc exp show`` then lists it
+    beside the rounds before it with its metrics.
+    """
+    from datasetdm import dvc_pipeline
+    from datasetdm.config import load_params
+    from datasetdm.rounds import next_round
+
+    params = load_params(Path(root) / dvc_pipeline.PARAMS_FILE)
+    r = next_round(params)
+    overrides = [f"steer.round={r}", *([f"steer.budget={budget}"] if budget is not None else [])]
+    dvc_pipeline.apply_params(root, overrides)
+    name = f"round-{r:03d}"
+    logger.info("regeneration round %d (%s) as DVC experiment %s", r, params.steer.mode, name)
+    dvc_pipeline.run_experiment(root, "rounds", name=name)
+    metrics = json.loads((Path(root) / params.steer.metrics).read_text())
+    return {"round": r, "experiment": name, "last": metrics.get("last", {})}

@@ -333,6 +333,53 @@ def uplift_stage(params: Params) -> dict:
     return results["metrics"]
 
 
+def rounds_stage(params: Params) -> dict:
+    """Stage ``rounds``: make regeneration rounds 1..``steer.round`` in ``steer.out``; score them into
+    ``steer.metrics`` and ``steer.plot``.
+
+    Reads rounds 0..r-1 and the K labelled images to plan round r (``datasetdm.rounds``:
+    steered or uniform), never the held-out set; a sealed round is reused, never rewritten.
+    Each new round's export is loaded into FiftyOne as its own dataset (curated beside it),
+    then every round is scored on the held-out set (``rounds_heldout``; figures of
+    unchanged rounds are reused).
+    """
+    from datasetdm.provenance import repo_provenance
+    from datasetdm.rounds import make_rounds, round_dir
+    from datasetdm.rounds_heldout import evaluate_rounds
+
+    if params.steer.round == 0:
+        logger.info("steer.round is 0: no regeneration rounds to make")
+    backbone = load_backbone(params)
+    decoder = load_decoder(params, backbone)
+    provenance = repo_provenance(".", deps=(params.generate.out, params.filter.out))
+    seals = make_rounds(params, backbone, decoder, provenance=provenance)
+    versions = {}
+    for seal in seals:
+        d = round_dir(params, seal["round"])
+        if not (d / "curated" / "curation.json").is_file():
+            from datasetdm.curate import curate
+
+            curate(d / "export", dataclasses.replace(params.curate, out=str(d / "curated")))
+        versions[seal["round"]] = json.loads((d / "curated" / "curation.json").read_text()).get("fiftyone_dataset")
+    previous = _read_json(Path(params.steer.metrics)) if Path(params.steer.metrics).is_file() else None
+    result = evaluate_rounds(params, seals, previous)
+    result["metrics"]["fiftyone_datasets"] = {f"round_{r}": name for r, name in versions.items()}
+    write_json(params.steer.metrics, result["metrics"])
+    write_json(params.steer.plot, result["plot"])
+    return {"rounds": len(seals), "last": result["metrics"]["last"]}
+
+
+def steering_stage(params: Params) -> dict:
+    """Stage ``steering``: steered vs uniform rounds over ``steer.experiment_seeds`` seeds (``make steering``);
+    ``steer.experiment_metrics`` and ``steer.experiment_plot``."""
+    from datasetdm.steering_experiment import run_experiment, write_experiment
+
+    backbone = load_backbone(params)
+    result = run_experiment(params, backbone, load_decoder(params, backbone))
+    write_experiment(params, result)
+    return result["metrics"]
+
+
 def report_stage(params: Params) -> dict:
     """Stage ``report``: a markdown run report at ``report.out``: what was made, how good the annotator is, where
     things are.
@@ -392,6 +439,8 @@ STAGES = {
     "inspect": inspect_stage,
     "downstream": downstream_stage,
     "uplift": uplift_stage,
+    "rounds": rounds_stage,
+    "steering": steering_stage,
     "report": report_stage,
 }
 

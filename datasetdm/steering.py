@@ -1,9 +1,11 @@
-"""Where the synthetic data is weak: per-class and per-pair signals a next round may steer by.
+"""Where the synthetic data is weak, and the next round's prompt plan that follows from it.
 
-Computed from what the factory itself produced (each sample's prompt layout, the filter's
-score and decision, the decoder's confidence at generation), never from the held-out
-real set, so a plan built on them cannot leak the test set into training. The filter
-stage writes them into its decisions (``filtered.json: signals``).
+The signals come from what the factory itself produced (each sample's prompt layout,
+the filter's score and decision, the decoder's confidence at generation) and from a
+validation model trained on the synthetic set alone and scored on the K labelled real
+images (``datasetdm.rounds``), never from the held-out real set, so a plan built on them
+cannot leak the test set into training. ``steered_plan`` turns them into sample counts
+per prompt: in proportion to weakness, with a floor spread evenly.
 """
 
 from __future__ import annotations
@@ -20,20 +22,30 @@ def prompt_shapes(prompt_records: list[dict]) -> dict[str, tuple[str, ...]]:
     return {r["prompt"]: tuple(sorted({shape for shape, _colour in r["layout"]})) for r in prompt_records}
 
 
+def prompt_colours(prompt_records: list[dict]) -> dict[str, tuple[str, ...]]:
+    """Prompt -> the distinct colours its layout names, sorted."""
+    return {r["prompt"]: tuple(sorted({colour for _shape, colour in r["layout"]})) for r in prompt_records}
+
+
 def weakness_signals(
-    records: list[dict], decisions: list[dict], shapes_of: dict[str, tuple[str, ...]]
+    records: list[dict],
+    decisions: list[dict],
+    shapes_of: dict[str, tuple[str, ...]],
+    colours_of: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """Per class and per pair of classes: samples, rejection rate, filter score and decoder confidence.
 
     ``records``: generation records (``id``, ``shard``, ``prompt``, ``quality``);
     ``decisions``: the filter's ``samples`` (``id``, ``shard``, ``score``, ``kept``), same
     samples; ``shapes_of``: ``prompt_shapes``. A sample counts for every class its prompt
-    names, and for the pair when it names two. Prompts unknown to ``shapes_of`` (records
-    edited by hand) are left out and counted.
+    names, and for the pair when it names two; with ``colours_of``, for every colour it
+    names too (``per_colour``). Prompts unknown to ``shapes_of`` (records edited by hand)
+    are left out and counted.
     """
     decided = {(d["shard"], d["id"]): d for d in decisions}
     groups: dict[str, list[tuple[float, bool, float]]] = defaultdict(list)
     pairs: dict[str, list[tuple[float, bool, float]]] = defaultdict(list)
+    colours: dict[str, list[tuple[float, bool, float]]] = defaultdict(list)
     unknown = 0
     for r in records:
         shapes = shapes_of.get(r["prompt"])
@@ -46,11 +58,15 @@ def weakness_signals(
             groups[shape].append(row)
         for a, b in itertools.combinations(shapes, 2):
             pairs[f"{a}+{b}"].append(row)
-    return {
+        for colour in (colours_of or {}).get(r["prompt"], ()):
+            colours[colour].append(row)
+    signals = {
         "per_class": {k: _summary(v) for k, v in sorted(groups.items())},
         "per_pair": {k: _summary(v) for k, v in sorted(pairs.items())},
-        "unattributed_samples": unknown,
     }
+    if colours_of is not None:
+        signals["per_colour"] = {k: _summary(v) for k, v in sorted(colours.items())}
+    return {**signals, "unattributed_samples": unknown}
 
 
 def _summary(rows: list[tuple[float, bool, float]]) -> dict[str, float | int]:
@@ -61,4 +77,95 @@ def _summary(rows: list[tuple[float, bool, float]]) -> dict[str, float | int]:
         "score_mean": round(float(scores.mean()), 4),
         "score_p10": round(float(np.percentile(scores, 10)), 4),
         "confidence_mean": round(float(np.mean([c for _, _, c in rows])), 4),
+    }
+
+
+def class_weakness(signals: dict[str, Any], validation_iou: dict[str, float | None] | None = None) -> dict[str, float]:
+    """Weakness in [0, 1] per class and per pair: the filter's rejection rate, averaged with
+    1 - the validation IoU for a class that has one.
+
+    The rejection rate says how often the generator fails at a class; the validation IoU
+    says how well the kept samples teach it; either alone misses one of the two failures.
+    """
+    weakness = {}
+    for name, s in signals["per_class"].items():
+        terms = [s["rejection_rate"]]
+        if validation_iou and validation_iou.get(name) is not None:
+            terms.append(1 - float(validation_iou[name]))
+        weakness[name] = float(np.mean(terms))
+    for name, s in signals["per_pair"].items():
+        weakness[name] = float(s["rejection_rate"])
+    return weakness
+
+
+def prompt_weights(
+    prompt_records: list[dict], signals: dict[str, Any], validation_iou: dict[str, float | None] | None = None
+) -> np.ndarray:
+    """One weight per prompt: the mean weakness of the classes (and the pair) it names, scaled by
+    how weak its colours are relative to the average colour.
+
+    A class or pair with no signal yet (never sampled) counts as the mean weakness, so an
+    unexplored pairing is neither starved nor favoured.
+    """
+    weakness = class_weakness(signals, validation_iou)
+    neutral = float(np.mean(list(weakness.values()))) if weakness else 1.0
+    colour_rate = {k: s["rejection_rate"] for k, s in signals.get("per_colour", {}).items()}
+    colour_mean = float(np.mean(list(colour_rate.values()))) if colour_rate else 0.0
+    weights = []
+    for r in prompt_records:
+        shapes = sorted({shape for shape, _ in r["layout"]})
+        keys = shapes + [f"{a}+{b}" for a, b in itertools.combinations(shapes, 2)]
+        w = float(np.mean([weakness.get(k, neutral) for k in keys]))
+        if colour_mean > 0:
+            colours = sorted({colour for _, colour in r["layout"]})
+            w *= float(np.mean([colour_rate.get(c, colour_mean) / colour_mean for c in colours]))
+        weights.append(w)
+    return np.asarray(weights, dtype=np.float64)
+
+
+def allot(shares: np.ndarray, budget: int) -> np.ndarray:
+    """Integer counts summing to ``budget`` in proportion to ``shares`` (largest remainder; ties to the
+    earlier prompt), so the plan is deterministic."""
+    exact = shares / shares.sum() * budget
+    counts = np.floor(exact).astype(np.int64)
+    order = sorted(range(len(shares)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in order[: budget - int(counts.sum())]:
+        counts[i] += 1
+    return counts
+
+
+def steered_plan(
+    prompt_records: list[dict],
+    signals: dict[str, Any] | None,
+    *,
+    budget: int,
+    floor: float,
+    seed: int,
+    validation_iou: dict[str, float | None] | None = None,
+) -> dict[str, Any]:
+    """Sample counts per prompt and the order to generate them in.
+
+    Share of prompt p: ``floor / P + (1 - floor) * w_p / sum(w)`` (``prompt_weights``); with
+    ``signals`` None every prompt gets ``1 / P`` (the uniform arm). Returns ``counts`` (one
+    per prompt record), ``samples`` (prompt strings, shuffled with ``seed``) and
+    ``class_shares`` (the fraction of samples naming each class).
+    """
+    n = len(prompt_records)
+    uniform = np.full(n, 1.0 / n)
+    if signals is None:
+        shares = uniform
+    else:
+        w = prompt_weights(prompt_records, signals, validation_iou)
+        shares = uniform if w.sum() <= 0 else floor * uniform + (1 - floor) * w / w.sum()
+    counts = allot(shares, budget)
+    flat = [r["prompt"] for r, c in zip(prompt_records, counts) for _ in range(int(c))]
+    order = np.random.default_rng(seed).permutation(len(flat))
+    class_counts: dict[str, int] = defaultdict(int)
+    for r, c in zip(prompt_records, counts):
+        for shape in {shape for shape, _ in r["layout"]}:
+            class_counts[shape] += int(c)
+    return {
+        "counts": [int(c) for c in counts],
+        "samples": [flat[i] for i in order],
+        "class_shares": {k: round(v / budget, 4) for k, v in sorted(class_counts.items())},
     }

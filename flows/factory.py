@@ -59,16 +59,23 @@ def factory(
     set_params: list[str] | None = None,
     workers: int = 1,
     address: str | None = None,
+    rounds: int = 0,
+    budget: int | None = None,
 ) -> dict:
     """``targets``: DVC stages to reach (default: the whole factory, as ``make run``);
-    ``workers`` > 1 or a Dask scheduler ``address`` maps generation's shards over Dask."""
+    ``workers`` > 1 or a Dask scheduler ``address`` maps generation's shards over Dask;
+    ``rounds`` > 0 then makes that many regeneration rounds of ``budget`` samples each
+    (default ``steer.budget``), each one DVC experiment (the nightly deployment: 1)."""
     with contextlib.chdir(project_dir), hold():
         summary = run_stages(targets or FACTORY_TARGETS, set_params, workers=workers, address=address)
+        summary["rounds"] = [stages.regeneration_round(budget) for _ in range(rounds)]
         params = load_params()
         summary.update(headline_metrics(params))
         stages.publish_report(params, summary)
     ran = [s for s, r in summary["stages"].items() if r["ran"]]
     print(f"stages run: {', '.join(ran) or 'none (all up to date)'}")
+    for made in summary["rounds"]:
+        print(f"regeneration round {made['round']}: experiment {made['experiment']}, held-out {made['last']}")
     return summary
 
 

@@ -37,6 +37,12 @@ def apply_params(overrides: list[str]) -> dict:
     return dvc_pipeline.apply_params(".", overrides)
 
 
+@task(name="regeneration-round")
+def regeneration_round(budget: int | None) -> dict:
+    """The next regeneration round as one DVC experiment (``dvc exp run rounds``)."""
+    return orchestration.regeneration_round(".", budget)
+
+
 @task(name="is-stale")
 def is_stale(stage: str) -> bool:
     return dvc_pipeline.is_stale(".", stage)

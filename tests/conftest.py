@@ -59,6 +59,21 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
             "num_frechet": 4,
             "num_test": 8,
         },
+        "steer": {
+            "out": str(tmp / "data/rounds"),
+            "metrics": str(tmp / "metrics/rounds.json"),
+            "plot": str(tmp / "metrics/rounds_plot.json"),
+            "round": 0,
+            "mode": "steered",
+            "budget": 4,
+            "floor": 0.3,
+            "seed": 1,
+            "experiment_out": str(tmp / "data/steering"),
+            "experiment_metrics": str(tmp / "metrics/steering.json"),
+            "experiment_plot": str(tmp / "metrics/steering_plot.json"),
+            "experiment_rounds": 2,
+            "experiment_seeds": 1,
+        },
         "report": {"out": str(tmp / "reports/report.md")},
     }
 

@@ -122,3 +122,45 @@ def test_deployment_runs_the_factory_through_a_worker(prefect_stack, tmp_path):
 
     schedule = prefect(env, "deployment", "inspect", "factory/nightly-regeneration")
     assert "0 3 * * *" in schedule and "UTC" in schedule, schedule
+
+
+@pytest.mark.slow
+def test_nightly_regeneration_appends_one_steered_round_per_trigger(prefect_stack, tmp_path):
+    """Two triggers of the nightly deployment: two rounds, each one DVC experiment, the second planned from both."""
+    env = prefect_stack
+    root, _ = make_tiny_repo(tmp_path)
+    run(root, "git", "init", "-q")
+    run(root, "git", "config", "user.name", "nightly")
+    run(root, "git", "config", "user.email", "nightly@localhost")
+    run(root, "dvc", "init", "-q")
+    run(root, "git", "add", "-A")
+    run(root, "git", "commit", "-q", "-m", "tiny factory")
+
+    def trigger() -> None:
+        args = ["--param", f"project_dir={root}", "--param", "rounds=1"]
+        prefect(
+            env,
+            "deployment",
+            "run",
+            "factory/nightly-regeneration",
+            *args,
+            "--watch",
+            "--watch-timeout",
+            "900",
+            timeout=960,
+        )
+
+    trigger()
+    trigger()
+    log = (Path(env["PREFECT_HOME"]) / "run/worker.log").read_text()
+    assert "regeneration round 1: experiment round-001" in log and "regeneration round 2: experiment round-002" in log
+    plans = [json.loads((root / f"data/rounds/round-00{r}/plan.json").read_text()) for r in (1, 2)]
+    for r in (1, 2):
+        assert (root / f"data/rounds/round-00{r}/round.json").is_file()
+    # the second round is planned from rounds 0 and 1: where the signals moved, the plan moved
+    assert plans[0]["signals"] != plans[1]["signals"]
+    assert plans[0]["prompts"] != plans[1]["prompts"] or plans[0]["class_shares"] != plans[1]["class_shares"]
+    shown = run(root, "dvc", "exp", "show", "--csv")
+    assert "round-001" in shown and "round-002" in shown, shown
+    metrics = json.loads((root / "metrics/rounds.json").read_text())
+    assert metrics["rounds"] == 2 and set(metrics["fiftyone_datasets"]) == {"round_1", "round_2"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import numpy as np
 import pytest
 
 from datasetdm import steering
@@ -56,3 +57,54 @@ def test_signals_read_nothing_but_their_arguments():
     """No file, no params: the held-out set cannot reach a plan built on these signals."""
     source = inspect.getsource(steering)
     assert "open(" not in source and "Path" not in source and "params" not in source.replace("``", "")
+
+
+def _signals(star_rejected: float, circle_rejected: float, pair_rejected: float) -> dict:
+    def row(rate: float) -> dict:
+        return {"samples": 10, "rejection_rate": rate, "score_mean": 0.5, "score_p10": 0.1, "confidence_mean": 0.9}
+
+    return {
+        "per_class": {"circle": row(circle_rejected), "star": row(star_rejected)},
+        "per_pair": {"circle+star": row(pair_rejected)},
+        "per_colour": {"blue": row(0.2), "red": row(0.2)},
+        "unattributed_samples": 0,
+    }
+
+
+def test_allot_is_exact_and_deterministic():
+    shares = np.array([0.5, 0.25, 0.25, 1e-9])
+    counts = steering.allot(shares, 7)
+    assert counts.sum() == 7 and list(counts) == list(steering.allot(shares, 7))
+    assert list(steering.allot(np.ones(3), 4)) == [2, 1, 1]  # ties go to the earlier prompt
+
+
+def test_a_steered_plan_spends_the_budget_where_the_data_is_weak():
+    uniform = steering.steered_plan(PROMPTS, None, budget=300, floor=0.3, seed=0)
+    assert uniform["counts"] == [100, 100, 100] and len(uniform["samples"]) == 300
+    signals = _signals(star_rejected=0.6, circle_rejected=0.0, pair_rejected=0.1)
+    plan = steering.steered_plan(PROMPTS, signals, budget=300, floor=0.3, seed=0)
+    # star-only prompts carry weakness 0.6, the circle+star prompt mean(0, 0.6, 0.1) = 0.233
+    assert plan["counts"][0] == plan["counts"][1] > plan["counts"][2] and sum(plan["counts"]) == 300
+    assert sorted(plan["samples"]) == sorted(p["prompt"] for p, c in zip(PROMPTS, plan["counts"]) for _ in range(c))
+    assert plan["class_shares"]["circle"] < uniform["class_shares"]["circle"]
+    # the validation IoU moves the plan too: a circle the synthetic data teaches badly gets more
+    taught_badly = steering.steered_plan(
+        PROMPTS, signals, budget=300, floor=0.3, seed=0, validation_iou={"circle": 0.0, "star": 0.9}
+    )
+    assert taught_badly["counts"][2] > plan["counts"][2]
+    # the floor: every prompt keeps at least floor / P of the round, however strong it is
+    strong = steering.steered_plan(PROMPTS, _signals(0.9, 0.0, 0.0), budget=300, floor=0.3, seed=0)
+    assert min(strong["counts"]) >= int(0.3 / 3 * 300)
+    # deterministic from signals and seed; the seed changes only the order
+    assert steering.steered_plan(PROMPTS, signals, budget=300, floor=0.3, seed=0) == plan
+    other = steering.steered_plan(PROMPTS, signals, budget=300, floor=0.3, seed=1)
+    assert other["counts"] == plan["counts"] and other["samples"] != plan["samples"]
+
+
+def test_colour_signals():
+    pairs = [_sample(0, "a red star", 0.4, False, 0.6), _sample(1, "a blue circle and a red star", 0.7, True, 0.7)]
+    signals = weakness_signals(
+        [r for r, _ in pairs], [d for _, d in pairs], prompt_shapes(PROMPTS), steering.prompt_colours(PROMPTS)
+    )
+    assert signals["per_colour"]["red"]["samples"] == 2 and signals["per_colour"]["blue"]["rejection_rate"] == 0.0
+    assert signals["per_colour"]["red"]["rejection_rate"] == pytest.approx(0.5)

@@ -1,0 +1,282 @@
+"""Regeneration rounds: each round appends a batch of samples beside the last, aimed at what the data lacks.
+
+Round 0 is the factory's own generation (``generate.out``, ``filter.out``, ``export.out``).
+Round r >= 1 lives in ``<steer.out>/round-NNN/``:
+
+- ``plan.json``: the samples per prompt and the signals behind them (``steering.py``);
+- ``generated/``, ``filtered.json``, ``export/``: made exactly as round 0's are;
+- ``round.json``: written last, the seal; a sealed round is never rewritten.
+
+What steers round r is read from rounds 0..r-1 and the K labelled images only: the
+filter's decisions and the decoder's confidence, and a validation model trained on the
+synthetic set alone and scored on the K labelled images (they are all unseen by it, so
+all of them can validate). The held-out real set is never opened here; it is scored by
+``datasetdm.rounds_heldout``, which nothing in this module reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasetdm.backbones.base import Backbone
+from datasetdm.config import Params
+from datasetdm.decoder.model import PDecoder
+from datasetdm.downstream.data import ArraySet, from_export
+from datasetdm.downstream.evaluate import evaluate_model
+from datasetdm.downstream.models import train_model
+from datasetdm.errors import DatasetDMError
+from datasetdm.export.dataset import export_dataset
+from datasetdm.filtering import filter_samples
+from datasetdm.generate import MANIFEST, generate, read_records
+from datasetdm.io import sha256_bytes, sha256_file, write_json
+from datasetdm.realset import load_real_set, real_set_split_dirs
+from datasetdm.steering import prompt_colours, prompt_shapes, steered_plan, weakness_signals
+
+logger = logging.getLogger(__name__)
+SEAL = "round.json"
+# Round r's sample seeds: generate.seed = ROUND_SEED + 1000 * steer.seed + r, far from round 0's.
+ROUND_SEED = 7_000_000
+
+
+@dataclass(frozen=True)
+class Made:
+    """One round's outputs (round 0: the factory's own generation)."""
+
+    round: int
+    generated: Path
+    filtered: Path
+    export: Path
+
+
+def round_dir(params: Params, r: int) -> Path:
+    return Path(params.steer.out) / f"round-{r:03d}"
+
+
+def made(params: Params, r: int) -> Made:
+    if r == 0:
+        return Made(0, Path(params.generate.out), Path(params.filter.out), Path(params.export.out))
+    d = round_dir(params, r)
+    return Made(r, d / "generated", d / "filtered.json", d / "export")
+
+
+def sealed_rounds(params: Params) -> list[int]:
+    """The rounds >= 1 already made (sealed), in order."""
+    root = Path(params.steer.out)
+    found = sorted(int(p.parent.name.split("-")[1]) for p in root.glob(f"round-*/{SEAL}")) if root.is_dir() else []
+    return found
+
+
+def next_round(params: Params) -> int:
+    """The round a new trigger makes: one after the last sealed round."""
+    return max(sealed_rounds(params), default=0) + 1
+
+
+def read_seal(params: Params, r: int) -> dict | None:
+    file = round_dir(params, r) / SEAL
+    if not file.is_file():
+        return None
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetDMError(file, f"line {e.lineno}", f"not valid JSON ({e.msg})") from None
+
+
+def _prompt_records(params: Params) -> list[dict]:
+    file = Path(params.prompts.out)
+    if not file.is_file():
+        raise DatasetDMError(file, None, "prompts file not found; run the expand-prompts stage")
+    try:
+        return list(json.loads(file.read_text())["prompts"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise DatasetDMError(file, "prompts", 'expected {"prompts": [{"prompt": ..., "layout": ...}, ...]}') from None
+
+
+# --- what steers a round (never the held-out set) ---------------------------------
+
+
+def filter_signals(params: Params, upto: int, prompt_records: list[dict]) -> dict[str, Any]:
+    """Weakness signals of the filter and the decoder over rounds 0..upto."""
+    records, decisions = [], []
+    for r in range(upto + 1):
+        m = made(params, r)
+        # shard names repeat from round to round: key every sample by its round too
+        records += [{**x, "shard": f"{r}/{x['shard']}"} for x in read_records(m.generated)]
+        file = m.filtered
+        if not file.is_file():
+            raise DatasetDMError(file, None, "filter decisions not found; run the filter stage")
+        decisions += [{**d, "shard": f"{r}/{d['shard']}"} for d in json.loads(file.read_text())["samples"]]
+    return weakness_signals(records, decisions, prompt_shapes(prompt_records), prompt_colours(prompt_records))
+
+
+def synthetic_union(params: Params, upto: int) -> ArraySet:
+    """The kept samples of rounds 0..upto, as one training set (each export checked against its card)."""
+    parts = [from_export(made(params, r).export) for r in range(upto + 1)]
+
+    def cat(field: str) -> np.ndarray | None:
+        values = [getattr(p, field) for p in parts]
+        return None if any(v is None for v in values) else np.concatenate(values)
+
+    return ArraySet(cat("images"), cat("semantic"), cat("depth"), cat("heatmaps"))
+
+
+def validation_iou(params: Params, upto: int, seed: int) -> dict[str, float | None]:
+    """Per class: IoU on the K labelled images of a semantic model trained on rounds 0..upto's synthetic data only.
+
+    Same recipe as the downstream audit (``downstream`` steps, width, jitter); it sees no
+    real image, so every one of the K can validate it.
+    """
+    cfg, classes = params.downstream, params.world.classes
+    train_dir, _ = real_set_split_dirs(params.real.dir)
+    labelled = load_real_set(train_dir, classes)
+    model = train_model(
+        "semantic",
+        [synthetic_union(params, upto)],
+        num_labels=1 + len(classes),
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=seed,
+        width=cfg.width,
+        desc=f"validation model (rounds 0-{upto})",
+        jitter=cfg.colour_jitter,
+    )
+    iou = evaluate_model("semantic", model, labelled, classes)["per_label_iou"][1:]
+    return {c: None if v is None else round(float(v), 4) for c, v in zip(classes, iou)}
+
+
+def plan_round(params: Params, r: int) -> dict[str, Any]:
+    """Round r's plan: samples per prompt from the weakness of rounds 0..r-1 (uniform: evenly).
+
+    Deterministic from the signals and ``steer``; reads no held-out data (a test moves the
+    held-out set away and gets the same plan).
+    """
+    steer = params.steer
+    prompt_records = _prompt_records(params)
+    signals = validation = None
+    if steer.mode == "steered":
+        signals = filter_signals(params, r - 1, prompt_records)
+        validation = validation_iou(params, r - 1, seed=1000 * steer.seed + r)
+    plan = steered_plan(
+        prompt_records,
+        signals,
+        budget=steer.budget,
+        floor=steer.floor,
+        seed=1000 * steer.seed + r,
+        validation_iou=validation,
+    )
+    logger.info("round %d (%s): class shares %s", r, steer.mode, plan["class_shares"])
+    return {
+        "round": r,
+        "mode": steer.mode,
+        "budget": steer.budget,
+        "floor": steer.floor,
+        "seed": steer.seed,
+        "signals": signals,
+        "validation_iou": validation,
+        "class_shares": plan["class_shares"],
+        "prompts": [
+            {"prompt": p["prompt"], "layout": p["layout"], "samples": c}
+            for p, c in zip(prompt_records, plan["counts"])
+            if c
+        ],
+        "samples": plan["samples"],
+    }
+
+
+# --- making a round ------------------------------------------------------------------
+
+
+def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *, provenance: dict) -> dict:
+    """Make round r (rounds 0..r-1 sealed): plan, generate, filter, export, then seal. Returns the seal."""
+    d, m = round_dir(params, r), made(params, r)
+    # 1. Plan from rounds 0..r-1 (kept across a killed run: the plan costs a model training).
+    plan_file = d / "plan.json"
+    plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    wanted = {k: getattr(params.steer, k) for k in ("mode", "budget", "floor", "seed")}
+    if plan is None or any(plan.get(k) != v for k, v in wanted.items()):
+        plan = plan_round(params, r)
+        write_json(plan_file, plan)
+    # 2. Generate: the round's own seeds; shards on disk are reused, as generate.out's are.
+    gen = dataclasses.replace(
+        params.generate,
+        out=str(m.generated),
+        num_samples=len(plan["samples"]),
+        seed=ROUND_SEED + 1000 * params.steer.seed + r,
+    )
+    generate(
+        backbone,
+        decoder,
+        plan["samples"],
+        gen=gen,
+        bb=params.backbone,
+        out_dir=m.generated,
+        prompts_source=str(plan_file),
+    )
+    # 3. Filter and export as round 0; the card's provenance carries the plan and its signals.
+    decisions = filter_samples(
+        read_records(m.generated), params.filter.min_score, generation_manifest=sha256_file(m.generated / MANIFEST)
+    )
+    write_json(m.filtered, decisions)
+    summary = {k: plan[k] for k in ("round", "mode", "budget", "floor", "class_shares", "signals", "validation_iou")}
+    card = export_dataset(
+        m.generated,
+        m.filtered,
+        m.export,
+        params_dict=params.to_dict(),
+        grid_samples=params.export.grid_samples,
+        provenance={**provenance, "steering": {**summary, "plan": plan["prompts"]}},
+    )
+    # 4. Seal.
+    seal = {
+        "round": r,
+        "mode": params.steer.mode,
+        "budget": params.steer.budget,
+        "generated": len(plan["samples"]),
+        "kept": card["counts"]["kept"],
+        "class_shares": plan["class_shares"],
+        "plan_sha256": sha256_file(plan_file),
+        "dataset_sha256": sha256_file(m.export / "dataset.json"),
+    }
+    write_json(d / SEAL, seal)
+    logger.info("round %d sealed: %d of %d samples kept", r, seal["kept"], seal["generated"])
+    return seal
+
+
+def make_rounds(params: Params, backbone: Backbone, decoder: PDecoder, *, provenance: dict) -> list[dict]:
+    """Rounds 1..steer.round, making those not sealed yet; a sealed round of another mode stops the run."""
+    seals = []
+    for r in range(1, params.steer.round + 1):
+        seal = read_seal(params, r)
+        if seal is not None:
+            if seal.get("mode") != params.steer.mode:
+                raise DatasetDMError(
+                    round_dir(params, r) / SEAL,
+                    "mode",
+                    f"round {r} was made {seal.get('mode')} but steer.mode is {params.steer.mode}; rounds are never "
+                    "rewritten: set steer.out to a new folder",
+                )
+            logger.info("round %d already made (%d kept): reused", r, seal["kept"])
+        else:
+            seal = make_round(params, r, backbone, decoder, provenance=provenance)
+        seals.append(seal)
+    return seals
+
+
+def seal_digest(seal: dict) -> str:
+    return sha256_bytes(json.dumps(seal, sort_keys=True).encode())
+
+
+def rounds_digest(params: Params, seals: list[dict]) -> str:
+    """Names rounds 0..len(seals) as made: round 0's dataset card and every later round's seal.
+
+    Figures computed on the same digest are the same figures, so they can be reused.
+    """
+    base = sha256_file(made(params, 0).export / "dataset.json")[:12]
+    return "-".join([base, *(seal_digest(s)[:12] for s in seals)])

@@ -1,0 +1,116 @@
+"""The steering experiment: steered rounds against uniform rounds of the same size, over seeds.
+
+For each seed k, two arms each make ``steer.experiment_rounds`` rounds of
+``steer.budget`` samples on top of the same round 0 (the factory's generation), with
+the same sample seeds; only how the samples are allotted to prompts differs. After each
+round the (c) model (K real + every kept synthetic sample so far) is scored on the
+held-out set (``rounds_heldout``). The weakest class is the one with the lowest
+held-out IoU after round 0, before either arm has made anything, so the choice favours
+neither arm. Results per (arm, seed, round) are kept in ``<experiment_out>/results.json``
+as they come, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from datasetdm.backbones.base import Backbone
+from datasetdm.config import Params
+from datasetdm.decoder.model import PDecoder
+from datasetdm.io import write_json
+from datasetdm.rounds import make_rounds, rounds_digest
+from datasetdm.rounds_heldout import heldout_iou
+
+logger = logging.getLogger(__name__)
+ARMS = ("uniform", "steered")
+
+
+def arm_params(params: Params, mode: str, k: int) -> Params:
+    """Seed k's settings for one arm: its own rounds folder, round seeds and downstream seed."""
+    steer = params.steer
+    return dataclasses.replace(
+        params,
+        steer=dataclasses.replace(
+            steer,
+            out=str(Path(steer.experiment_out) / f"{mode}-seed{k}"),
+            mode=mode,
+            seed=steer.seed + k,
+            round=steer.experiment_rounds,
+        ),
+        downstream=dataclasses.replace(params.downstream, seed=params.downstream.seed + k),
+    )
+
+
+def run_experiment(params: Params, backbone: Backbone, decoder: PDecoder) -> dict:
+    """Make both arms' rounds for every seed and score each round; return metrics and plot rows."""
+    steer = params.steer
+    results_file = Path(steer.experiment_out) / "results.json"
+    results: dict = json.loads(results_file.read_text()) if results_file.is_file() else {}
+
+    def scored(key: str, digest: str, p: Params, r: int) -> dict:
+        if results.get(key, {}).get("digest") != digest:
+            results[key] = {"digest": digest, **heldout_iou(p, r, seed=p.downstream.seed)}
+            write_json(results_file, results)
+        return results[key]
+
+    for k in range(steer.experiment_seeds):
+        scored(f"base/seed{k}", rounds_digest(params, []), arm_params(params, "uniform", k), 0)
+        for mode in ARMS:
+            p = arm_params(params, mode, k)
+            seals = make_rounds(p, backbone, decoder, provenance={"experiment": f"{mode}, seed {k}"})
+            for r in range(1, len(seals) + 1):
+                scored(f"{mode}/seed{k}/round{r}", rounds_digest(p, seals[:r]), p, r)
+                logger.info("%s seed %d round %d: %s", mode, k, r, results[f"{mode}/seed{k}/round{r}"])
+    return summarize(results, params)
+
+
+def summarize(results: dict, params: Params) -> dict:
+    """Gains steered minus uniform after the last round, per seed then mean and std; plot rows per round."""
+    steer, classes = params.steer, params.world.classes
+    seeds, last = range(steer.experiment_seeds), steer.experiment_rounds
+    base = {c: float(np.mean([results[f"base/seed{k}"]["iou"][c] for k in seeds])) for c in classes}
+    weakest = min(classes, key=lambda c: base[c])
+
+    def final(mode: str, k: int) -> dict:
+        return results[f"{mode}/seed{k}/round{last}"]
+
+    def gains(pick) -> np.ndarray:
+        return np.array([pick(final("steered", k)) - pick(final("uniform", k)) for k in seeds])
+
+    weakest_gain = gains(lambda x: x["iou"][weakest])
+    miou_gain = gains(lambda x: x["mIoU"])
+    metrics = {
+        "seeds": len(seeds),
+        "rounds": last,
+        "budget_per_round": steer.budget,
+        "floor": steer.floor,
+        "weakest_class": weakest,
+        "weakest_class_round0_iou": round(base[weakest], 4),
+        "weakest_class_gain_mean": round(float(weakest_gain.mean()), 4),
+        "weakest_class_gain_std": round(float(weakest_gain.std()), 4),
+        "mean_miou_gain_mean": round(float(miou_gain.mean()), 4),
+        "mean_miou_gain_std": round(float(miou_gain.std()), 4),
+    }
+    for c in classes:
+        g = gains(lambda x, c=c: x["iou"][c])
+        metrics[f"gain_{c}_mean"], metrics[f"gain_{c}_std"] = round(float(g.mean()), 4), round(float(g.std()), 4)
+    for mode in ARMS:
+        metrics[f"mIoU_{mode}_mean"] = round(float(np.mean([final(mode, k)["mIoU"] for k in seeds])), 4)
+    plot = []
+    for mode in ARMS:
+        for r in range(last + 1):
+            rows = [results[f"base/seed{k}"] if r == 0 else results[f"{mode}/seed{k}/round{r}"] for k in seeds]
+            for c in classes:
+                iou = float(np.mean([x["iou"][c] for x in rows]))
+                plot.append({"round": r, "arm": mode, "class": c, "run": f"{mode} | {c}", "iou": round(iou, 4)})
+    return {"metrics": metrics, "plot": plot}
+
+
+def write_experiment(params: Params, result: dict) -> None:
+    write_json(params.steer.experiment_metrics, result["metrics"])
+    write_json(params.steer.experiment_plot, result["plot"])
