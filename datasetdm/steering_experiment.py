@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,13 @@ def run_experiment(params: Params, backbone: Backbone, decoder: PDecoder) -> dic
     steer = params.steer
     results_file = Path(steer.experiment_out) / "results.json"
     results: dict = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    base = rounds_digest(params, [])
+    if results.get("base") != base and Path(steer.experiment_out).exists():
+        # the arms' rounds were planned on top of another round 0: start over
+        logger.info("round 0 changed since %s was made: the experiment starts over", steer.experiment_out)
+        shutil.rmtree(steer.experiment_out)
+        results = {}
+    results["base"] = base
 
     def scored(key: str, digest: str, p: Params, r: int) -> dict:
         if results.get(key, {}).get("digest") != digest:
@@ -59,7 +67,7 @@ def run_experiment(params: Params, backbone: Backbone, decoder: PDecoder) -> dic
         return results[key]
 
     for k in range(steer.experiment_seeds):
-        scored(f"base/seed{k}", rounds_digest(params, []), arm_params(params, "uniform", k), 0)
+        scored(f"base/seed{k}", base, arm_params(params, "uniform", k), 0)
         for mode in ARMS:
             p = arm_params(params, mode, k)
             seals = make_rounds(p, backbone, decoder, provenance={"experiment": f"{mode}, seed {k}"})

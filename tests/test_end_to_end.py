@@ -105,6 +105,8 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
         "inspect",
         "downstream",
         "uplift",
+        "rounds",
+        "steering",
         "report",
     } <= stages_run(first)
     check_export(root, 6)
@@ -123,6 +125,8 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
         "inspect",
         "downstream",
         "uplift",
+        "rounds",
+        "steering",
         "report",
     }, third
     check_export(root, 5)
