@@ -353,6 +353,8 @@ def rounds_stage(params: Params) -> dict:
     decoder = load_decoder(params, backbone)
     provenance = repo_provenance(".", deps=(params.generate.out, params.filter.out))
     seals = make_rounds(params, backbone, decoder, provenance=provenance)
+    # the index of the rounds made: also what DVC finds as the output when no round is asked for
+    write_json(Path(params.steer.out) / "index.json", {"rounds": seals})
     versions = {}
     for seal in seals:
         d = round_dir(params, seal["round"])

@@ -78,19 +78,26 @@ def run_experiment(params: Params, backbone: Backbone, decoder: PDecoder) -> dic
 
 
 def summarize(results: dict, params: Params) -> dict:
-    """Gains steered minus uniform after the last round, per seed then mean and std; plot rows per round."""
+    """Gains steered minus uniform after the last round, per seed then mean and std; plot rows per round.
+
+    A class absent from both the held-out truth and a model's prediction has no IoU
+    (None): it is left out of means, and a figure with nothing to average is None.
+    """
     steer, classes = params.steer, params.world.classes
     seeds, last = range(steer.experiment_seeds), steer.experiment_rounds
-    base = {c: float(np.mean([results[f"base/seed{k}"]["iou"][c] for k in seeds])) for c in classes}
-    weakest = min(classes, key=lambda c: base[c])
 
     def final(mode: str, k: int) -> dict:
         return results[f"{mode}/seed{k}/round{last}"]
 
+    def iou(x: dict, c: str) -> float:
+        return np.nan if x["iou"][c] is None else float(x["iou"][c])
+
     def gains(pick) -> np.ndarray:
         return np.array([pick(final("steered", k)) - pick(final("uniform", k)) for k in seeds])
 
-    weakest_gain = gains(lambda x: x["iou"][weakest])
+    base = {c: _mean([iou(results[f"base/seed{k}"], c) for k in seeds]) for c in classes}
+    weakest = min(classes, key=lambda c: np.inf if base[c] is None else base[c])
+    weakest_gain = gains(lambda x: iou(x, weakest))
     miou_gain = gains(lambda x: x["mIoU"])
     metrics = {
         "seeds": len(seeds),
@@ -98,25 +105,35 @@ def summarize(results: dict, params: Params) -> dict:
         "budget_per_round": steer.budget,
         "floor": steer.floor,
         "weakest_class": weakest,
-        "weakest_class_round0_iou": round(base[weakest], 4),
-        "weakest_class_gain_mean": round(float(weakest_gain.mean()), 4),
-        "weakest_class_gain_std": round(float(weakest_gain.std()), 4),
-        "mean_miou_gain_mean": round(float(miou_gain.mean()), 4),
-        "mean_miou_gain_std": round(float(miou_gain.std()), 4),
+        "weakest_class_round0_iou": base[weakest],
+        "weakest_class_gain_mean": _mean(weakest_gain),
+        "weakest_class_gain_std": _std(weakest_gain),
+        "mean_miou_gain_mean": _mean(miou_gain),
+        "mean_miou_gain_std": _std(miou_gain),
     }
     for c in classes:
-        g = gains(lambda x, c=c: x["iou"][c])
-        metrics[f"gain_{c}_mean"], metrics[f"gain_{c}_std"] = round(float(g.mean()), 4), round(float(g.std()), 4)
+        g = gains(lambda x, c=c: iou(x, c))
+        metrics[f"gain_{c}_mean"], metrics[f"gain_{c}_std"] = _mean(g), _std(g)
     for mode in ARMS:
-        metrics[f"mIoU_{mode}_mean"] = round(float(np.mean([final(mode, k)["mIoU"] for k in seeds])), 4)
+        metrics[f"mIoU_{mode}_mean"] = _mean([final(mode, k)["mIoU"] for k in seeds])
     plot = []
     for mode in ARMS:
         for r in range(last + 1):
             rows = [results[f"base/seed{k}"] if r == 0 else results[f"{mode}/seed{k}/round{r}"] for k in seeds]
             for c in classes:
-                iou = float(np.mean([x["iou"][c] for x in rows]))
-                plot.append({"round": r, "arm": mode, "class": c, "run": f"{mode} | {c}", "iou": round(iou, 4)})
+                value = _mean([iou(x, c) for x in rows])
+                plot.append({"round": r, "arm": mode, "class": c, "run": f"{mode} | {c}", "iou": value})
     return {"metrics": metrics, "plot": plot}
+
+
+def _mean(values) -> float | None:
+    values = np.asarray(values, dtype=np.float64)
+    return None if np.isnan(values).all() else round(float(np.nanmean(values)), 4)
+
+
+def _std(values) -> float | None:
+    values = np.asarray(values, dtype=np.float64)
+    return None if np.isnan(values).all() else round(float(np.nanstd(values)), 4)
 
 
 def write_experiment(params: Params, result: dict) -> None:
