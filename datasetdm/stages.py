@@ -167,11 +167,13 @@ def export_stage(params: Params) -> dict:
     from datasetdm.provenance import repo_provenance
 
     provenance = repo_provenance(".", deps=(params.generate.out, params.filter.out))
+    # Round 0 is not shaped by the regeneration rounds' settings (a round's own card carries them).
+    settings = {k: v for k, v in params.to_dict().items() if k != "steer"}
     card = export_dataset(
         params.generate.out,
         params.filter.out,
         params.export.out,
-        params_dict=params.to_dict(),
+        params_dict=settings,
         grid_samples=params.export.grid_samples,
         provenance=provenance,
     )
