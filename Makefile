@@ -44,7 +44,7 @@ browser:
 	  || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } || true
 	@command -v chromium >/dev/null 2>&1 || echo "note: chromium not installed (needs root and apt); the app screenshot test is skipped"
 
-## run: the whole factory on the embedded backbone (every DVC stage but uplift), then the report
+## run: the whole factory on the embedded backbone (every DVC stage but uplift, rounds and steering), then the report
 run: setup
 	$(HOLD) dvc repro curate report
 	@echo; echo "dataset: data/export (annotations.json, masks/, depth/, dataset.json, grid.png)"; echo "report:  reports/report.md"; echo "metrics: metrics/backbone.json, metrics/decoder.json, metrics/downstream.json (dvc metrics show)"; echo; sed -n '/^## Downstream uplift/,$$p' reports/report.md
