@@ -33,10 +33,9 @@ from datasetdm.downstream.evaluate import evaluate_model
 from datasetdm.downstream.models import train_model
 from datasetdm.errors import DatasetDMError
 from datasetdm.export.dataset import export_dataset
-from datasetdm.filtering import filter_samples
-from datasetdm.generate import MANIFEST, generate, read_records
+from datasetdm.generate import generate, read_records
 from datasetdm.io import sha256_bytes, sha256_file, write_json
-from datasetdm.realset import load_real_set, real_set_split_dirs
+from datasetdm.realset import LabelledImage, load_real_set, real_set_split_dirs
 from datasetdm.steering import prompt_colours, prompt_shapes, steered_plan, weakness_signals
 
 logger = logging.getLogger(__name__)
@@ -69,8 +68,7 @@ def made(params: Params, r: int) -> Made:
 def sealed_rounds(params: Params) -> list[int]:
     """The rounds >= 1 already made (sealed), in order."""
     root = Path(params.steer.out)
-    found = sorted(int(p.parent.name.split("-")[1]) for p in root.glob(f"round-*/{SEAL}")) if root.is_dir() else []
-    return found
+    return sorted(int(p.parent.name.split("-")[1]) for p in root.glob(f"round-*/{SEAL}")) if root.is_dir() else []
 
 
 def next_round(params: Params) -> int:
@@ -126,29 +124,42 @@ def synthetic_union(params: Params, upto: int) -> ArraySet:
     return ArraySet(cat("images"), cat("semantic"), cat("depth"), cat("heatmaps"))
 
 
-def validation_iou(params: Params, upto: int, seed: int) -> dict[str, float | None]:
-    """Per class: IoU on the K labelled images of a semantic model trained on rounds 0..upto's synthetic data only.
-
-    Same recipe as the downstream audit (``downstream`` steps, width, jitter); it sees no
-    real image, so every one of the K can validate it.
-    """
+def semantic_scores(
+    params: Params, sources: list[ArraySet], judged_on: list[LabelledImage], *, seed: int, desc: str
+) -> dict[str, Any]:
+    """Train the downstream semantic model on ``sources`` with the audit's recipe (``downstream``: steps,
+    width, jitter) and score it on ``judged_on``: ``mIoU`` and ``iou`` per class (None where a class is
+    in neither truth nor prediction)."""
     cfg, classes = params.downstream, params.world.classes
-    train_dir, _ = real_set_split_dirs(params.real.dir)
-    labelled = load_real_set(train_dir, classes)
     model = train_model(
         "semantic",
-        [synthetic_union(params, upto)],
+        sources,
         num_labels=1 + len(classes),
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         lr=cfg.lr,
         seed=seed,
         width=cfg.width,
-        desc=f"validation model (rounds 0-{upto})",
+        desc=desc,
         jitter=cfg.colour_jitter,
     )
-    iou = evaluate_model("semantic", model, labelled, classes)["per_label_iou"][1:]
-    return {c: None if v is None else round(float(v), 4) for c, v in zip(classes, iou)}
+    result = evaluate_model("semantic", model, judged_on, classes)
+    iou = result["per_label_iou"][1:]
+    return {
+        "mIoU": round(float(result["mIoU"]), 4),
+        "iou": {c: None if v is None else round(float(v), 4) for c, v in zip(classes, iou)},
+    }
+
+
+def validation_iou(params: Params, upto: int, seed: int) -> dict[str, float | None]:
+    """Per class: IoU on the K labelled images of a semantic model trained on rounds 0..upto's synthetic data only.
+
+    It sees no real image, so every one of the K can validate it.
+    """
+    train_dir, _ = real_set_split_dirs(params.real.dir)
+    labelled = load_real_set(train_dir, params.world.classes)
+    desc = f"validation model (rounds 0-{upto})"
+    return semantic_scores(params, [synthetic_union(params, upto)], labelled, seed=seed, desc=desc)["iou"]
 
 
 def plan_round(params: Params, r: int) -> dict[str, Any]:
@@ -219,11 +230,12 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
         out_dir=m.generated,
         prompts_source=str(plan_file),
     )
-    # 3. Filter and export as round 0; the card's provenance carries the plan and its signals.
-    decisions = filter_samples(
-        read_records(m.generated), params.filter.min_score, generation_manifest=sha256_file(m.generated / MANIFEST)
-    )
-    write_json(m.filtered, decisions)
+    # 3. Filter by the filter stage itself, then export as round 0 is; the card's provenance
+    #    carries the plan and its signals.
+    from datasetdm.stages import filter_stage  # the stage layer calls this module: imported here, not above
+
+    round_filter = dataclasses.replace(params.filter, out=str(m.filtered))
+    filter_stage(dataclasses.replace(params, generate=gen, filter=round_filter))
     summary = {k: plan[k] for k in ("round", "mode", "budget", "floor", "class_shares", "signals", "validation_iou")}
     card = export_dataset(
         m.generated,

@@ -14,35 +14,19 @@ import numpy as np
 
 from datasetdm.config import Params
 from datasetdm.downstream.data import from_labelled
-from datasetdm.downstream.evaluate import evaluate_model
-from datasetdm.downstream.models import train_model
 from datasetdm.realset import load_real_set, real_set_split_dirs
-from datasetdm.rounds import rounds_digest, synthetic_union
+from datasetdm.rounds import rounds_digest, semantic_scores, synthetic_union
 
 logger = logging.getLogger(__name__)
 
 
 def heldout_iou(params: Params, upto: int, seed: int) -> dict:
     """mIoU and IoU per class on the held-out set of the (c) model trained on K real + rounds 0..upto."""
-    cfg, classes = params.downstream, params.world.classes
+    classes = params.world.classes
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
-    real = from_labelled(load_real_set(train_dir, classes))
-    model = train_model(
-        "semantic",
-        [real, synthetic_union(params, upto)],
-        num_labels=1 + len(classes),
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=seed,
-        width=cfg.width,
-        desc=f"held-out model (K real + rounds 0-{upto})",
-        jitter=cfg.colour_jitter,
-    )
-    result = evaluate_model("semantic", model, load_real_set(test_dir, classes), classes)
-    iou = result["per_label_iou"]
-    per_class = {c: None if v is None else round(float(v), 4) for c, v in zip(classes, iou[1:])}
-    return {"mIoU": round(float(result["mIoU"]), 4), "iou": per_class}
+    sources = [from_labelled(load_real_set(train_dir, classes)), synthetic_union(params, upto)]
+    desc = f"held-out model (K real + rounds 0-{upto})"
+    return semantic_scores(params, sources, load_real_set(test_dir, classes), seed=seed, desc=desc)
 
 
 def evaluate_rounds(params: Params, seals: list[dict], previous: dict | None = None) -> dict:
