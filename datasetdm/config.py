@@ -262,6 +262,11 @@ class SteerConfig:
     budget: int = 400  # samples per round
     floor: float = 0.3  # share of a round spread evenly over the prompt pool
     seed: int = 1  # round r's sample seeds and its validation model's seed derive from (seed, r)
+    # What the validation IoU per class is measured on (never the held-out set):
+    # "synthetic": a model trained on the synthetic rounds alone, scored on all K labelled images;
+    # "kfold": the real + synthetic model itself, k-fold over the K labelled images (``folds`` models).
+    validation: Literal["synthetic", "kfold"] = "synthetic"
+    folds: int = 4
     # The steering experiment (make steering): steered vs uniform rounds over seeds.
     experiment_out: str = "data/steering"
     experiment_metrics: str = "metrics/steering.json"
@@ -384,6 +389,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "steer.experiment_rounds": _POSITIVE,
     "steer.experiment_seeds": _POSITIVE,
     "steer.floor": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "steer.folds": (lambda v: v >= 2, "must be at least 2"),
     "curate.min_quality": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "curate.duplicate_threshold": (lambda v: 0 <= v <= 2, "must be in [0, 2] (cosine distance)"),
 }

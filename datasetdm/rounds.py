@@ -8,10 +8,11 @@ Round r >= 1 lives in ``<steer.out>/round-NNN/``:
 - ``round.json``: written last, the seal; a sealed round is never rewritten.
 
 What steers round r is read from rounds 0..r-1 and the K labelled images only: the
-filter's decisions and the decoder's confidence, and a validation model trained on the
-synthetic set alone and scored on the K labelled images (they are all unseen by it, so
-all of them can validate). The held-out real set is never opened here; it is scored by
-``datasetdm.rounds_heldout``, which nothing in this module reads.
+filter's decisions and the decoder's confidence, and a validation IoU per class on the K
+labelled images (``steer.validation``: a synthetic-only model, which every one of the K
+can validate, or the real + synthetic model k-fold over the K). The held-out real set is
+never opened here; it is scored by ``datasetdm.rounds_heldout``, which nothing in this
+module reads.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import numpy as np
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import Params
 from datasetdm.decoder.model import PDecoder
-from datasetdm.downstream.data import ArraySet, from_export
+from datasetdm.downstream.data import ArraySet, from_export, from_labelled
 from datasetdm.downstream.evaluate import evaluate_model
 from datasetdm.downstream.models import train_model
 from datasetdm.errors import DatasetDMError
@@ -152,14 +153,45 @@ def semantic_scores(
 
 
 def validation_iou(params: Params, upto: int, seed: int) -> dict[str, float | None]:
-    """Per class: IoU on the K labelled images of a semantic model trained on rounds 0..upto's synthetic data only.
+    """Per class: a validation IoU on the K labelled images for rounds 0..upto (``steer.validation``).
 
-    It sees no real image, so every one of the K can validate it.
+    ``synthetic``: one model trained on the synthetic samples alone; it sees no real
+    image, so all K validate it. ``kfold``: the model the rounds feed (K real + synthetic,
+    as the held-out report trains it) is validated k-fold over the K, each fold on the
+    labelled images its model did not see; what is weak for that model is what steering
+    should buy, which a synthetic-only model can rank differently.
     """
     train_dir, _ = real_set_split_dirs(params.real.dir)
     labelled = load_real_set(train_dir, params.world.classes)
+    synthetic = synthetic_union(params, upto)
     desc = f"validation model (rounds 0-{upto})"
-    return semantic_scores(params, [synthetic_union(params, upto)], labelled, seed=seed, desc=desc)["iou"]
+    if params.steer.validation == "synthetic":
+        return semantic_scores(params, [synthetic], labelled, seed=seed, desc=desc)["iou"]
+    return kfold_iou(params, labelled, synthetic, folds=params.steer.folds, seed=seed, desc=desc)
+
+
+def kfold_iou(
+    params: Params, labelled: list[LabelledImage], synthetic: ArraySet, *, folds: int, seed: int, desc: str
+) -> dict[str, float | None]:
+    """Per class: the mean over ``folds`` of the IoU of a K real (minus the fold) + synthetic model on
+    its fold (folds interleave the K in their order; a class absent from a fold's truth and
+    predictions does not count for that fold)."""
+    if not 2 <= folds <= len(labelled):
+        raise DatasetDMError("params.yaml", "steer.folds", f"must be between 2 and K = {len(labelled)}, got {folds}")
+    per_fold = []
+    for f in range(folds):
+        judged = labelled[f::folds]
+        seen = [x for i, x in enumerate(labelled) if i % folds != f]
+        sources = [from_labelled(seen), synthetic]
+        per_fold.append(
+            semantic_scores(params, sources, judged, seed=seed + f, desc=f"{desc}, fold {f + 1}/{folds}")["iou"]
+        )
+    result: dict[str, float | None] = {}
+    for c in params.world.classes:
+        values = [fold[c] for fold in per_fold if fold[c] is not None]
+        result[c] = round(float(np.mean(values)), 4) if values else None
+    logger.info("k-fold validation IoU over %d folds: %s", folds, result)
+    return result
 
 
 def plan_round(params: Params, r: int) -> dict[str, Any]:
@@ -189,6 +221,7 @@ def plan_round(params: Params, r: int) -> dict[str, Any]:
         "budget": steer.budget,
         "floor": steer.floor,
         "seed": steer.seed,
+        "validation": steer.validation if steer.mode == "steered" else None,
         "signals": signals,
         "validation_iou": validation,
         "class_shares": plan["class_shares"],
@@ -236,7 +269,8 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
 
     round_filter = dataclasses.replace(params.filter, out=str(m.filtered))
     filter_stage(dataclasses.replace(params, generate=gen, filter=round_filter))
-    summary = {k: plan[k] for k in ("round", "mode", "budget", "floor", "class_shares", "signals", "validation_iou")}
+    recorded = ("round", "mode", "budget", "floor", "class_shares", "signals", "validation", "validation_iou")
+    summary = {k: plan[k] for k in recorded}
     card = export_dataset(
         m.generated,
         m.filtered,

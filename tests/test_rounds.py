@@ -43,6 +43,22 @@ def test_steering_never_reads_the_held_out_set(finished):
     assert uniform["signals"] is None and uniform["validation_iou"] is None
 
 
+def test_kfold_validation_reads_only_the_labelled_images(finished):
+    params = _params(finished, round=1, validation="kfold", folds=2)
+    plan = rounds.plan_round(params, 1)
+    assert plan["validation"] == "kfold" and set(plan["validation_iou"]) == set(params.world.classes)
+    assert plan["validation_iou"] != rounds.plan_round(_params(finished, round=1), 1)["validation_iou"]
+    _, test_dir = real_set_split_dirs(params.real.dir)
+    moved = test_dir.with_name("moved-away")
+    test_dir.rename(moved)
+    try:
+        assert rounds.plan_round(params, 1) == plan
+    finally:
+        moved.rename(test_dir)
+    with pytest.raises(DatasetDMError, match=r"params.yaml: steer.folds: must be between 2 and K"):
+        rounds.plan_round(_params(finished, round=1, validation="kfold", folds=999), 1)
+
+
 def test_rounds_append_beside_the_last_and_are_never_rewritten(finished):
     one = _params(finished, round=1)
     stages.rounds_stage(one)
