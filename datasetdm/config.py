@@ -231,6 +231,7 @@ class DownstreamConfig:
 
     out: str = "metrics/downstream.json"
     plot: str = "metrics/downstream_plot.json"
+    baseline: str = "metrics/baseline.json"  # the (a) arm's results, trained once per real set and recipe
     steps: int = 300
     batch_size: int = 32
     lr: float = 0.003

@@ -22,6 +22,7 @@ from datasetdm.config import Params
 from datasetdm.cost import read_costs
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import train_decoder
+from datasetdm.downstream.baseline import baseline_key, read_baseline, train_baseline
 from datasetdm.downstream.data import from_export, from_labelled
 from datasetdm.downstream.uplift import uplift_table
 from datasetdm.errors import DatasetDMError
@@ -293,19 +294,34 @@ def inspect_stage(params: Params) -> dict:
     }
 
 
+def baseline_stage(params: Params) -> dict:
+    """Stage ``baseline``: train the (a) arm of the downstream audit (K real images alone) and write its per-seed
+    results to ``downstream.baseline``, which ``downstream`` reuses while the real sets and recipe stay the same."""
+    cfg, classes = params.downstream, params.world.classes
+    train_dir, test_dir = real_set_split_dirs(params.real.dir)
+    real = from_labelled(load_real_set(train_dir, classes))
+    key = baseline_key(train_dir, test_dir, classes, cfg, cfg.seeds)
+    baseline = train_baseline(real, load_real_set(test_dir, classes), classes, cfg=cfg, key=key)
+    write_json(cfg.baseline, baseline)
+    return {"baseline": cfg.baseline}
+
+
 def downstream_stage(params: Params) -> dict:
     """Stage ``downstream``: the uplift a synthetic set gives; write ``downstream.out`` and ``downstream.plot``.
 
     Reads the labelled and held-out sets in ``real.dir`` and ``export.out``; trains one
     small model per task on real, synthetic and real + synthetic data and scores each on
     held-out real images, the measure of whether the factory's output is worth using.
+    The real-only models come from ``downstream.baseline`` when it was made from the same
+    real sets and recipe (the ``baseline`` stage), and are trained here otherwise.
     """
-    cfg = params.downstream
+    cfg, classes = params.downstream, params.world.classes
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
-    real = from_labelled(load_real_set(train_dir, params.world.classes))
+    real = from_labelled(load_real_set(train_dir, classes))
     synthetic = from_export(params.export.out)
-    test = load_real_set(test_dir, params.world.classes)
-    results = uplift_table(real, synthetic, test, params.world.classes, cfg=cfg)
+    test = load_real_set(test_dir, classes)
+    known = read_baseline(cfg.baseline, baseline_key(train_dir, test_dir, classes, cfg, cfg.seeds))
+    results = uplift_table(real, synthetic, test, classes, cfg=cfg, known_real=known)
     write_json(cfg.out, results["metrics"])
     write_json(cfg.plot, results["plot"])
     return results["metrics"]
@@ -441,6 +457,7 @@ STAGES = {
     "curate": curate_stage,
     "evaluate": evaluate_stage,
     "inspect": inspect_stage,
+    "baseline": baseline_stage,
     "downstream": downstream_stage,
     "uplift": uplift_stage,
     "rounds": rounds_stage,

@@ -34,6 +34,7 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
         "downstream": {
             "out": str(tmp / "metrics/downstream.json"),
             "plot": str(tmp / "metrics/downstream_plot.json"),
+            "baseline": str(tmp / "metrics/baseline.json"),
             "steps": 4,
             "batch_size": 4,
             "width": 8,

@@ -154,6 +154,34 @@ def test_uplift_stage_writes_its_own_metrics(exported):
     assert written["semantic"]["seeds"] == 2
 
 
+def test_downstream_reuses_the_baseline_only_for_the_same_real_sets_and_recipe(exported, caplog):
+    """The (a) arm from the baseline stage gives the downstream table byte for byte what training it there gives."""
+    p = dataclasses.replace(
+        exported, downstream=dataclasses.replace(exported.downstream, steps=3, batch_size=4, width=8)
+    )
+    baseline, out = Path(p.downstream.baseline), Path(p.downstream.out)
+    baseline.unlink(missing_ok=True)
+    stages.STAGES["downstream"](p)  # no baseline: the real-only arm is trained in the stage
+    trained = out.read_bytes()
+    stages.STAGES["baseline"](p)
+    stored = json.loads(baseline.read_text())
+    assert stored["key"]["recipe"]["steps"] == 3 and set(stored["real"]) == {"semantic", "depth", "keypoints"}
+    with caplog.at_level("INFO", logger="datasetdm.downstream.baseline"):
+        stages.STAGES["downstream"](p)
+    assert "reused" in caplog.text and out.read_bytes() == trained
+    # another recipe: the stored arm is not used, the stage trains its own
+    caplog.clear()
+    other = dataclasses.replace(p, downstream=dataclasses.replace(p.downstream, steps=4))
+    with caplog.at_level("INFO", logger="datasetdm.downstream.baseline"):
+        stages.STAGES["downstream"](other)
+    assert "of other real sets or another recipe" in caplog.text
+    # a damaged file is one line naming it
+    baseline.write_text("{not json")
+    with pytest.raises(DatasetDMError) as e:
+        stages.STAGES["downstream"](p)
+    assert str(baseline) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_export_without_card_is_one_line(tmp_path):
     with pytest.raises(DatasetDMError) as e:
         from_export(tmp_path)

@@ -29,6 +29,7 @@ def test_stage_order_is_dvcs_graph_dependencies_first():
         "train-decoder": ["real-data"],
         "generate": ["train-decoder", "expand-prompts"],
         "export": ["generate", "filter"],
+        "downstream": ["baseline", "export"],
         "report": ["export", "evaluate", "downstream", "inspect"],
     }
     for stage, before in lock_deps.items():

@@ -62,7 +62,7 @@ def test_dvc_and_prefect_share_one_graph_and_one_notion_of_done(tmp_path, monkey
         assert state.is_completed(), state
         summary = state.result()
         assert {s for s, r in summary["stages"].items() if r["ran"]} == set(), summary["stages"]
-        assert "uplift" not in summary["stages"] and len(summary["stages"]) == 11
+        assert "uplift" not in summary["stages"] and len(summary["stages"]) == 12
         assert (root / "dvc.lock").read_bytes() == lock
         assert 0 <= summary["decoder_mIoU"] <= 1
 
@@ -103,6 +103,7 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
         "curate",
         "evaluate",
         "inspect",
+        "baseline",
         "downstream",
         "uplift",
         "rounds",

@@ -38,21 +38,19 @@ def _arms(real: ArraySet, synthetic: ArraySet, ceiling: ArraySet | None) -> dict
     return arms
 
 
-def _train_and_score(
-    real: ArraySet,
-    synthetic: ArraySet,
+def score_arms(
+    arms: dict[str, list[ArraySet]],
     test: list[LabelledImage],
     classes: tuple[str, ...],
     *,
     cfg: DownstreamConfig,
     seeds: int,
-    ceiling: ArraySet | None,
 ) -> dict[str, dict[str, list[dict]]]:
-    """task -> arm -> one result per seed (a task an arm has no labels for is left out)."""
+    """task -> arm -> one held-out result per seed (a task an arm has no labels for is left out)."""
     scores: dict[str, dict[str, list[dict]]] = {}
     for task in TASKS:
         scores[task] = {}
-        for name, sources in _arms(real, synthetic, ceiling).items():
+        for name, sources in arms.items():
             if not all(usable(task, src) for src in sources):
                 logger.info("downstream %s: the %s arm is left out (a source has no %s labels)", task, name, task)
                 continue
@@ -134,18 +132,26 @@ def uplift_table(
     cfg: DownstreamConfig,
     seeds: int | None = None,
     ceiling: ArraySet | None = None,
+    known_real: dict[str, list[dict]] | None = None,
 ) -> dict:
     """The uplift table: per task and training set, the held-out metric over ``seeds`` seeds; plus rows for the DVC
     plot.
 
-    A task the synthetic set has no labels for (a decoder without that head) gets the
-    real-only row and no others.
+    ``known_real`` (task -> results per seed, ``datasetdm.downstream.baseline``) stands in
+    for training the (a) arm when the caller has checked it was made from the same real
+    sets and recipe. A task the synthetic set has no labels for (a decoder without that
+    head) gets the real-only row and no others.
     """
     seeds = seeds or cfg.seeds
     counts = {"num_real": len(real), "num_synthetic": len(synthetic), "num_test": len(test), "seeds": seeds}
     if ceiling is not None:
         counts["num_ceiling"] = len(ceiling)
-    scores = _train_and_score(real, synthetic, test, classes, cfg=cfg, seeds=seeds, ceiling=ceiling)
+    arms = _arms(real, synthetic, ceiling)
+    if known_real is not None:
+        del arms["real"]
+    scores = score_arms(arms, test, classes, cfg=cfg, seeds=seeds)
+    for task, results in (known_real or {}).items():
+        scores[task] = {"real": results, **scores[task]}  # (a) first, as it is trained
     metrics: dict = {}
     plot = []
     for task, model_task, key, label in TABLE:
