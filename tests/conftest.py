@@ -38,6 +38,11 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
             "steps": 4,
             "batch_size": 4,
             "width": 8,
+            # the baseline stage lists these keys one by one, so DVC needs them written out
+            "lr": 0.003,
+            "seed": 0,
+            "colour_jitter": True,
+            "seeds": 1,
             "uplift_out": str(tmp / "metrics/uplift.json"),
             "uplift_seeds": 2,
             "ceiling_images": 8,

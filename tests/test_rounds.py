@@ -25,10 +25,12 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_steering_never_reads_the_held_out_set(finished):
-    params = _params(finished, round=1)
+@pytest.mark.parametrize("validation", ["synthetic", "kfold"])
+def test_steering_never_reads_the_held_out_set(finished, validation):
+    params = _params(finished, round=1, validation=validation, folds=2)
     plan = rounds.plan_round(params, 1)
-    assert plan["mode"] == "steered" and len(plan["samples"]) == params.steer.budget
+    assert plan["mode"] == "steered" and plan["validation"] == validation
+    assert len(plan["samples"]) == params.steer.budget
     assert set(plan["validation_iou"]) == set(params.world.classes)
     assert plan["signals"]["per_class"] and plan["signals"]["per_colour"]
     # the held-out set moved away: steering still runs and plans the same round
@@ -39,24 +41,15 @@ def test_steering_never_reads_the_held_out_set(finished):
         assert rounds.plan_round(params, 1) == plan
     finally:
         moved.rename(test_dir)
-    uniform = rounds.plan_round(_params(finished, round=1, mode="uniform"), 1)
-    assert uniform["signals"] is None and uniform["validation_iou"] is None
 
 
-def test_kfold_validation_reads_only_the_labelled_images(finished):
-    params = _params(finished, round=1, validation="kfold", folds=2)
-    plan = rounds.plan_round(params, 1)
-    assert plan["validation"] == "kfold" and set(plan["validation_iou"]) == set(params.world.classes)
-    assert plan["validation_iou"] != rounds.plan_round(_params(finished, round=1), 1)["validation_iou"]
-    _, test_dir = real_set_split_dirs(params.real.dir)
-    moved = test_dir.with_name("moved-away")
-    test_dir.rename(moved)
-    try:
-        assert rounds.plan_round(params, 1) == plan
-    finally:
-        moved.rename(test_dir)
+def test_kfold_validation_is_its_own_model_and_checks_its_folds(finished):
+    kfold = rounds.plan_round(_params(finished, round=1, validation="kfold", folds=2), 1)
+    assert kfold["validation_iou"] != rounds.plan_round(_params(finished, round=1), 1)["validation_iou"]
     with pytest.raises(DatasetDMError, match=r"params.yaml: steer.folds: must be between 2 and K"):
         rounds.plan_round(_params(finished, round=1, validation="kfold", folds=999), 1)
+    uniform = rounds.plan_round(_params(finished, round=1, mode="uniform"), 1)
+    assert uniform["signals"] is None and uniform["validation_iou"] is None and uniform["validation"] is None
 
 
 def test_rounds_append_beside_the_last_and_are_never_rewritten(finished):
