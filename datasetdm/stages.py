@@ -300,7 +300,7 @@ def baseline_stage(params: Params) -> dict:
     cfg, classes = params.downstream, params.world.classes
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
     real = from_labelled(load_real_set(train_dir, classes))
-    key = baseline_key(train_dir, test_dir, classes, cfg, cfg.seeds)
+    key = baseline_key(train_dir, test_dir, classes, cfg)
     baseline = train_baseline(real, load_real_set(test_dir, classes), classes, cfg=cfg, key=key)
     write_json(cfg.baseline, baseline)
     return {"baseline": cfg.baseline}
@@ -320,7 +320,7 @@ def downstream_stage(params: Params) -> dict:
     real = from_labelled(load_real_set(train_dir, classes))
     synthetic = from_export(params.export.out)
     test = load_real_set(test_dir, classes)
-    known = read_baseline(cfg.baseline, baseline_key(train_dir, test_dir, classes, cfg, cfg.seeds))
+    known = read_baseline(cfg.baseline, baseline_key(train_dir, test_dir, classes, cfg))
     results = uplift_table(real, synthetic, test, classes, cfg=cfg, known_real=known)
     write_json(cfg.out, results["metrics"])
     write_json(cfg.plot, results["plot"])

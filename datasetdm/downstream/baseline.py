@@ -28,16 +28,14 @@ logger = logging.getLogger(__name__)
 RECIPE = ("steps", "batch_size", "lr", "width", "seed", "colour_jitter")
 
 
-def baseline_key(
-    train_dir: Path, test_dir: Path, classes: tuple[str, ...], cfg: DownstreamConfig, seeds: int
-) -> dict[str, Any]:
-    """What the (a) arm's results are a function of."""
+def baseline_key(train_dir: Path, test_dir: Path, classes: tuple[str, ...], cfg: DownstreamConfig) -> dict[str, Any]:
+    """What the (a) arm's results are a function of (``cfg.seeds`` seeds, as ``downstream`` trains them)."""
     return {
         "labelled": sha256_dir(train_dir),
         "held_out": sha256_dir(test_dir),
         "classes": list(classes),
         "recipe": {name: getattr(cfg, name) for name in RECIPE},
-        "seeds": seeds,
+        "seeds": cfg.seeds,
     }
 
 
