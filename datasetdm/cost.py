@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 COST_DIR = Path(".datasetdm/cost")
 # The stages that make the dataset (the rest audit it): their sum is what a kept sample costs.
 MAKING = ("real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate")
+# Run on demand (make uplift, make rounds, make steering), not by ``make run``: their latest
+# times may be days old and an hour long, so they are shown apart and kept out of the total.
+ON_DEMAND = ("uplift", "rounds", "steering")
 
 
 def machine(device: str = "cpu") -> str:
@@ -64,14 +67,18 @@ def read_costs(root: str | Path) -> dict[str, dict[str, Any]]:
 def cost_summary(costs: dict[str, dict[str, Any]], *, generated: int, kept: int) -> dict[str, Any]:
     """Seconds per stage and the figures a buyer of synthetic data compares.
 
-    ``images_per_hour``: generated images per hour of the generate stage;
-    ``seconds_per_1000_kept``: the dataset-making stages' seconds per 1,000 kept samples.
+    ``total_seconds``: the stages of a factory run (``ON_DEMAND`` ones are listed in
+    ``on_demand`` and left out); ``images_per_hour``: generated images per hour of the
+    generate stage; ``seconds_per_1000_kept``: the dataset-making stages' seconds per
+    1,000 kept samples.
     """
     making = sum(costs[s]["seconds"] for s in MAKING if s in costs)
     generate = costs.get("generate", {}).get("seconds")
+    run = {s: c["seconds"] for s, c in costs.items() if s not in ON_DEMAND}
     return {
-        "stages": {s: c["seconds"] for s, c in costs.items()},
-        "total_seconds": round(sum(c["seconds"] for c in costs.values()), 1),
+        "stages": run,
+        "on_demand": {s: costs[s]["seconds"] for s in ON_DEMAND if s in costs},
+        "total_seconds": round(sum(run.values()), 1),
         "making_seconds": round(making, 1),
         "images_per_hour": round(generated / generate * 3600) if generate else None,
         "seconds_per_1000_kept": round(making / kept * 1000, 1) if kept and making else None,

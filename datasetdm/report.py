@@ -200,6 +200,7 @@ def _cost_section(costs: dict[str, dict], counts: dict) -> list[str]:
         "|---|---:|",
         *(f"| {stage} | {seconds:.1f} |" for stage, seconds in summary["stages"].items()),
         f"| **total** | **{summary['total_seconds']:.1f}** |",
+        *(f"| {stage} (on demand, not in the total) | {sec:.1f} |" for stage, sec in summary["on_demand"].items()),
         "",
         f"Generation: {_count(summary['images_per_hour'])} images per hour; making the dataset "
         f"({', '.join(s for s in MAKING if s in costs)}): {summary['making_seconds']:.1f} s, "

@@ -111,6 +111,7 @@ def test_each_stage_run_records_its_cost_and_the_report_shows_it(tiny_params_fil
         "generate": {"stage": "generate", "seconds": 90.0, "machine": "cpu x"},
         "filter": {"stage": "filter", "seconds": 10.0, "machine": "cpu x"},
         "evaluate": {"stage": "evaluate", "seconds": 50.0, "machine": "cpu x"},
+        "uplift": {"stage": "uplift", "seconds": 3000.0, "machine": "cpu x"},  # on demand: not in the total
     }
     summary = cost_summary(costs, generated=100, kept=80)
     assert summary["images_per_hour"] == 4000 and summary["making_seconds"] == 100.0
@@ -119,6 +120,7 @@ def test_each_stage_run_records_its_cost_and_the_report_shows_it(tiny_params_fil
     assert (
         "| generate | 90.0 |" in text
         and "| **total** | **150.0** |" in text
+        and "| uplift (on demand, not in the total) | 3000.0 |" in text
         and "4,000 images per hour" in text
         and "1,250 s per 1,000 kept" in text
     )
