@@ -170,6 +170,11 @@ def validation_iou(params: Params, upto: int, seed: int) -> dict[str, float | No
     return kfold_iou(params, labelled, synthetic, folds=params.steer.folds, seed=seed, desc=desc)
 
 
+def kfold_split(items: list, folds: int, f: int) -> tuple[list, list]:
+    """Fold f of ``folds`` interleaved over ``items`` in their order: (the rest, to train on; fold f, to judge)."""
+    return [x for i, x in enumerate(items) if i % folds != f], items[f::folds]
+
+
 def kfold_iou(
     params: Params, labelled: list[LabelledImage], synthetic: ArraySet, *, folds: int, seed: int, desc: str
 ) -> dict[str, float | None]:
@@ -180,8 +185,7 @@ def kfold_iou(
         raise DatasetDMError("params.yaml", "steer.folds", f"must be between 2 and K = {len(labelled)}, got {folds}")
     per_fold = []
     for f in range(folds):
-        judged = labelled[f::folds]
-        seen = [x for i, x in enumerate(labelled) if i % folds != f]
+        seen, judged = kfold_split(labelled, folds, f)
         sources = [from_labelled(seen), synthetic]
         per_fold.append(
             semantic_scores(params, sources, judged, seed=seed + f, desc=f"{desc}, fold {f + 1}/{folds}")["iou"]

@@ -27,6 +27,7 @@ from datasetdm.decoder.train import train_decoder
 from datasetdm.evaluate.semantic import evaluate_decoder
 from datasetdm.io import write_json
 from datasetdm.realset import load_real_set, real_set_split_dirs
+from datasetdm.rounds import kfold_split
 from datasetdm.stages import load_backbone
 
 
@@ -61,8 +62,7 @@ def main() -> None:
         start = time.perf_counter()
         folds = []
         for f in range(args.folds):
-            judged = labelled[f :: args.folds]
-            seen = [x for i, x in enumerate(labelled) if i % args.folds != f]
+            seen, judged = kfold_split(labelled, args.folds, f)
             decoder, _ = train_decoder(backbone, seen, params.world.classes, cfg=cfg, bb=params.backbone)
             scored = evaluate_decoder(backbone, decoder, judged, params.backbone, min_score=params.filter.min_score)
             folds.append(scored)
