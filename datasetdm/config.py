@@ -225,6 +225,16 @@ class InspectConfig:
 
 
 @dataclass(frozen=True)
+class TaskSteps:
+    """Training steps of each downstream model in ``make uplift``: every arm of a task trains
+    until more steps no longer help on a validation set of its own (``scripts/downstream_steps.py``)."""
+
+    semantic: int = 300
+    depth: int = 300
+    keypoints: int = 300
+
+
+@dataclass(frozen=True)
 class DownstreamConfig:
     """Downstream uplift: one small model per task trained on (a) the K real images, (b) the
     synthetic export, (c) both; all evaluated on the held-out real set."""
@@ -242,6 +252,7 @@ class DownstreamConfig:
     # The 3-seed table with the fully supervised ceiling (make uplift; not part of make run).
     uplift_out: str = "metrics/uplift.json"
     uplift_seeds: int = 3
+    uplift_steps: TaskSteps = field(default_factory=TaskSteps)  # per task; make run's quick audit uses ``steps``
     ceiling_images: int = 2000  # labelled real images for the ceiling row (own seed range)
     ceiling_seed: int = 2_000_000
 
@@ -339,6 +350,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "inspect.train_images": _POSITIVE,
     "downstream.seeds": _POSITIVE,
     "downstream.uplift_seeds": _POSITIVE,
+    "downstream.uplift_steps.semantic": _POSITIVE,
+    "downstream.uplift_steps.depth": _POSITIVE,
+    "downstream.uplift_steps.keypoints": _POSITIVE,
     "downstream.ceiling_images": (lambda v: v >= 0, "must be >= 0"),
     "inspect.steps": _POSITIVE,
     "inspect.batch_size": _POSITIVE,

@@ -329,7 +329,8 @@ def downstream_stage(params: Params) -> dict:
 
 def uplift_stage(params: Params) -> dict:
     """Stage ``uplift``: the uplift table over ``downstream.uplift_seeds`` seeds with the fully supervised ceiling
-    row, written to ``downstream.uplift_out`` (``make uplift``).
+    row, each task's models trained ``downstream.uplift_steps`` steps, written to ``downstream.uplift_out``
+    (``make uplift``).
 
     The ceiling's labelled images are rendered from their own seed range, never the
     held-out test images, and written and read as a COCO set as any labelled set is.
@@ -345,7 +346,14 @@ def uplift_stage(params: Params) -> dict:
             write_real_set(params.world, Path(tmp) / "ceiling", cfg.ceiling_images, cfg.ceiling_seed)
             ceiling = from_labelled(load_real_set(Path(tmp) / "ceiling", params.world.classes))
     results = uplift_table(
-        real, synthetic, test, params.world.classes, cfg=cfg, seeds=cfg.uplift_seeds, ceiling=ceiling
+        real,
+        synthetic,
+        test,
+        params.world.classes,
+        cfg=cfg,
+        seeds=cfg.uplift_seeds,
+        ceiling=ceiling,
+        steps=dataclasses.asdict(cfg.uplift_steps),
     )
     write_json(cfg.uplift_out, results["metrics"])
     return results["metrics"]

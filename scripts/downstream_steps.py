@@ -11,13 +11,17 @@ choose the recipe.
     python scripts/downstream_steps.py --steps 300 600 1200 --arms real real+synthetic ceiling
 
 Writes ``--out`` (default ``metrics/downstream_steps.json``): arm -> steps -> mIoU and IoU per class.
+Points already in ``--out`` for the same validation set, recipe and training seed are kept (so a
+longer run can be added later), except those of an arm trained on an export that has changed since.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +33,25 @@ from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
 from datasetdm.rounds import semantic_scores
 
 ARMS = ("real", "synthetic", "real+synthetic", "ceiling")
+logger = logging.getLogger("downstream_steps")
+
+
+def _kept_points(out: Path, header: dict, export_digest: str) -> dict:
+    """arm -> steps -> result of an earlier run of this script with the same header, fresh exports only."""
+    if not out.is_file():
+        return {}
+    earlier = json.loads(out.read_text())
+    if {k: earlier.get(k) for k in header} != header:
+        logger.warning("%s was measured on another validation set or recipe: its points are not kept", out)
+        return {}
+    kept: dict = {}
+    for arm, points in earlier.get("arms", {}).items():
+        for steps, result in points.items():
+            if "synthetic" in arm and result.get("export") != export_digest:
+                logger.warning("%s, %s steps: trained on another export, dropped", arm, steps)
+                continue
+            kept.setdefault(arm, {})[steps] = result
+    return kept
 
 
 def main() -> None:
@@ -41,8 +64,16 @@ def main() -> None:
     ap.add_argument("--out", default="metrics/downstream_steps.json")
     args = ap.parse_args()
 
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params()
     classes, cfg = params.world.classes, params.downstream
+    header = {
+        "validation": {"num_images": args.num_val, "seed": args.val_seed},
+        "training_seed": cfg.seed + args.seed,
+        "recipe": {"batch_size": cfg.batch_size, "lr": cfg.lr, "width": cfg.width, "jitter": cfg.colour_jitter},
+    }
+    annotations = Path(params.export.out) / "annotations.json"
+    export_digest = hashlib.sha256(annotations.read_bytes()).hexdigest()[:16] if annotations.is_file() else ""
     train_dir, _ = real_set_split_dirs(params.real.dir)
     with tempfile.TemporaryDirectory() as tmp:
         # 1. The validation set: rendered by the world from its own seed range, as the real sets are.
@@ -58,9 +89,9 @@ def main() -> None:
             write_real_set(params.world, Path(tmp) / "ceiling", cfg.ceiling_images, cfg.ceiling_seed)
             sources["ceiling"] = [from_labelled(load_real_set(Path(tmp) / "ceiling", classes))]
     # 3. Every arm at every step count, the rest of the recipe fixed.
-    results: dict = {}
+    results = _kept_points(Path(args.out), header, export_digest)
     for arm in args.arms:
-        results[arm] = {}
+        results.setdefault(arm, {})
         for steps in args.steps:
             p = dataclasses.replace(params, downstream=dataclasses.replace(cfg, steps=steps))
             start = time.perf_counter()
@@ -68,16 +99,11 @@ def main() -> None:
                 p, sources[arm], validation, seed=cfg.seed + args.seed, desc=f"{arm}, {steps} steps"
             )
             results[arm][str(steps)] = {**scores, "seconds": round(time.perf_counter() - start, 1)}
+            if "synthetic" in arm:
+                results[arm][str(steps)]["export"] = export_digest  # annotations.json's sha256, first 16
             print(arm, steps, json.dumps(results[arm][str(steps)]), flush=True)
-    write_json(
-        args.out,
-        {
-            "validation": {"num_images": args.num_val, "seed": args.val_seed},
-            "training_seed": cfg.seed + args.seed,
-            "recipe": {"batch_size": cfg.batch_size, "lr": cfg.lr, "width": cfg.width, "jitter": cfg.colour_jitter},
-            "arms": results,
-        },
-    )
+    ordered = {arm: dict(sorted(points.items(), key=lambda kv: int(kv[0]))) for arm, points in results.items()}
+    write_json(args.out, {**header, "arms": ordered})
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
             "seeds": 1,
             "uplift_out": str(tmp / "metrics/uplift.json"),
             "uplift_seeds": 2,
+            "uplift_steps": {"semantic": 3, "depth": 2, "keypoints": 2},
             "ceiling_images": 8,
         },
         # DVC needs every params key a stage lists (real-data lists these two) in params.yaml itself.

@@ -39,6 +39,8 @@ def test_empty_mapping_gives_defaults():
         ({"decoder": {"image_skip": "yes"}}, "decoder.image_skip", "true or false"),
         ({"prompts": {"templates": ["a photo"]}}, "prompts.templates[0]", "{objects}"),
         ({"world": []}, "world", "mapping"),
+        ({"downstream": {"uplift_steps": {"semantic": 0}}}, "downstream.uplift_steps.semantic", "> 0"),
+        ({"downstream": {"uplift_steps": {"pose": 300}}}, "downstream.uplift_steps.pose", "unknown key"),
     ],
 )
 def test_bad_values_name_the_key(raw, key, words):

@@ -152,6 +152,7 @@ def test_uplift_stage_writes_its_own_metrics(exported):
     written = json.loads(Path(p.downstream.uplift_out).read_text())
     assert written == json.loads(json.dumps(metrics)) and written["semantic"]["num_ceiling"] == 6
     assert written["semantic"]["seeds"] == 2
+    assert written["semantic"]["steps"] == {"semantic": 3, "depth": 2, "keypoints": 2}  # conftest's uplift_steps
 
 
 def test_downstream_reuses_the_baseline_only_for_the_same_real_sets_and_recipe(exported, caplog):

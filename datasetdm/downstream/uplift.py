@@ -12,6 +12,7 @@ supervised result K real + synthetic recovers. Written as DVC metrics and plot r
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -45,8 +46,12 @@ def score_arms(
     *,
     cfg: DownstreamConfig,
     seeds: int,
+    steps: Mapping[str, int] | None = None,
 ) -> dict[str, dict[str, list[dict]]]:
-    """task -> arm -> one held-out result per seed (a task an arm has no labels for is left out)."""
+    """task -> arm -> one held-out result per seed (a task an arm has no labels for is left out).
+
+    ``steps``: training steps per task where they differ from ``cfg.steps`` (``make uplift``'s
+    ``downstream.uplift_steps``)."""
     scores: dict[str, dict[str, list[dict]]] = {}
     for task in TASKS:
         scores[task] = {}
@@ -60,7 +65,7 @@ def score_arms(
                     task,
                     sources,
                     num_labels=1 + len(classes),
-                    steps=cfg.steps,
+                    steps=(steps or {}).get(task, cfg.steps),
                     batch_size=cfg.batch_size,
                     lr=cfg.lr,
                     seed=cfg.seed + k,
@@ -133,6 +138,7 @@ def uplift_table(
     seeds: int | None = None,
     ceiling: ArraySet | None = None,
     known_real: dict[str, list[dict]] | None = None,
+    steps: Mapping[str, int] | None = None,
 ) -> dict:
     """The uplift table: per task and training set, the held-out metric over ``seeds`` seeds; plus rows for the DVC
     plot.
@@ -140,16 +146,18 @@ def uplift_table(
     ``known_real`` (task -> results per seed, ``datasetdm.downstream.baseline``) stands in
     for training the (a) arm when the caller has checked it was made from the same real
     sets and recipe. A task the synthetic set has no labels for (a decoder without that
-    head) gets the real-only row and no others.
+    head) gets the real-only row and no others. ``steps``: per task, as ``score_arms`` takes them.
     """
     seeds = seeds or cfg.seeds
     counts = {"num_real": len(real), "num_synthetic": len(synthetic), "num_test": len(test), "seeds": seeds}
+    if steps is not None:
+        counts["steps"] = {task: steps.get(task, cfg.steps) for task in TASKS}
     if ceiling is not None:
         counts["num_ceiling"] = len(ceiling)
     arms = _arms(real, synthetic, ceiling)
     if known_real is not None:
         del arms["real"]
-    scores = score_arms(arms, test, classes, cfg=cfg, seeds=seeds)
+    scores = score_arms(arms, test, classes, cfg=cfg, seeds=seeds, steps=steps)
     for task, results in (known_real or {}).items():
         scores[task] = {"real": results, **scores[task]}  # (a) first, as it is trained
     metrics: dict = {}
