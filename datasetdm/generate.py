@@ -26,7 +26,7 @@ from datasetdm.decoder.inputs import class_attention, prompt_classes
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import predict
 from datasetdm.errors import DatasetDMError
-from datasetdm.filtering import quality_components, remove_speckle
+from datasetdm.filtering import LABEL_CLEANING, clean_labels, quality_components
 from datasetdm.io import atomic_path, remove_temporaries, save_png, sha256_dir, write_json
 from datasetdm.keypoints import CHANNELS, find_peaks
 from datasetdm.realset import depth_to_png
@@ -221,7 +221,7 @@ def annotate_batch(
     probs = out["semantic"]
     named = [[classes.index(c) for c in prompt_classes(p, backbone, classes)] for p in prompts]
     quality = quality_components(probs, attention, named)
-    labels = np.stack([remove_speckle(x) for x in probs.argmax(1).to(torch.uint8).cpu().numpy()])
+    labels = np.stack([clean_labels(x) for x in probs.argmax(1).to(torch.uint8).cpu().numpy()])
     pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     embeddings = features.pooled().cpu().numpy().astype(np.float16)
     batch = AnnotatedBatch(pixels, labels, quality, embeddings, object_class_probs(probs))
@@ -384,6 +384,7 @@ def generation_provenance(backbone: Backbone, decoder: PDecoder, bb: BackboneCon
         "steps": bb.steps,
         "guidance_scale": bb.guidance_scale,
         "feature_timestep": bb.feature_timestep,
+        "label_cleaning": list(LABEL_CLEANING),
     }
 
 

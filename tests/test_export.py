@@ -167,6 +167,7 @@ def test_export_round_trips_through_coco_and_voc(gen: dict) -> None:
         "steps": 20,
         "guidance_scale": 3.0,
         "feature_timestep": None,
+        "label_cleaning": None,
         "seeds": {"min": 100, "max": 105},
         "prompts": 6,
     }

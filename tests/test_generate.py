@@ -9,9 +9,17 @@ import pytest
 import torch
 from pycocotools.coco import COCO
 
+from datasetdm import generate as generate_module
 from datasetdm import stages
 from datasetdm.errors import DatasetDMError
-from datasetdm.filtering import filter_samples, quality_components, quality_score, remove_speckle
+from datasetdm.filtering import (
+    LABEL_CLEANING,
+    filter_samples,
+    quality_components,
+    quality_score,
+    relabel_enclosed,
+    remove_speckle,
+)
 from datasetdm.generate import generate, plan_samples, read_records
 
 
@@ -59,7 +67,7 @@ def test_generate_filter_export(trained):
     assert card["counts"]["kept"] == 6
 
 
-def test_resume_reuses_finished_shards(trained, caplog):
+def test_resume_reuses_finished_shards(trained, caplog, monkeypatch):
     from pathlib import Path
 
     p = trained
@@ -71,6 +79,17 @@ def test_resume_reuses_finished_shards(trained, caplog):
     assert shard.stat().st_mtime_ns == first
     said = [r.getMessage() for r in caplog.records if r.name == "datasetdm.generate"]
     assert "shard-00000: reused (same samples, same models)" in said  # the decision is logged, not silent
+
+    # Shards whose masks were cleaned another way (an older release) are remade, not reused.
+    monkeypatch.setattr(generate_module, "LABEL_CLEANING", ("remove_speckle",))
+    stages.generate_stage(p)
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="datasetdm"):
+        stages.generate_stage(p)
+    said = [r.getMessage() for r in caplog.records if r.name == "datasetdm.generate"]
+    assert "shard-00000: rebuilt (plan or models changed)" in said
+    assert all(r["label_cleaning"] == list(LABEL_CLEANING) for r in json.loads(shard.read_text()))
 
 
 def test_filter_threshold():
@@ -143,6 +162,21 @@ def test_speckle_takes_the_label_around_it():
     expected[2:10, 2:10] = 1
     assert (clean == expected).all()
     assert (remove_speckle(expected, min_pixels=4) == expected).all()
+
+
+def test_a_piece_ringed_by_one_other_class_takes_that_class_and_real_layouts_stay():
+    labels = np.zeros((16, 16), np.uint8)
+    labels[2:12, 2:12] = 2  # a square
+    labels[5:8, 5:9] = 4  # a star-labelled island inside it
+    expected = labels.copy()
+    expected[5:8, 5:9] = 2
+    assert (relabel_enclosed(labels) == expected).all()
+    kept = np.zeros((16, 16), np.uint8)
+    kept[2:12, 2:12] = 2
+    kept[5:8, 5:9] = 0  # a background hole: overlapping shapes leave these, they stay
+    kept[0:4, 12:16] = 3  # a piece at the border: what lies beyond is unknown
+    kept[6:14, 12:15] = 1  # a piece touching two classes and background
+    assert (relabel_enclosed(kept) == kept).all()
 
 
 def test_img2img_keeps_the_layout_and_filter_is_measured_on_it(tiny_backbone, tiny_params):

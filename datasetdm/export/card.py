@@ -61,7 +61,7 @@ def build_card(
     """Assemble the card.
 
     generated: every generation record (``id``, ``prompt``, ``seed``, ``scheduler``,
-    ``steps``, ``guidance_scale``, ``feature_timestep``), kept or not -- reproducing
+    ``steps``, ``guidance_scale``, ``feature_timestep``, ``label_cleaning``), kept or not -- reproducing
     the dataset means regenerating all of them and filtering again. kept: the
     exported samples' ``{"id", "score"}``, with ``label_counts`` in the same order.
     files: relative name -> sha256 of each exported file or folder.
@@ -93,6 +93,7 @@ def build_card(
             "steps": first.get("steps"),
             "guidance_scale": first.get("guidance_scale"),
             "feature_timestep": first.get("feature_timestep"),
+            "label_cleaning": first.get("label_cleaning"),
             "seeds": {"min": min(seeds), "max": max(seeds)} if seeds else None,
             "prompts": len({r["prompt"] for r in generated}),
         },
