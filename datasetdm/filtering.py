@@ -58,16 +58,23 @@ ATTENTION_THRESHOLD = 0.5
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def _object_pieces(labels: np.ndarray) -> Iterator[tuple[np.ndarray, tuple[slice, ...], np.ndarray]]:
-    """Every 8-connected piece of every object class in ``labels``: its mask, its bounding box and the labels
-    on the ring of pixels around it (all read from ``labels`` as given)."""
+def _object_pieces(labels: np.ndarray) -> Iterator[tuple[tuple[slice, ...], np.ndarray, bool]]:
+    """Every 8-connected piece of every object class in ``labels``: a window around it (its bounding box
+    grown by one pixel), its mask in that window, and whether it touches the image border. Worked in the
+    window, not the whole image: this runs on every generated mask."""
     for k in np.unique(labels):
         if k == 0:
             continue
         pieces, _ = ndimage.label(labels == k, structure=EIGHT_CONNECTED)
         for j, box in enumerate(ndimage.find_objects(pieces), start=1):
-            piece = pieces == j
-            yield piece, box, labels[ndimage.binary_dilation(piece, structure=EIGHT_CONNECTED) & ~piece]
+            window = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, dim)) for b, dim in zip(box, labels.shape))
+            at_border = any(b.start == 0 or b.stop == dim for b, dim in zip(box, labels.shape))
+            yield window, pieces[window] == j, at_border
+
+
+def _around(labels: np.ndarray, window: tuple[slice, ...], piece: np.ndarray) -> np.ndarray:
+    """The labels on the ring of pixels around ``piece`` (a mask in ``window``)."""
+    return labels[window][ndimage.binary_dilation(piece, structure=EIGHT_CONNECTED) & ~piece]
 
 
 def remove_speckle(labels: np.ndarray, min_pixels: int = BLOB_PIXELS) -> np.ndarray:
@@ -79,9 +86,10 @@ def remove_speckle(labels: np.ndarray, min_pixels: int = BLOB_PIXELS) -> np.ndar
     params still give the same bytes.
     """
     out = labels.copy()
-    for piece, _, around in _object_pieces(labels):
+    for window, piece, _ in _object_pieces(labels):
         if piece.sum() < min_pixels:
-            out[piece] = np.bincount(around).argmax() if around.size else 0
+            around = _around(labels, window, piece)
+            out[window][piece] = np.bincount(around).argmax() if around.size else 0
     return out
 
 
@@ -97,12 +105,12 @@ def relabel_enclosed(labels: np.ndarray) -> np.ndarray:
     overlapping shapes (63 of the 500).
     """
     out = labels.copy()
-    for piece, box, around in _object_pieces(labels):
-        if any(s.start == 0 or s.stop == dim for s, dim in zip(box, labels.shape)):
-            continue  # touches the border: what lies beyond is unknown
-        ring = np.unique(around)
+    for window, piece, at_border in _object_pieces(labels):
+        if at_border:
+            continue  # what lies beyond the border is unknown
+        ring = np.unique(_around(labels, window, piece))
         if len(ring) == 1 and ring[0] != 0:
-            out[piece] = ring[0]
+            out[window][piece] = ring[0]
     return out
 
 
