@@ -1,7 +1,8 @@
-"""How long must the downstream audit's models train? Validation mIoU against training steps.
+"""How long must the downstream audit's models train? Validation scores against training steps.
 
 The uplift table is only honest if every arm is trained until more steps no longer
-help. This script trains the audit's semantic model (``downstream`` recipe: width,
+help. This script trains one of the audit's models (``--task``: semantic, depth or
+keypoints; ``downstream`` recipe: width,
 batch, lr, dihedral views + colour jitter; only the step count varies) on (a) the K
 real images, (c) K real + the kept synthetic samples of the export and, optionally,
 the 2,000-image ceiling, and scores each on a **validation set rendered from its own
@@ -9,8 +10,11 @@ seed range** (3,000,000+ by default): never the held-out test set, which must no
 choose the recipe.
 
     python scripts/downstream_steps.py --steps 300 600 1200 --arms real real+synthetic ceiling
+    python scripts/downstream_steps.py --task depth --steps 300 1200
 
-Writes ``--out`` (default ``metrics/downstream_steps.json``): arm -> steps -> mIoU and IoU per class.
+Writes ``--out`` (default ``metrics/downstream_steps.json``, ``metrics/downstream_steps_<task>.json``
+for depth and keypoints): arm -> steps -> the task's scores (semantic: mIoU and IoU per class;
+depth: AbsRel, RMSE, delta < 1.25; keypoints: keypoint AP).
 Points already in ``--out`` for the same validation set, recipe and training seed are kept (so a
 longer run can be added later), except those of an arm trained on an export that has changed since.
 """
@@ -26,10 +30,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from datasetdm.config import load_params
-from datasetdm.downstream.data import from_export, from_labelled
+from datasetdm.config import Params, load_params
+from datasetdm.downstream.data import ArraySet, from_export, from_labelled
+from datasetdm.downstream.evaluate import evaluate_model
+from datasetdm.downstream.models import TASKS, train_model
 from datasetdm.io import write_json
-from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
+from datasetdm.realset import LabelledImage, load_real_set, real_set_split_dirs, write_real_set
 from datasetdm.rounds import semantic_scores
 
 ARMS = ("real", "synthetic", "real+synthetic", "ceiling")
@@ -54,6 +60,30 @@ def _kept_points(out: Path, header: dict, export_digest: str) -> dict:
     return kept
 
 
+def task_scores(
+    task: str, params: Params, sources: list[ArraySet], validation: list[LabelledImage], *, seed: int, desc: str
+) -> dict:
+    """Train ``task``'s model with the audit's recipe and score it on ``validation``."""
+    if task == "semantic":
+        return semantic_scores(params, sources, validation, seed=seed, desc=desc)
+    cfg, classes = params.downstream, params.world.classes
+    model = train_model(
+        task,
+        sources,
+        num_labels=1 + len(classes),
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=seed,
+        width=cfg.width,
+        desc=desc,
+        jitter=cfg.colour_jitter,
+    )
+    result = evaluate_model(task, model, validation, classes)
+    keys = ("abs_rel", "rmse", "delta1") if task == "depth" else ("AP", "AP50")
+    return {k: round(float(result[k]), 4) for k in keys}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[300, 600, 1200])
@@ -61,8 +91,10 @@ def main() -> None:
     ap.add_argument("--num-val", type=int, default=200)
     ap.add_argument("--val-seed", type=int, default=3_000_000)
     ap.add_argument("--seed", type=int, default=0, help="training seed (downstream.seed + this)")
-    ap.add_argument("--out", default="metrics/downstream_steps.json")
+    ap.add_argument("--task", choices=TASKS, default="semantic")
+    ap.add_argument("--out", default=None, help="default: metrics/downstream_steps.json (semantic), _<task> otherwise")
     args = ap.parse_args()
+    args.out = args.out or f"metrics/downstream_steps{'' if args.task == 'semantic' else '_' + args.task}.json"
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params()
@@ -95,8 +127,13 @@ def main() -> None:
         for steps in args.steps:
             p = dataclasses.replace(params, downstream=dataclasses.replace(cfg, steps=steps))
             start = time.perf_counter()
-            scores = semantic_scores(
-                p, sources[arm], validation, seed=cfg.seed + args.seed, desc=f"{arm}, {steps} steps"
+            scores = task_scores(
+                args.task,
+                p,
+                sources[arm],
+                validation,
+                seed=cfg.seed + args.seed,
+                desc=f"{args.task}, {arm}, {steps} steps",
             )
             results[arm][str(steps)] = {**scores, "seconds": round(time.perf_counter() - start, 1)}
             if "synthetic" in arm:
