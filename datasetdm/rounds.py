@@ -31,7 +31,7 @@ from datasetdm.config import Params
 from datasetdm.decoder.model import PDecoder
 from datasetdm.downstream.data import ArraySet, from_export, from_labelled
 from datasetdm.downstream.evaluate import evaluate_model
-from datasetdm.downstream.models import train_model
+from datasetdm.downstream.models import train_audit_model
 from datasetdm.errors import DatasetDMError
 from datasetdm.export.dataset import export_dataset
 from datasetdm.generate import generate, read_records
@@ -132,18 +132,7 @@ def semantic_scores(
     width, jitter) and score it on ``judged_on``: ``mIoU`` and ``iou`` per class (None where a class is
     in neither truth nor prediction)."""
     cfg, classes = params.downstream, params.world.classes
-    model = train_model(
-        "semantic",
-        sources,
-        num_labels=1 + len(classes),
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=seed,
-        width=cfg.width,
-        desc=desc,
-        jitter=cfg.colour_jitter,
-    )
+    model = train_audit_model("semantic", sources, cfg, num_labels=1 + len(classes), seed=seed, desc=desc)
     result = evaluate_model("semantic", model, judged_on, classes)
     iou = result["per_label_iou"][1:]
     return {

@@ -33,7 +33,7 @@ from pathlib import Path
 from datasetdm.config import Params, load_params
 from datasetdm.downstream.data import ArraySet, from_export, from_labelled
 from datasetdm.downstream.evaluate import evaluate_model
-from datasetdm.downstream.models import TASKS, train_model
+from datasetdm.downstream.models import TASKS, train_audit_model
 from datasetdm.io import write_json
 from datasetdm.realset import LabelledImage, load_real_set, real_set_split_dirs, write_real_set
 from datasetdm.rounds import semantic_scores
@@ -66,19 +66,8 @@ def task_scores(
     """Train ``task``'s model with the audit's recipe and score it on ``validation``."""
     if task == "semantic":
         return semantic_scores(params, sources, validation, seed=seed, desc=desc)
-    cfg, classes = params.downstream, params.world.classes
-    model = train_model(
-        task,
-        sources,
-        num_labels=1 + len(classes),
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        seed=seed,
-        width=cfg.width,
-        desc=desc,
-        jitter=cfg.colour_jitter,
-    )
+    classes = params.world.classes
+    model = train_audit_model(task, sources, params.downstream, num_labels=1 + len(classes), seed=seed, desc=desc)
     result = evaluate_model(task, model, validation, classes)
     keys = ("abs_rel", "rmse", "delta1") if task == "depth" else ("AP", "AP50")
     return {k: round(float(result[k]), 4) for k in keys}

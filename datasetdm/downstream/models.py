@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from datasetdm.config import DownstreamConfig
 from datasetdm.decoder.heads import DepthHead
 from datasetdm.decoder.train import view
 from datasetdm.downstream.data import ArraySet
@@ -159,3 +160,29 @@ def train_model(
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def train_audit_model(
+    task: str,
+    sources: list[ArraySet],
+    cfg: DownstreamConfig,
+    *,
+    num_labels: int,
+    seed: int,
+    desc: str,
+    steps: int | None = None,
+) -> SmallUNet:
+    """``train_model`` with the audit's recipe (``downstream``: batch, lr, width, colour jitter), so every
+    arm, round and study trains the same way; ``steps`` where it differs from ``cfg.steps``."""
+    return train_model(
+        task,
+        sources,
+        num_labels=num_labels,
+        steps=steps or cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        seed=seed,
+        width=cfg.width,
+        desc=desc,
+        jitter=cfg.colour_jitter,
+    )

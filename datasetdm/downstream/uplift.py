@@ -19,7 +19,7 @@ import numpy as np
 from datasetdm.config import DownstreamConfig
 from datasetdm.downstream.data import ArraySet
 from datasetdm.downstream.evaluate import evaluate_model
-from datasetdm.downstream.models import TASKS, train_model, usable
+from datasetdm.downstream.models import TASKS, train_audit_model, usable
 from datasetdm.realset import LabelledImage
 
 logger = logging.getLogger(__name__)
@@ -61,17 +61,14 @@ def score_arms(
                 continue
             scores[task][name] = []
             for k in range(seeds):
-                model = train_model(
+                model = train_audit_model(
                     task,
                     sources,
+                    cfg,
                     num_labels=1 + len(classes),
-                    steps=(steps or {}).get(task, cfg.steps),
-                    batch_size=cfg.batch_size,
-                    lr=cfg.lr,
                     seed=cfg.seed + k,
-                    width=cfg.width,
                     desc=f"downstream {task} ({name}, seed {cfg.seed + k})",
-                    jitter=cfg.colour_jitter,
+                    steps=(steps or {}).get(task),
                 )
                 scores[task][name].append(evaluate_model(task, model, test, classes))
     return scores
