@@ -114,14 +114,17 @@ def relabel_enclosed(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-# What generation does to the decoder's argmax before a mask is stored, in order. Recorded
-# in every shard's provenance, so a change here remakes the shards instead of reusing them.
-LABEL_CLEANING = ("remove_speckle", "relabel_enclosed")
+# What generation does to the decoder's argmax before a mask is stored, in order. Their names
+# are recorded in every shard's provenance, so a change here remakes the shards instead of reusing them.
+_CLEANERS = (remove_speckle, relabel_enclosed)
+LABEL_CLEANING = tuple(step.__name__ for step in _CLEANERS)
 
 
 def clean_labels(labels: np.ndarray) -> np.ndarray:
     """The decoder's argmax (H, W) as generation stores it: ``LABEL_CLEANING`` applied in order."""
-    return relabel_enclosed(remove_speckle(labels))
+    for step in _CLEANERS:
+        labels = step(labels)
+    return labels
 
 
 def quality_components(probs: torch.Tensor, attention: torch.Tensor, named: list[list[int]]) -> list[dict[str, float]]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import tempfile
@@ -34,7 +33,7 @@ from datasetdm.config import Params, load_params
 from datasetdm.downstream.data import ArraySet, from_export, from_labelled
 from datasetdm.downstream.evaluate import evaluate_model
 from datasetdm.downstream.models import TASKS, train_audit_model
-from datasetdm.io import write_json
+from datasetdm.io import sha256_file, write_json
 from datasetdm.realset import LabelledImage, load_real_set, real_set_split_dirs, write_real_set
 from datasetdm.rounds import semantic_scores
 
@@ -94,7 +93,7 @@ def main() -> None:
         "recipe": {"batch_size": cfg.batch_size, "lr": cfg.lr, "width": cfg.width, "jitter": cfg.colour_jitter},
     }
     annotations = Path(params.export.out) / "annotations.json"
-    export_digest = hashlib.sha256(annotations.read_bytes()).hexdigest()[:16] if annotations.is_file() else ""
+    export_digest = sha256_file(annotations)[:16] if annotations.is_file() else ""
     train_dir, _ = real_set_split_dirs(params.real.dir)
     with tempfile.TemporaryDirectory() as tmp:
         # 1. The validation set: rendered by the world from its own seed range, as the real sets are.
