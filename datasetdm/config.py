@@ -251,6 +251,7 @@ class DownstreamConfig:
     seeds: int = 1  # runs per arm (seed, seed + 1, ...): fields <metric>_mean / _std
     # The 3-seed table with the fully supervised ceiling (make uplift; not part of make run).
     uplift_out: str = "metrics/uplift.json"
+    uplift_parts: str = "metrics/uplift"  # one file per downstream model, each its own DVC stage
     uplift_seeds: int = 3
     uplift_steps: TaskSteps = field(default_factory=TaskSteps)  # per task; make run's quick audit uses ``steps``
     ceiling_images: int = 2000  # labelled real images for the ceiling row (own seed range)

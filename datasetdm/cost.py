@@ -24,7 +24,7 @@ COST_DIR = Path(".datasetdm/cost")
 MAKING = ("real-data", "train-decoder", "expand-prompts", "generate", "filter", "export", "curate")
 # Run on demand (make uplift, make rounds, make steering), not by ``make run``: their latest
 # times may be days old and an hour long, so they are shown apart and kept out of the total.
-ON_DEMAND = ("uplift", "rounds", "steering")
+ON_DEMAND = ("uplift-semantic", "uplift-depth", "uplift-keypoints", "uplift", "rounds", "steering")
 
 
 def machine(device: str = "cpu") -> str:

@@ -8,6 +8,7 @@ ways of running the factory cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import tempfile
@@ -24,6 +25,7 @@ from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import train_decoder
 from datasetdm.downstream.baseline import baseline_key, read_baseline, train_baseline
 from datasetdm.downstream.data import from_export, from_labelled
+from datasetdm.downstream.models import TASKS
 from datasetdm.downstream.uplift import uplift_table
 from datasetdm.errors import DatasetDMError
 from datasetdm.evaluate.regenerated import filter_on_regenerated
@@ -327,13 +329,19 @@ def downstream_stage(params: Params) -> dict:
     return results["metrics"]
 
 
-def uplift_stage(params: Params) -> dict:
-    """Stage ``uplift``: the uplift table over ``downstream.uplift_seeds`` seeds with the fully supervised ceiling
-    row, each task's models trained ``downstream.uplift_steps`` steps, written to ``downstream.uplift_out``
-    (``make uplift``).
+def uplift_part_path(params: Params, model: str) -> Path:
+    """Where ``make uplift`` keeps one downstream model's rows (``downstream.uplift_parts/<model>.json``)."""
+    return Path(params.downstream.uplift_parts) / f"{model}.json"
 
-    The ceiling's labelled images are rendered from their own seed range, never the
-    held-out test images, and written and read as a COCO set as any labelled set is.
+
+def uplift_model_stage(params: Params, model: str) -> dict:
+    """Stage ``uplift-<model>``: one downstream model's rows of the uplift table over ``downstream.uplift_seeds``
+    seeds with the fully supervised ceiling row, trained ``downstream.uplift_steps.<model>`` steps.
+
+    Each model is its own DVC stage because each takes most of an hour on 2 cores: a change
+    to one task's steps retrains that task only. The ceiling's labelled images are rendered
+    from their own seed range, never the held-out test images, and written and read as a
+    COCO set as any labelled set is.
     """
     cfg = params.downstream
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
@@ -354,9 +362,29 @@ def uplift_stage(params: Params) -> dict:
         seeds=cfg.uplift_seeds,
         ceiling=ceiling,
         steps=dataclasses.asdict(cfg.uplift_steps),
+        tasks=(model,),
     )
-    write_json(cfg.uplift_out, results["metrics"])
+    write_json(uplift_part_path(params, model), results["metrics"])
     return results["metrics"]
+
+
+def uplift_stage(params: Params) -> dict:
+    """Stage ``uplift``: the models' rows (``uplift-<model>``) joined into ``downstream.uplift_out``
+    (``make uplift``), refusing a part made with other seeds or steps than ``params.yaml`` says."""
+    cfg, metrics = params.downstream, {}
+    for model in TASKS:
+        path = uplift_part_path(params, model)
+        part = _read_json(path)
+        want = {"seeds": cfg.uplift_seeds, "steps": {model: getattr(cfg.uplift_steps, model)}}
+        for task, entry in part.items():
+            for key, value in want.items():
+                if entry.get(key) != value:
+                    raise DatasetDMError(
+                        path, f"{task}.{key}", f"is {entry.get(key)}, params.yaml says {value}; run dvc repro uplift"
+                    )
+        metrics.update(part)
+    write_json(cfg.uplift_out, metrics)
+    return metrics
 
 
 def rounds_stage(params: Params) -> dict:
@@ -467,6 +495,7 @@ STAGES = {
     "inspect": inspect_stage,
     "baseline": baseline_stage,
     "downstream": downstream_stage,
+    **{f"uplift-{model}": functools.partial(uplift_model_stage, model=model) for model in TASKS},
     "uplift": uplift_stage,
     "rounds": rounds_stage,
     "steering": steering_stage,

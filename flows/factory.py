@@ -31,7 +31,7 @@ from tasks import stages
 # but not a level; at INFO their decisions and DVC's output reach the flow-run logs.
 logging.getLogger("datasetdm").setLevel(logging.INFO)
 
-# What `make run` reproduces (`dvc repro curate report`): every stage but `uplift`, `rounds`, `steering`.
+# What `make run` reproduces (`dvc repro curate report`): every stage but the uplift ones, `rounds`, `steering`.
 FACTORY_TARGETS = ["curate", "report"]
 
 

@@ -44,9 +44,11 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
             "colour_jitter": True,
             "seeds": 1,
             "uplift_out": str(tmp / "metrics/uplift.json"),
+            "uplift_parts": str(tmp / "metrics/uplift"),
             "uplift_seeds": 2,
             "uplift_steps": {"semantic": 3, "depth": 2, "keypoints": 2},
             "ceiling_images": 8,
+            "ceiling_seed": 2000000,
         },
         # DVC needs every params key a stage lists (real-data lists these two) in params.yaml itself.
         "evaluate": {

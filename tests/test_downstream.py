@@ -141,18 +141,34 @@ def test_seeds_give_mean_and_std_and_the_ceiling_row_what_it_recovers(exported):
     assert one["mIoU_real_std"] == 0.0 and "mIoU_ceiling" not in one
 
 
-def test_uplift_stage_writes_its_own_metrics(exported):
+def test_uplift_stages_write_one_part_per_model_and_join_them(exported):
+    """Each model's stage writes its own rows; ``uplift`` joins them and refuses a part made with other steps."""
     p = dataclasses.replace(
         exported,
         downstream=dataclasses.replace(
             exported.downstream, steps=2, batch_size=4, width=8, uplift_seeds=2, ceiling_images=6
         ),
     )
+    parts = {model: stages.STAGES[f"uplift-{model}"](p) for model in ("semantic", "depth", "keypoints")}
+    assert set(parts["semantic"]) == {"semantic", "instances"} and set(parts["depth"]) == {"depth"}
+    assert parts["depth"]["depth"]["steps"] == {"depth": 2}  # conftest's uplift_steps: its own model's only
     metrics = stages.STAGES["uplift"](p)
     written = json.loads(Path(p.downstream.uplift_out).read_text())
-    assert written == json.loads(json.dumps(metrics)) and written["semantic"]["num_ceiling"] == 6
-    assert written["semantic"]["seeds"] == 2
-    assert written["semantic"]["steps"] == {"semantic": 3, "depth": 2, "keypoints": 2}  # conftest's uplift_steps
+    assert written == json.loads(json.dumps(metrics)) and list(written) == [
+        "semantic",
+        "instances",
+        "depth",
+        "keypoints",
+    ]
+    assert written["semantic"]["num_ceiling"] == 6 and written["semantic"]["seeds"] == 2
+    assert written["keypoints"] == json.loads(json.dumps(parts["keypoints"]["keypoints"]))
+    # params.yaml now asks for more depth steps than the depth part was trained with: one line, no table written
+    longer = dataclasses.replace(p.downstream, uplift_steps=dataclasses.replace(p.downstream.uplift_steps, depth=5))
+    Path(p.downstream.uplift_out).unlink()
+    with pytest.raises(DatasetDMError) as e:
+        stages.STAGES["uplift"](dataclasses.replace(p, downstream=longer))
+    assert "depth.json" in str(e.value) and "depth.steps" in str(e.value) and "\n" not in str(e.value)
+    assert not Path(p.downstream.uplift_out).exists()
 
 
 def test_downstream_reuses_the_baseline_only_for_the_same_real_sets_and_recipe(exported, caplog):

@@ -105,6 +105,9 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
         "inspect",
         "baseline",
         "downstream",
+        "uplift-model@semantic",
+        "uplift-model@depth",
+        "uplift-model@keypoints",
         "uplift",
         "rounds",
         "steering",
@@ -114,6 +117,15 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
 
     again = run(root, "dvc", "repro")
     assert stages_run(again) == set(), again
+
+    # One audit model's steps: only that model's uplift stage (and the stages reading all of
+    # `downstream`) are stale, not the other two models' hour-long stages.
+    raw["downstream"]["uplift_steps"]["depth"] += 1
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    stale = set(json.loads(run(root, "dvc", "status", "--json")))
+    assert "uplift-model@depth" in stale and not stale & {"uplift-model@semantic", "uplift-model@keypoints"}, stale
+    assert not stale & {"baseline", "downstream", "generate"}, stale
+    raw["downstream"]["uplift_steps"]["depth"] -= 1
 
     raw["generate"]["num_samples"] = 5
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
@@ -125,6 +137,9 @@ def test_dvc_repro_rebuilds_only_what_changed(tmp_path):
         "curate",
         "inspect",
         "downstream",
+        "uplift-model@semantic",
+        "uplift-model@depth",
+        "uplift-model@keypoints",
         "uplift",
         "rounds",
         "steering",

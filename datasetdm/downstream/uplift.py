@@ -12,7 +12,7 @@ supervised result K real + synthetic recovers. Written as DVC metrics and plot r
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -47,13 +47,15 @@ def score_arms(
     cfg: DownstreamConfig,
     seeds: int,
     steps: Mapping[str, int] | None = None,
+    tasks: Sequence[str] = TASKS,
 ) -> dict[str, dict[str, list[dict]]]:
     """task -> arm -> one held-out result per seed (a task an arm has no labels for is left out).
 
     ``steps``: training steps per task where they differ from ``cfg.steps`` (``make uplift``'s
-    ``downstream.uplift_steps``)."""
+    ``downstream.uplift_steps``). ``tasks``: the models to train (``make uplift`` trains each
+    in its own DVC stage, so changing one task's recipe retrains only that task)."""
     scores: dict[str, dict[str, list[dict]]] = {}
-    for task in TASKS:
+    for task in tasks:
         scores[task] = {}
         for name, sources in arms.items():
             if not all(usable(task, src) for src in sources):
@@ -136,6 +138,7 @@ def uplift_table(
     ceiling: ArraySet | None = None,
     known_real: dict[str, list[dict]] | None = None,
     steps: Mapping[str, int] | None = None,
+    tasks: Sequence[str] = TASKS,
 ) -> dict:
     """The uplift table: per task and training set, the held-out metric over ``seeds`` seeds; plus rows for the DVC
     plot.
@@ -143,23 +146,27 @@ def uplift_table(
     ``known_real`` (task -> results per seed, ``datasetdm.downstream.baseline``) stands in
     for training the (a) arm when the caller has checked it was made from the same real
     sets and recipe. A task the synthetic set has no labels for (a decoder without that
-    head) gets the real-only row and no others. ``steps``: per task, as ``score_arms`` takes them.
+    head) gets the real-only row and no others. ``steps`` and ``tasks``: as ``score_arms`` takes them
+    (the rows of the models not in ``tasks`` are left out).
     """
     seeds = seeds or cfg.seeds
     counts = {"num_real": len(real), "num_synthetic": len(synthetic), "num_test": len(test), "seeds": seeds}
     if steps is not None:
-        counts["steps"] = {task: steps.get(task, cfg.steps) for task in TASKS}
+        counts["steps"] = {task: steps.get(task, cfg.steps) for task in tasks}
     if ceiling is not None:
         counts["num_ceiling"] = len(ceiling)
     arms = _arms(real, synthetic, ceiling)
     if known_real is not None:
         del arms["real"]
-    scores = score_arms(arms, test, classes, cfg=cfg, seeds=seeds, steps=steps)
+    scores = score_arms(arms, test, classes, cfg=cfg, seeds=seeds, steps=steps, tasks=tasks)
     for task, results in (known_real or {}).items():
-        scores[task] = {"real": results, **scores[task]}  # (a) first, as it is trained
+        if task in scores:
+            scores[task] = {"real": results, **scores[task]}  # (a) first, as it is trained
     metrics: dict = {}
     plot = []
     for task, model_task, key, label in TABLE:
+        if model_task not in tasks:
+            continue
         metrics[task] = _entry(scores[model_task], key, task, counts)
         for name in scores[model_task]:
             value = metrics[task][f"{key[-1]}_{name}"]
