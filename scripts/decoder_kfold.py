@@ -21,9 +21,10 @@ import json
 import time
 
 import numpy as np
+import torch
 
 from datasetdm.config import load_params
-from datasetdm.decoder.train import train_decoder
+from datasetdm.decoder.train import NOISE_DRAWS, feature_bank, fit_decoder
 from datasetdm.evaluate.semantic import evaluate_decoder
 from datasetdm.io import write_json
 from datasetdm.realset import load_real_set, real_set_split_dirs
@@ -57,13 +58,18 @@ def main() -> None:
     train_dir, _ = real_set_split_dirs(params.real.dir)  # the K labelled images only
     labelled = load_real_set(train_dir, params.world.classes)
     results = {}
+    banks: dict[int, tuple] = {}  # views -> the feature bank of all K images (a fold takes its images' rows)
     for text in args.settings:
         cfg = parse_setting(text, params.decoder)
         start = time.perf_counter()
+        if cfg.views not in banks:
+            banks[cfg.views] = feature_bank(backbone, labelled, params.backbone, params.world.classes, views=cfg.views)
         folds = []
         for f in range(args.folds):
             seen, judged = kfold_split(labelled, args.folds, f)
-            decoder, _ = train_decoder(backbone, seen, params.world.classes, cfg=cfg, bb=params.backbone)
+            rows = _rows([i for i in range(len(labelled)) if i % args.folds != f], cfg.views * NOISE_DRAWS)
+            bank = _take(banks[cfg.views], rows)
+            decoder, _ = fit_decoder(bank, params.world.classes, cfg=cfg, num_images=len(seen))
             scored = evaluate_decoder(backbone, decoder, judged, params.backbone, min_score=params.filter.min_score)
             folds.append(scored)
         iou = {c: _mean([m["semantic"]["per_class_iou"][c] for m in folds]) for c in params.world.classes}
@@ -77,6 +83,16 @@ def main() -> None:
         }
         print(text, json.dumps(results[text]), flush=True)
     write_json(args.out, {"folds": args.folds, "num_labelled": len(labelled), "settings": results})
+
+
+def _rows(images: list[int], per_image: int) -> torch.Tensor:
+    """Bank rows of these images (the bank holds each image's views x noise draws together, in image order)."""
+    return torch.tensor([i * per_image + j for i in images for j in range(per_image)])
+
+
+def _take(bank: tuple, rows: torch.Tensor) -> tuple:
+    maps, att, named, imgs, targets = bank
+    return [m[rows] for m in maps], att[rows], named[rows], imgs[rows], {k: v[rows] for k, v in targets.items()}
 
 
 def _mean(values) -> float | None:

@@ -124,13 +124,23 @@ def train_decoder(
     bb: BackboneConfig,
 ) -> tuple[PDecoder, dict[str, float]]:
     """Train a P-Decoder from scratch; returns the model (eval mode) and loss figures."""
+    bank = feature_bank(backbone, labelled, bb, classes, views=cfg.views)
+    return fit_decoder(bank, classes, cfg=cfg, num_images=len(labelled))
+
+
+def fit_decoder(bank, classes: tuple[str, ...], *, cfg: DecoderConfig, num_images: int):
+    """The training loop over a precomputed ``feature_bank`` (the k-fold study reuses one bank for every fold).
+
+    The bank draws its noise from per-image generators, never torch's global one, so seeding
+    here gives the same weights as seeding before the bank (checked: same decoder bytes).
+    """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    maps, att, named, imgs, targets = feature_bank(backbone, labelled, bb, classes, views=cfg.views)
+    maps, att, named, imgs, targets = bank
     # The feature bank is on the CPU (it is built once and small); the decoder trains beside it.
     logger.info(
         "training the P-Decoder on the CPU: %d labelled images x %d views x %d noise draws, heads %s",
-        len(labelled),
+        num_images,
         cfg.views,
         NOISE_DRAWS,
         ", ".join(cfg.heads),
