@@ -126,13 +126,19 @@ def synthetic_union(params: Params, upto: int) -> ArraySet:
 
 
 def semantic_scores(
-    params: Params, sources: list[ArraySet], judged_on: list[LabelledImage], *, seed: int, desc: str
+    params: Params,
+    sources: list[ArraySet],
+    judged_on: list[LabelledImage],
+    *,
+    seed: int,
+    desc: str,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train the downstream semantic model on ``sources`` with the audit's recipe (``downstream``: steps,
-    width, jitter) and score it on ``judged_on``: ``mIoU`` and ``iou`` per class (None where a class is
-    in neither truth nor prediction)."""
+    width, jitter; ``steps`` overrides its step count) and score it on ``judged_on``: ``mIoU`` and ``iou``
+    per class (None where a class is in neither truth nor prediction)."""
     cfg, classes = params.downstream, params.world.classes
-    model = train_audit_model("semantic", sources, cfg, num_labels=1 + len(classes), seed=seed, desc=desc)
+    model = train_audit_model("semantic", sources, cfg, num_labels=1 + len(classes), seed=seed, desc=desc, steps=steps)
     result = evaluate_model("semantic", model, judged_on, classes)
     iou = result["per_label_iou"][1:]
     return {

@@ -20,13 +20,14 @@ from datasetdm.rounds import rounds_digest, semantic_scores, synthetic_union
 logger = logging.getLogger(__name__)
 
 
-def heldout_iou(params: Params, upto: int, seed: int) -> dict:
-    """mIoU and IoU per class on the held-out set of the (c) model trained on K real + rounds 0..upto."""
+def heldout_iou(params: Params, upto: int, seed: int, steps: int | None = None) -> dict:
+    """mIoU and IoU per class on the held-out set of the (c) model trained on K real + rounds 0..upto
+    (``downstream.steps`` steps, or ``steps``)."""
     classes = params.world.classes
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
     sources = [from_labelled(load_real_set(train_dir, classes)), synthetic_union(params, upto)]
     desc = f"held-out model (K real + rounds 0-{upto})"
-    return semantic_scores(params, sources, load_real_set(test_dir, classes), seed=seed, desc=desc)
+    return semantic_scores(params, sources, load_real_set(test_dir, classes), seed=seed, desc=desc, steps=steps)
 
 
 def evaluate_rounds(params: Params, seals: list[dict], previous: dict | None = None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -112,6 +113,18 @@ def test_steering_experiment_scores_both_arms_and_resumes(finished):
     stamp = results.stat().st_mtime_ns
     assert run_experiment(params, None, None) == result  # everything made and scored: nothing is redone
     assert results.stat().st_mtime_ns == stamp
+    # scored with the 3-seed uplift recipe, not make run's quick audit; a recipe change rescores
+    steps = params.downstream.uplift_steps.semantic
+    assert steps != params.downstream.steps and m["model_steps"] == steps
+    assert {v["steps"] for k, v in json.loads(results.read_text()).items() if k != "base"} == {steps}
+    longer = dataclasses.replace(
+        params,
+        downstream=dataclasses.replace(
+            params.downstream, uplift_steps=dataclasses.replace(params.downstream.uplift_steps, semantic=steps + 1)
+        ),
+    )
+    assert run_experiment(longer, None, None)["metrics"]["model_steps"] == steps + 1
+    assert {v["steps"] for k, v in json.loads(results.read_text()).items() if k != "base"} == {steps + 1}
 
 
 def _arms(params: Params) -> dict[str, Params]:
