@@ -88,7 +88,7 @@ uplift: setup
 rounds: setup
 	$(HOLD) python -c "from datasetdm.orchestration import regeneration_round; print(regeneration_round('.', $(if $(BUDGET),$(BUDGET),None)))"
 
-## steering: steered vs uniform regeneration rounds over 3 seeds (metrics/steering.json; about 55 min on 2 cores)
+## steering: steered vs uniform regeneration rounds over 3 seeds (metrics/steering.json; about 72 min on 2 cores)
 steering: setup
 	$(HOLD) dvc repro steering
 
