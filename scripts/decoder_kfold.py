@@ -21,10 +21,9 @@ import json
 import time
 
 import numpy as np
-import torch
 
 from datasetdm.config import load_params
-from datasetdm.decoder.train import NOISE_DRAWS, feature_bank, fit_decoder
+from datasetdm.decoder.train import bank_of_images, feature_bank, fit_decoder
 from datasetdm.evaluate.semantic import evaluate_decoder
 from datasetdm.io import write_json
 from datasetdm.realset import load_real_set, real_set_split_dirs
@@ -67,8 +66,8 @@ def main() -> None:
         folds = []
         for f in range(args.folds):
             seen, judged = kfold_split(labelled, args.folds, f)
-            rows = _rows([i for i in range(len(labelled)) if i % args.folds != f], cfg.views * NOISE_DRAWS)
-            bank = _take(banks[cfg.views], rows)
+            images = [i for i in range(len(labelled)) if i % args.folds != f]  # kfold_split's ``seen``, as indices
+            bank = bank_of_images(banks[cfg.views], images, views=cfg.views)
             decoder, _ = fit_decoder(bank, params.world.classes, cfg=cfg, num_images=len(seen))
             scored = evaluate_decoder(backbone, decoder, judged, params.backbone, min_score=params.filter.min_score)
             folds.append(scored)
@@ -83,16 +82,6 @@ def main() -> None:
         }
         print(text, json.dumps(results[text]), flush=True)
     write_json(args.out, {"folds": args.folds, "num_labelled": len(labelled), "settings": results})
-
-
-def _rows(images: list[int], per_image: int) -> torch.Tensor:
-    """Bank rows of these images (the bank holds each image's views x noise draws together, in image order)."""
-    return torch.tensor([i * per_image + j for i in images for j in range(per_image)])
-
-
-def _take(bank: tuple, rows: torch.Tensor) -> tuple:
-    maps, att, named, imgs, targets = bank
-    return [m[rows] for m in maps], att[rows], named[rows], imgs[rows], {k: v[rows] for k, v in targets.items()}
 
 
 def _mean(values) -> float | None:

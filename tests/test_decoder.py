@@ -164,3 +164,18 @@ def test_zero_shot_labels_name_only_prompted_classes(tiny_backbone, tiny_params,
     assert labels.shape == (2, 32, 32)
     assert set(labels[0].unique().tolist()) <= {0, 3}  # background or hexagon
     assert set(labels[1].unique().tolist()) <= {0, 2}  # background or square
+
+
+def test_bank_of_images_takes_exactly_those_images_rows(tiny_backbone, tiny_params, labelled):
+    """The k-fold study trains each fold on its images' part of one bank: the same images and labels as a
+    bank built from those images alone."""
+    from datasetdm.decoder.train import bank_of_images, feature_bank
+
+    args = (tiny_backbone, labelled, tiny_params.backbone, tiny_params.world.classes)
+    whole = feature_bank(*args, views=2)
+    part = bank_of_images(whole, [1, 3], views=2)
+    alone = feature_bank(tiny_backbone, [labelled[1], labelled[3]], *args[2:], views=2)
+    torch.testing.assert_close(part[3], alone[3])
+    for head in ("semantic", "depth", "keypoints"):
+        torch.testing.assert_close(part[4][head], alone[4][head])
+    assert [m.shape for m in part[0]] == [m.shape for m in alone[0]] and torch.equal(part[2], alone[2])

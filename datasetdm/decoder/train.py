@@ -115,6 +115,15 @@ def feature_bank(
     return maps, torch.cat(att_all), torch.cat(mask_all), torch.cat(img_all), targets
 
 
+def bank_of_images(bank, images: list[int], *, views: int):
+    """The part of a ``feature_bank`` that belongs to ``images`` (indices into its labelled list): the bank
+    holds each image's views x noise draws together, in image order."""
+    per_image = views * NOISE_DRAWS
+    rows = torch.tensor([i * per_image + j for i in images for j in range(per_image)])
+    maps, att, named, imgs, targets = bank
+    return [m[rows] for m in maps], att[rows], named[rows], imgs[rows], {k: v[rows] for k, v in targets.items()}
+
+
 def train_decoder(
     backbone: Backbone,
     labelled: list[LabelledImage],
