@@ -80,7 +80,8 @@ def _run(args: argparse.Namespace, stages) -> int:
             started = time.perf_counter()
             result = stages.STAGES[args.stage](params)
             seconds = time.perf_counter() - started
-            record_cost(Path(args.params).parent, args.stage, seconds, device=params.backbone.device)
+            made = result.get("made") if isinstance(result, dict) else None
+            record_cost(Path(args.params).parent, args.stage, seconds, device=params.backbone.device, made=made)
     except DatasetDMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -45,9 +45,15 @@ def machine(device: str = "cpu") -> str:
     return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
-def record_cost(root: str | Path, stage: str, seconds: float, *, device: str = "cpu") -> None:
-    """Keep ``stage``'s wall time of this run as its latest cost (written atomically)."""
+def record_cost(root: str | Path, stage: str, seconds: float, *, device: str = "cpu", made: int | None = None) -> None:
+    """Keep ``stage``'s wall time of this run as its latest cost (written atomically).
+
+    made: the images this run made (generate reuses the shards of a killed run, and its
+    time covers only the rest); recorded so images per hour divides only those.
+    """
     entry = {"stage": stage, "seconds": round(seconds, 3), "machine": machine(device), "device": device}
+    if made is not None:
+        entry["made"] = made
     write_json(Path(root) / COST_DIR / f"{stage}.json", entry)
     logger.info("%s took %.1f s on %s", stage, seconds, entry["machine"])
 
@@ -68,19 +74,23 @@ def cost_summary(costs: dict[str, dict[str, Any]], *, generated: int, kept: int)
     """Seconds per stage and the figures a buyer of synthetic data compares.
 
     ``total_seconds``: the stages of a factory run (``ON_DEMAND`` ones are listed in
-    ``on_demand`` and left out); ``images_per_hour``: generated images per hour of the
-    generate stage; ``seconds_per_1000_kept``: the dataset-making stages' seconds per
+    ``on_demand`` and left out); ``images_per_hour``: the images the generate stage's
+    latest run made (``made``; ``generated`` for records older than that field) per hour
+    of that run, None when it made none; ``reused``: the generated images that run took
+    from an earlier one; ``seconds_per_1000_kept``: the dataset-making stages' seconds per
     1,000 kept samples.
     """
     making = sum(costs[s]["seconds"] for s in MAKING if s in costs)
     generate = costs.get("generate", {}).get("seconds")
+    made = costs.get("generate", {}).get("made", generated)
     run = {s: c["seconds"] for s, c in costs.items() if s not in ON_DEMAND}
     return {
         "stages": run,
         "on_demand": {s: costs[s]["seconds"] for s in ON_DEMAND if s in costs},
         "total_seconds": round(sum(run.values()), 1),
         "making_seconds": round(making, 1),
-        "images_per_hour": round(generated / generate * 3600) if generate else None,
+        "images_per_hour": round(made / generate * 3600) if generate and made else None,
+        "reused": max(generated - made, 0) if generate else 0,
         "seconds_per_1000_kept": round(making / kept * 1000, 1) if kept and making else None,
         "machines": sorted({c["machine"] for c in costs.values()}),
     }

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 SAFE_SHARD = re.compile(r"shard-\d{5}")
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.npy"
+MANIFEST_ENTRY = ("name", "sha256", "num_samples")  # what the manifest records of each shard
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def generate(
     out_dir: str | Path,
     prompts_source: str = "prompts",
 ) -> dict:
-    """Generate ``gen.num_samples`` annotated samples into ``out_dir``; return the manifest.
+    """Generate ``gen.num_samples`` annotated samples into ``out_dir``; return the manifest (``write_manifest``'s).
 
     The single-process run of exactly what an orchestrator does across workers:
     ``generate_shard`` for every shard of ``shard_plan``, then ``write_manifest``.
@@ -404,18 +405,25 @@ def generate_shard(
         raise DatasetDMError(None, "shard", f"shard {k} does not exist (the plan has {len(shards)} shards)")
     provenance = generation_provenance(backbone, decoder, bb)
     shard_dir = Path(out_dir) / f"shard-{k:05d}"
+    made = 0
     if _shard_matches(shard_dir, shards[k], provenance):
         logger.info("%s: reused (same samples, same models)", shard_dir.name)
     else:
         logger.info("%s: %s", shard_dir.name, "rebuilt (plan or models changed)" if shard_dir.exists() else "made")
         _write_shard(shard_dir, shards[k], backbone=backbone, decoder=decoder, gen=gen, bb=bb, provenance=provenance)
-    return {"name": shard_dir.name, "sha256": sha256_dir(shard_dir), "num_samples": len(shards[k])}
+        made = len(shards[k])
+    return {"name": shard_dir.name, "sha256": sha256_dir(shard_dir), "num_samples": len(shards[k]), "made": made}
 
 
 def write_manifest(
     out_dir: str | Path, entries: list[dict], *, classes: tuple[str, ...], image_size: int, provenance: dict
 ) -> dict:
-    """Write the manifest over ``entries`` (in shard order) and drop shards not listed."""
+    """Write the manifest over ``entries`` (in shard order) and drop shards not listed.
+
+    Returns the manifest as written plus ``made``: how many of its samples the entries say
+    were made by this run rather than reused (what a run's images per hour may count).
+    The count is never written: the manifest is the same bytes however a run got there.
+    """
     out_dir = Path(out_dir)
     names = {e["name"] for e in entries}
     _discard_leftovers(out_dir)
@@ -428,7 +436,7 @@ def write_manifest(
         "image_size": image_size,
         **provenance,
         "num_samples": sum(e["num_samples"] for e in entries),
-        "shards": entries,
+        "shards": [{key: e[key] for key in MANIFEST_ENTRY} for e in entries],
     }
     write_json(out_dir / MANIFEST, manifest)
-    return manifest
+    return {**manifest, "made": sum(e.get("made", 0) for e in entries)}

@@ -69,7 +69,7 @@ def finish_generate(params: Params, entries: list[dict]) -> dict:
         image_size=backbone.image_size,
         provenance=generation_provenance(backbone, decoder, params.backbone),
     )
-    return {"num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}
+    return {"num_samples": manifest["num_samples"], "shards": len(manifest["shards"]), "made": manifest["made"]}
 
 
 def run_artifact(params: Params, summary: dict) -> str:

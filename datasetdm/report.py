@@ -204,7 +204,13 @@ def _cost_section(costs: dict[str, dict], counts: dict) -> list[str]:
         "",
         f"Generation: {_count(summary['images_per_hour'])} images per hour; making the dataset "
         f"({', '.join(s for s in MAKING if s in costs)}): {summary['making_seconds']:.1f} s, "
-        f"{_count(summary['seconds_per_1000_kept'])} s per 1,000 kept samples.",
+        f"{_count(summary['seconds_per_1000_kept'])} s per 1,000 kept samples."
+        + (
+            f" The latest generate run reused {summary['reused']:,} images an earlier (killed) run had made: "
+            "images per hour counts only the rest, and the per-1,000 figure understates a full run."
+            if summary["reused"]
+            else ""
+        ),
         "",
     ]
     return lines

@@ -142,7 +142,7 @@ def generate_stage(params: Params) -> dict:
         out_dir=params.generate.out,
         prompts_source=params.prompts.out,
     )
-    return {"num_samples": manifest["num_samples"], "shards": len(manifest["shards"])}
+    return {"num_samples": manifest["num_samples"], "shards": len(manifest["shards"]), "made": manifest["made"]}
 
 
 def filter_stage(params: Params) -> dict:

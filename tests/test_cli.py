@@ -124,3 +124,12 @@ def test_each_stage_run_records_its_cost_and_the_report_shows_it(tiny_params_fil
         and "4,000 images per hour" in text
         and "1,250 s per 1,000 kept" in text
     )
+    assert "reused" not in text
+
+    # A generate run that resumed a killed one made only some images: images per hour counts those alone.
+    costs["generate"]["made"] = 45
+    summary = cost_summary(costs, generated=100, kept=80)
+    assert summary["images_per_hour"] == 1800 and summary["reused"] == 55
+    assert "reused 55 images" in "\n".join(_cost_section(costs, {"generated": 100, "kept": 80}))
+    costs["generate"]["made"] = 0  # every shard reused: no rate to give
+    assert cost_summary(costs, generated=100, kept=80)["images_per_hour"] is None

@@ -48,7 +48,7 @@ def test_two_dask_workers_make_the_same_dataset(tiny_params, tmp_path, tiny_back
             params_file = tmp_path / f"params-{workers}.yaml"
             params_file.write_text(yaml.safe_dump(raw))
             result = generate_sharded(str(params_file), workers=workers)
-            assert result == {"num_samples": 6, "shards": 2}
+            assert result == {"num_samples": 6, "shards": 2, "made": 6}
             outs[workers] = file_hashes(tmp_path / f"gen-{workers}")
 
     single = with_out(p, tmp_path / "gen-single")

@@ -40,7 +40,7 @@ def test_plan_is_per_sample(tiny_params):
 def test_generate_filter_export(trained):
     p = trained
     out = stages.generate_stage(p)
-    assert out == {"num_samples": 6, "shards": 2}
+    assert out == {"num_samples": 6, "shards": 2, "made": 6}
     records = read_records(p.generate.out)
     assert [r["id"] for r in records] == [f"{i:06d}" for i in range(6)]
     r = records[0]
@@ -71,12 +71,17 @@ def test_resume_reuses_finished_shards(trained, caplog, monkeypatch):
     from pathlib import Path
 
     p = trained
-    stages.generate_stage(p)
+    assert stages.generate_stage(p)["made"] == 6
     shard = Path(p.generate.out) / "shard-00000" / "records.json"
+    manifest = (Path(p.generate.out) / "manifest.json").read_bytes()
     first = shard.stat().st_mtime_ns
+    (Path(p.generate.out) / "shard-00001" / "records.json").unlink()  # as a run killed before its last shard
     with caplog.at_level(logging.INFO, logger="datasetdm"):
-        stages.generate_stage(p)
+        resumed = stages.generate_stage(p)
     assert shard.stat().st_mtime_ns == first
+    # What this run made, not what it reused, is its work (images per hour counts it); the seal is the same bytes.
+    assert resumed == {"num_samples": 6, "shards": 2, "made": 2}  # shards of 4 and 2
+    assert (Path(p.generate.out) / "manifest.json").read_bytes() == manifest
     said = [r.getMessage() for r in caplog.records if r.name == "datasetdm.generate"]
     assert "shard-00000: reused (same samples, same models)" in said  # the decision is logged, not silent
 

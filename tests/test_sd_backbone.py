@@ -197,7 +197,7 @@ def test_stages_end_to_end_with_stable_diffusion(sd_dir, tmp_path):
     stages.make_real_sets(p)
     stages.train_decoder_stage(p)
     stages.expand_prompts_stage(p)
-    assert stages.generate_stage(p) == {"num_samples": 6, "shards": 2}
+    assert stages.generate_stage(p) == {"num_samples": 6, "shards": 2, "made": 6}
     stages.filter_stage(p)
     stages.export_stage(p)
     coco = COCO(f"{p.export.out}/annotations.json")
