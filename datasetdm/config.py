@@ -222,6 +222,8 @@ class InspectConfig:
     num_fidelity: int = 100  # generated images per group (single object, two objects)
     fidelity_seed: int = 600_000
     num_frechet: int = 500  # exported images compared with the held-out real images
+    num_codec: int = 200  # rendered scenes through the backbone's VAE and back
+    codec_seed: int = 650_000
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "inspect.num_test": _POSITIVE,
     "inspect.num_fidelity": _POSITIVE,
     "inspect.num_frechet": _POSITIVE,
+    "inspect.num_codec": _POSITIVE,
     "pretrain.checkpoint_every": _POSITIVE,
     "pretrain.max_length": (lambda v: v >= 8, "must be at least 8 tokens"),
     "pretrain.min_snr_gamma": _POSITIVE,

@@ -242,7 +242,21 @@ def _backbone_section(backbone: dict | None, params: Params, here: Path) -> list
         "",
         f"One object, by shape: {by_shape}.",
         "",
+        *_codec_line(backbone.get("codec")),
         f"![fidelity samples]({grid})",
+        "",
+    ]
+
+
+def _codec_line(codec: dict | None) -> list[str]:
+    """The VAE round trip: every generated image leaves through its decoder, so it bounds edge sharpness."""
+    if not codec:
+        return []
+    psnr = "lossless" if codec.get("psnr") is None else f"PSNR {codec['psnr']:.1f} dB"
+    return [
+        f"The VAE round trip of {codec.get('num')} rendered scenes: {psnr}; the inspector reads the "
+        f"reconstructions at mIoU {_num(codec.get('inspector_mIoU_reconstructed'))} "
+        f"({_num(codec.get('inspector_mIoU_original'))} on the scenes themselves).",
         "",
     ]
 

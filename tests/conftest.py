@@ -67,6 +67,7 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
             "num_fidelity": 2,
             "num_frechet": 4,
             "num_test": 8,
+            "num_codec": 4,
         },
         "steer": {
             "out": str(tmp / "data/rounds"),

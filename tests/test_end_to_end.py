@@ -41,6 +41,7 @@ def check_export(root: Path, num_samples: int) -> None:
         report.startswith("#")
         and card["models"]["backbone"][:12] in report
         and f"{metrics['semantic']['mIoU']:.3f}" in report
+        and f"mIoU {audit['codec']['inspector_mIoU_reconstructed']:.3f}" in report  # the VAE round trip
     )
 
 

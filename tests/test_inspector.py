@@ -10,7 +10,13 @@ import pytest
 
 from datasetdm.config import InspectConfig, WorldConfig
 from datasetdm.errors import DatasetDMError
-from datasetdm.evaluate.backbone import fidelity_layouts, frechet_distance, measure_backbone, prompt_fidelity
+from datasetdm.evaluate.backbone import (
+    codec_quality,
+    fidelity_layouts,
+    frechet_distance,
+    measure_backbone,
+    prompt_fidelity,
+)
 from datasetdm.evaluate.inspector import Inspector, render_set, train_inspector
 from datasetdm.worlds.shapes import render_scene
 from tests.conftest import build_tiny_inspector
@@ -103,3 +109,20 @@ def test_measure_backbone_on_a_tiny_backbone(tiny_params, tiny_backbone, tmp_pat
     assert 0 <= pf["single_object"] <= 1 and 0 <= pf["two_objects"] <= 1
     assert set(pf["single_object_by_shape"]) == set(build_tiny_inspector().classes)
     assert (tmp_path / "grid.png").stat().st_size > 0
+    assert result["codec"]["num"] == tiny_params.inspect.num_codec
+
+
+def test_codec_audit_reads_reconstructions_beside_originals(tiny_params, tiny_backbone):
+    """The VAE round trip is judged against the scenes themselves: lossless codec loses nothing, a random one much."""
+    inspector = build_tiny_inspector()
+    random_vae = codec_quality(tiny_backbone, inspector, tiny_params)
+    assert random_vae["num"] == 4 and random_vae["psnr"] < 20  # random weights: far from the scenes
+
+    class Lossless:
+        def autoencode(self, images):
+            return images
+
+    lossless = codec_quality(Lossless(), inspector, tiny_params)
+    assert lossless["psnr"] is None  # no error at all
+    assert lossless["inspector_mIoU_reconstructed"] == lossless["inspector_mIoU_original"]
+    assert lossless["inspector_mIoU_original"] == random_vae["inspector_mIoU_original"]  # same scenes, same seeds

@@ -86,6 +86,9 @@ class Backbone(Protocol):
     def extract_features(self, images: torch.Tensor, prompts: list[str], timestep: int, seeds: list[int]) -> Features:
         """Features of real images: encode, noise to ``timestep``, one UNet pass."""
 
+    def autoencode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] through the latent codec and back: what no generated image can exceed."""
+
 
 def img2img_timesteps(timesteps: torch.Tensor, strength: float) -> torch.Tensor:
     """The tail of a sampling schedule that img2img runs, as diffusers' img2img pipelines cut it."""

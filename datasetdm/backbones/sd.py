@@ -309,6 +309,16 @@ class StableDiffusionBackbone:
         images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (images / 2 + 0.5).clamp(0, 1).to(self.output_device, torch.float32), features
 
+    @torch.no_grad()
+    def autoencode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [0, 1] -> the VAE's reconstruction at the model's size, in [0, 1].
+
+        Every image the model draws leaves through this decoder, so its reconstructions bound
+        how sharp a generated edge can be (audited in ``metrics/backbone.json``).
+        """
+        decoded = self.vae.decode(self._encode(images) / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (decoded / 2 + 0.5).clamp(0, 1).to(self.output_device, torch.float32)
+
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> scaled VAE latents (the mean, so only seeds vary noise), resized to the
         model's size."""

@@ -5,7 +5,10 @@
   two-object prompts separately;
 * **label agreement**: mIoU between the exported masks and the inspector's masks on the
   exported images (do the factory's labels say what the pixels show?);
-* a **Fréchet distance** between the inspector's features of exported and real images.
+* a **Fréchet distance** between the inspector's features of exported and real images;
+* the **codec**: PSNR of the VAE's reconstructions of rendered scenes, and the
+  inspector's mIoU on them beside its mIoU on the scenes themselves (every generated
+  image leaves through that decoder, so it bounds how sharp a drawn edge can be).
 
 These are evaluation only: nothing in training, filtering or prompt choice reads them.
 """
@@ -16,10 +19,12 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
@@ -94,6 +99,44 @@ def label_agreement(inspector: Inspector, export_dir: str | Path, classes: tuple
     return {"mIoU": metrics["mIoU"], "per_class_iou": metrics["per_class_iou"], "num_images": len(data)}
 
 
+def codec_quality(backbone: Backbone, inspector: Inspector, params: Params, batch_size: int = 50) -> dict:
+    """The VAE round trip on ``inspect.num_codec`` rendered scenes of its own seeds (``inspect.codec_seed``).
+
+    PSNR (dB, pixels in [0, 1]) and the inspector's mIoU on the reconstructions and on the
+    originals: the gap is what the codec alone takes from every label-relevant edge.
+    """
+    cfg = params.inspect
+    world = dataclasses.replace(params.world, classes=inspector.classes, colours=inspector.colours)
+    scenes = [render_scene(world, cfg.codec_seed + i) for i in range(cfg.num_codec)]
+    originals = np.stack([s.image for s in scenes])
+    truth = np.stack([s.semantic for s in scenes])
+    rebuilt = []
+    for i in tqdm(range(0, len(originals), batch_size), desc="VAE round trip", unit="batch", mininterval=5):
+        x = torch.from_numpy(originals[i : i + batch_size]).permute(0, 3, 1, 2).float() / 255
+        rebuilt.append(to_uint8(backbone.autoencode(x), params.world.image_size))
+    reconstructed = np.concatenate(rebuilt)
+    mse = float(np.mean((reconstructed.astype(np.float64) - originals) ** 2)) / 255**2
+    num_classes = 1 + len(inspector.classes)
+
+    def miou(images: np.ndarray) -> float:
+        conf = confusion_matrix(inspector.segment(images), truth, num_classes)
+        return semantic_metrics(conf, inspector.classes)["mIoU"]
+
+    result = {
+        "psnr": round(10 * math.log10(1 / mse), 3) if mse else None,
+        "inspector_mIoU_reconstructed": miou(reconstructed),
+        "inspector_mIoU_original": miou(originals),
+        "num": cfg.num_codec,
+    }
+    logger.info(
+        "VAE round trip: PSNR %.2f dB, inspector mIoU %.3f (%.3f on the originals)",
+        result["psnr"] or float("inf"),
+        result["inspector_mIoU_reconstructed"],
+        result["inspector_mIoU_original"],
+    )
+    return result
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D), as FID computes it."""
     mu1, mu2 = a.mean(0), b.mean(0)
@@ -154,6 +197,7 @@ def measure_backbone(
         logger.info("prompt fidelity %s: %.3f", key, score)
     if grid is not None:
         fidelity_grid(*map(list, zip(*shown)), path=grid)
+    result["codec"] = codec_quality(backbone, inspector, params)
     if export_dir is not None:
         result["label_agreement"] = label_agreement(inspector, export_dir, params.world.classes)
         if real_images is not None:
