@@ -83,6 +83,12 @@ class VAEPretrainConfig:
     # was made): sharper edges without moving the latent space the UNet learns.
     decoder_steps: int = 3000
     decoder_lr: float = 5e-4
+    # Then a second decoder pass from those weights (fresh optimizer, its own cosine): a larger
+    # batch and edges weighted more. The codec bounds what any generated image can show.
+    decoder_sharpen_steps: int = 0
+    decoder_sharpen_lr: float = 1e-3
+    decoder_sharpen_batch_size: int = 32
+    decoder_sharpen_edge_weight: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -380,6 +386,10 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "pretrain.vae.edge_weight": (lambda v: v >= 0, "must be >= 0"),
     "pretrain.vae.decoder_steps": (lambda v: v >= 0, "must be >= 0"),
     "pretrain.vae.decoder_lr": _POSITIVE,
+    "pretrain.vae.decoder_sharpen_steps": (lambda v: v >= 0, "must be >= 0"),
+    "pretrain.vae.decoder_sharpen_lr": _POSITIVE,
+    "pretrain.vae.decoder_sharpen_batch_size": _POSITIVE,
+    "pretrain.vae.decoder_sharpen_edge_weight": (lambda v: v >= 0, "must be >= 0"),
     "decoder.heads": (
         lambda v: "semantic" in v and set(v) <= {"semantic", "depth", "keypoints"} and len(set(v)) == len(v),
         "must list semantic and any of depth, keypoints, without repeats",

@@ -78,3 +78,23 @@ def test_stopped_and_resumed_pretraining_gives_the_weights_of_an_unbroken_run(tm
     assert [s for s, _ in snapshots(split)] == [s for s, _ in snapshots(unbroken)] == [3, 6]
     with pytest.raises(ValueError, match="until_step"):
         pretrain_sd(split, preview=False, until_step=0)
+
+
+def test_a_decoder_sharpening_pass_changes_the_vae_decoder_alone(tmp_path):
+    """Adding the second decoder pass to a finished run reuses every checkpoint before it: the encoder (so the
+    latents the UNet learned) and the UNet stay bit for bit, only the VAE decoder moves."""
+    first = params_from_dict(tiny_pretrain(tmp_path, "run"), source="test")
+    pretrain_sd(first, preview=False)
+    out = Path(first.pretrain.out)
+    before = {
+        part: load_file(out / f"{part}.safetensors")
+        for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model")
+    }
+    vae = {**tiny_pretrain(tmp_path, "run")["pretrain"]["vae"], "decoder_sharpen_steps": 2}
+    pretrain_sd(params_from_dict(tiny_pretrain(tmp_path, "run", vae=vae), source="test"), preview=False)
+    assert (work_dir(first) / "vae-decoder-sharpen" / "meta.json").is_file()
+    unet = load_file(out / "unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(unet[k], before["unet/diffusion_pytorch_model"][k]) for k in unet)
+    old, new = before["vae/diffusion_pytorch_model"], load_file(out / "vae/diffusion_pytorch_model.safetensors")
+    moved = {k for k in new if not torch.equal(new[k], old[k])}
+    assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)

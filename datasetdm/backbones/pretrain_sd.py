@@ -42,7 +42,8 @@ from datasetdm.io import atomic_path, sha256_file, write_json
 from datasetdm.worlds.shapes import render_scene
 
 logger = logging.getLogger(__name__)
-VAE_DIR, DECODER_DIR, VAE_FINAL, UNET_STATE, SNAPSHOTS = "vae", "vae-decoder", "vae-final", "unet-state", "snapshots"
+VAE_DIR, DECODER_DIR, SHARPEN_DIR = "vae", "vae-decoder", "vae-decoder-sharpen"
+VAE_FINAL, UNET_STATE, SNAPSHOTS = "vae-final", "unet-state", "snapshots"
 
 
 def render_pool(params: Params, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -138,9 +139,11 @@ def settings_key(params: Params, stage: str) -> str:
     cfg = dataclasses.asdict(params.pretrain)
     for k in ("out", "curve", "checkpoint_every", "steps"):  # the state at a step never depends on the total
         cfg.pop(k)
-    if stage != "decoder":  # the encoder's latents, all the UNet sees, do not depend on the decoder's fine-tuning
+    if stage not in (DECODER_DIR, SHARPEN_DIR):  # the encoder's latents, all the UNet sees, ignore the decoder passes
         cfg["vae"] = {k: v for k, v in cfg["vae"].items() if not k.startswith("decoder_")}
-    if stage in ("vae", "decoder"):
+    if stage == DECODER_DIR:  # the first decoder pass does not depend on the one after it
+        cfg["vae"] = {k: v for k, v in cfg["vae"].items() if not k.startswith("decoder_sharpen_")}
+    if stage in ("vae", DECODER_DIR, SHARPEN_DIR):
         cfg = {k: cfg[k] for k in ("classes", "pool_size", "seed", "vae")}
     payload = {"world": dataclasses.asdict(params.world), "pretrain": cfg}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
@@ -214,51 +217,80 @@ def train_vae(
     return vae.eval()
 
 
+@dataclasses.dataclass(frozen=True)
+class DecoderPass:
+    """One pass of VAE-decoder training on the frozen encoder's latents (its own optimizer, cosine and checkpoint)."""
+
+    stage: str  # settings_key stage and checkpoint folder
+    steps: int
+    lr: float
+    batch_size: int
+    edge_weight: float
+    seed: int
+
+
+def decoder_passes(params: Params) -> list[DecoderPass]:
+    """Stage 1b, the decoder fine-tune, then 1c, the sharpening pass from its weights (skipped at 0 steps)."""
+    cfg, v = params.pretrain, params.pretrain.vae
+    return [
+        DecoderPass(DECODER_DIR, v.decoder_steps, v.decoder_lr, v.batch_size, v.edge_weight, cfg.seed + 2),
+        DecoderPass(
+            SHARPEN_DIR,
+            v.decoder_sharpen_steps,
+            v.decoder_sharpen_lr,
+            v.decoder_sharpen_batch_size,
+            v.decoder_sharpen_edge_weight,
+            cfg.seed + 3,
+        ),
+    ]
+
+
 def finetune_decoder(
     params: Params,
     vae: torch.nn.Module,
     images: torch.Tensor,
     *,
+    run: DecoderPass,
     means: torch.Tensor,
     stds: torch.Tensor,
     work: Path,
     device: torch.device,
 ) -> torch.nn.Module:
-    """Stage 1b: the VAE decoder alone on the frozen encoder's latents (resumable); the latent space stays put."""
-    cfg, vcfg = params.pretrain, params.pretrain.vae
-    if not vcfg.decoder_steps:
-        logger.info("pretrain.vae.decoder_steps is 0: the VAE decoder is not fine-tuned")
+    """The VAE decoder alone on the frozen encoder's latents (resumable); the latent space, all the UNet sees, stays
+    put."""
+    if not run.steps:
+        logger.info("pretrain.vae: the %s pass has 0 steps, skipped", run.stage)
         return vae
-    done, key = work / DECODER_DIR, settings_key(params, "decoder")
+    done, key = work / run.stage, settings_key(params, run.stage)
     decoder = [vae.post_quant_conv, vae.decoder]
     loaded = _load_state(done, key)
     if loaded is not None:
         vae.load_state_dict({**vae.state_dict(), **_unflat("vae", loaded[0])})
-        if loaded[1]["step"] == vcfg.decoder_steps:
-            logger.info("VAE decoder already fine-tuned (%s), reusing it", done)
+        if loaded[1]["step"] == run.steps:
+            logger.info("VAE %s pass already done (%s), reusing it", run.stage, done)
             return vae.eval()
     params_ = [p for m in decoder for p in m.parameters()]
-    opt = torch.optim.AdamW(params_, lr=vcfg.decoder_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params_, lr=run.lr, weight_decay=0.0)
     step = 0
     if loaded is not None:
         _restore_optimizer(opt, loaded[0])
         step = int(loaded[1]["step"])
-        logger.info("resuming VAE decoder fine-tuning at step %d", step)
+        logger.info("resuming the VAE %s pass at step %d", run.stage, step)
     for m in decoder:
         m.train()
-    bar = tqdm(total=vcfg.decoder_steps, initial=step, desc="fine-tune VAE decoder", unit="step", mininterval=5)
+    bar = tqdm(total=run.steps, initial=step, desc=f"VAE {run.stage}", unit="step", mininterval=5)
     losses: list[float] = []
-    while step < vcfg.decoder_steps:
+    while step < run.steps:
         for g in opt.param_groups:
-            g["lr"] = _lr(vcfg.decoder_lr, step, vcfg.decoder_steps)
-        rng, gen = _step_rng(cfg.seed + 2, step)
-        idx = torch.from_numpy(rng.integers(0, len(images), size=vcfg.batch_size))
+            g["lr"] = _lr(run.lr, step, run.steps)
+        rng, gen = _step_rng(run.seed, step)
+        idx = torch.from_numpy(rng.integers(0, len(images), size=run.batch_size))
         x = images[idx].to(device).float() / 127.5 - 1
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)).to(device)
         recon = vae.decode(z).sample
-        _optimizer_step(opt, _reconstruction_loss(recon, x, vcfg.edge_weight), params_, losses=losses, bar=bar)
+        _optimizer_step(opt, _reconstruction_loss(recon, x, run.edge_weight), params_, losses=losses, bar=bar)
         step += 1
-        if step % cfg.checkpoint_every == 0 or step == vcfg.decoder_steps:
+        if step % params.pretrain.checkpoint_every == 0 or step == run.steps:
             decoder_state = {
                 k: v for k, v in vae.state_dict().items() if k.startswith(("decoder.", "post_quant_conv."))
             }
@@ -452,7 +484,8 @@ def pretrain_sd(
     # 2. the VAE, and its scaling factor from the pool's latents
     vae = train_vae(params, components["vae"], images, work=work, device=dev)
     means, stds = encode_pool(vae, images, dev)
-    vae = finetune_decoder(params, vae, images, means=means, stds=stds, work=work, device=dev)
+    for run in decoder_passes(params):
+        vae = finetune_decoder(params, vae, images, run=run, means=means, stds=stds, work=work, device=dev)
     scaling = float(1.0 / means.std().item())
     vae.register_to_config(scaling_factor=scaling)
     components["vae"] = vae.cpu().eval()
