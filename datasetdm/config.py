@@ -85,7 +85,7 @@ class VAEPretrainConfig:
     decoder_lr: float = 5e-4
     # Then a second decoder pass from those weights (fresh optimizer, its own cosine): a larger
     # batch and edges weighted more. The codec bounds what any generated image can show.
-    decoder_sharpen_steps: int = 0
+    decoder_sharpen_steps: int = 8000
     decoder_sharpen_lr: float = 1e-3
     decoder_sharpen_batch_size: int = 32
     decoder_sharpen_edge_weight: float = 2.0

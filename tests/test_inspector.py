@@ -110,6 +110,7 @@ def test_measure_backbone_on_a_tiny_backbone(tiny_params, tiny_backbone, tmp_pat
     assert set(pf["single_object_by_shape"]) == set(build_tiny_inspector().classes)
     assert (tmp_path / "grid.png").stat().st_size > 0
     assert result["codec"]["num"] == tiny_params.inspect.num_codec
+    assert 0 <= pf["single_object_codec"] <= 1 and 0 <= pf["two_objects_codec"] <= 1
 
 
 def test_codec_audit_reads_reconstructions_beside_originals(tiny_params, tiny_backbone):

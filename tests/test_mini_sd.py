@@ -29,7 +29,14 @@ def tiny_pretrain(tmp_path: Path, name: str, **over) -> dict:
         "text_dim": 16,
         "text_layers": 1,
         "max_length": 16,
-        "vae": {"steps": 4, "batch_size": 4, "block_out_channels": [16, 16, 16], "decoder_steps": 3},
+        "vae": {
+            "steps": 4,
+            "batch_size": 4,
+            "block_out_channels": [16, 16, 16],
+            "decoder_steps": 3,
+            "decoder_sharpen_steps": 2,
+            "decoder_sharpen_batch_size": 4,
+        },
         **over,
     }
     return {"world": {"image_size": 32}, "pretrain": cfg}
@@ -83,15 +90,15 @@ def test_stopped_and_resumed_pretraining_gives_the_weights_of_an_unbroken_run(tm
 def test_a_decoder_sharpening_pass_changes_the_vae_decoder_alone(tmp_path):
     """Adding the second decoder pass to a finished run reuses every checkpoint before it: the encoder (so the
     latents the UNet learned) and the UNet stay bit for bit, only the VAE decoder moves."""
-    first = params_from_dict(tiny_pretrain(tmp_path, "run"), source="test")
+    vae = tiny_pretrain(tmp_path, "run")["pretrain"]["vae"]
+    first = params_from_dict(tiny_pretrain(tmp_path, "run", vae={**vae, "decoder_sharpen_steps": 0}), source="test")
     pretrain_sd(first, preview=False)
     out = Path(first.pretrain.out)
     before = {
         part: load_file(out / f"{part}.safetensors")
         for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model")
     }
-    vae = {**tiny_pretrain(tmp_path, "run")["pretrain"]["vae"], "decoder_sharpen_steps": 2}
-    pretrain_sd(params_from_dict(tiny_pretrain(tmp_path, "run", vae=vae), source="test"), preview=False)
+    pretrain_sd(params_from_dict(tiny_pretrain(tmp_path, "run"), source="test"), preview=False)
     assert (work_dir(first) / "vae-decoder-sharpen" / "meta.json").is_file()
     unet = load_file(out / "unet/diffusion_pytorch_model.safetensors")
     assert all(torch.equal(unet[k], before["unet/diffusion_pytorch_model"][k]) for k in unet)

@@ -64,6 +64,11 @@ def to_uint8(images, size: int) -> np.ndarray:
     return np.stack(out)
 
 
+def _to_float(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1], as backbones take images."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
 def generate_layouts(
     backbone: Backbone, layouts: list[Layout], *, seed: int, params: Params, batch_size: int = 16
 ) -> np.ndarray:
@@ -112,8 +117,8 @@ def codec_quality(backbone: Backbone, inspector: Inspector, params: Params, batc
     truth = np.stack([s.semantic for s in scenes])
     rebuilt = []
     for i in tqdm(range(0, len(originals), batch_size), desc="VAE round trip", unit="batch", mininterval=5):
-        x = torch.from_numpy(originals[i : i + batch_size]).permute(0, 3, 1, 2).float() / 255
-        rebuilt.append(to_uint8(backbone.autoencode(x), params.world.image_size))
+        batch = _to_float(originals[i : i + batch_size])
+        rebuilt.append(to_uint8(backbone.autoencode(batch), params.world.image_size))
     reconstructed = np.concatenate(rebuilt)
     mse = float(np.mean((reconstructed.astype(np.float64) - originals) ** 2)) / 255**2
     num_classes = 1 + len(inspector.classes)
@@ -186,6 +191,9 @@ def measure_backbone(
             [render_scene(world, cfg.fidelity_seed + i, layout=lay).image for i, lay in enumerate(layouts)]
         )
         result["prompt_fidelity"][f"{key}_rendered"] = prompt_fidelity(inspector, rendered, layouts)[0]
+        # ... and through the VAE and back: the most any sample can score with this codec.
+        round_trip = to_uint8(backbone.autoencode(_to_float(rendered)), params.world.image_size)
+        result["prompt_fidelity"][f"{key}_codec"] = prompt_fidelity(inspector, round_trip, layouts)[0]
         if n == 1:
             verdicts = {
                 shape: [good for good, lay in zip(ok, layouts) if lay[0][0] == shape] for shape in inspector.classes
