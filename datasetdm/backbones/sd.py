@@ -306,8 +306,7 @@ class StableDiffusionBackbone:
                 uncond, cond = eps.chunk(2)
                 eps = uncond + guidance_scale * (cond - uncond)
             latents = scheduler.step(eps, t, latents, eta=0.0, return_dict=False)[0]
-        images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (images / 2 + 0.5).clamp(0, 1).to(self.output_device, torch.float32), features
+        return self._decode(latents), features
 
     @torch.no_grad()
     def autoencode(self, images: torch.Tensor) -> torch.Tensor:
@@ -316,8 +315,12 @@ class StableDiffusionBackbone:
         Every image the model draws leaves through this decoder, so its reconstructions bound
         how sharp a generated edge can be (audited in ``metrics/backbone.json``).
         """
-        decoded = self.vae.decode(self._encode(images) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (decoded / 2 + 0.5).clamp(0, 1).to(self.output_device, torch.float32)
+        return self._decode(self._encode(images))
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled VAE latents -> images (B, 3, H, W) in [0, 1], float32 on the output device: ``_encode``'s inverse."""
+        images = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (images / 2 + 0.5).clamp(0, 1).to(self.output_device, torch.float32)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [0, 1] -> scaled VAE latents (the mean, so only seeds vary noise), resized to the

@@ -24,15 +24,15 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from scipy import linalg
 from tqdm import tqdm
 
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import Params
+from datasetdm.decoder.train import images_tensor
 from datasetdm.downstream.data import from_export
-from datasetdm.evaluate.inspector import Inspector
+from datasetdm.evaluate.inspector import Inspector, render_set
 from datasetdm.evaluate.semantic import confusion_matrix, semantic_metrics
 from datasetdm.export.grid import sample_grid
 from datasetdm.worlds.shapes import caption_for, render_scene
@@ -62,11 +62,6 @@ def to_uint8(images, size: int) -> np.ndarray:
             pixels = np.asarray(Image.fromarray(pixels).resize((size, size), Image.BILINEAR))
         out.append(pixels)
     return np.stack(out)
-
-
-def _to_float(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [0, 1], as backbones take images."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
 
 def generate_layouts(
@@ -112,12 +107,11 @@ def codec_quality(backbone: Backbone, inspector: Inspector, params: Params, batc
     """
     cfg = params.inspect
     world = dataclasses.replace(params.world, classes=inspector.classes, colours=inspector.colours)
-    scenes = [render_scene(world, cfg.codec_seed + i) for i in range(cfg.num_codec)]
-    originals = np.stack([s.image for s in scenes])
-    truth = np.stack([s.semantic for s in scenes])
+    scenes, _ = render_set(world, cfg.num_codec, cfg.codec_seed, "render codec scenes")
+    originals, truth = scenes.images, scenes.semantic
     rebuilt = []
     for i in tqdm(range(0, len(originals), batch_size), desc="VAE round trip", unit="batch", mininterval=5):
-        batch = _to_float(originals[i : i + batch_size])
+        batch = images_tensor(originals[i : i + batch_size])
         rebuilt.append(to_uint8(backbone.autoencode(batch), params.world.image_size))
     reconstructed = np.concatenate(rebuilt)
     mse = float(np.mean((reconstructed.astype(np.float64) - originals) ** 2)) / 255**2
@@ -192,7 +186,7 @@ def measure_backbone(
         )
         result["prompt_fidelity"][f"{key}_rendered"] = prompt_fidelity(inspector, rendered, layouts)[0]
         # ... and through the VAE and back: the most any sample can score with this codec.
-        round_trip = to_uint8(backbone.autoencode(_to_float(rendered)), params.world.image_size)
+        round_trip = to_uint8(backbone.autoencode(images_tensor(rendered)), params.world.image_size)
         result["prompt_fidelity"][f"{key}_codec"] = prompt_fidelity(inspector, round_trip, layouts)[0]
         if n == 1:
             verdicts = {

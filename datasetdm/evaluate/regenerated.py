@@ -20,12 +20,12 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import BackboneConfig, WorldConfig
 from datasetdm.decoder.model import PDecoder
+from datasetdm.decoder.train import images_tensor
 from datasetdm.evaluate.semantic import confusion_matrix, iou_from_confusion
 from datasetdm.filtering import quality_score
 from datasetdm.generate import annotate_batch
@@ -53,7 +53,7 @@ def filter_on_regenerated(
     miou: list[float] = []
     for start in tqdm(range(0, num, batch_size), desc="filter on regenerated layouts", unit="batch", mininterval=2):
         scenes = [render_scene(world, seed + i) for i in range(start, min(start + batch_size, num))]
-        images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 255
+        images = images_tensor([s.image for s in scenes])
         made = annotate_batch(
             backbone,
             decoder,
