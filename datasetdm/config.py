@@ -138,6 +138,9 @@ class DecoderConfig:
     channels: int = 64
     image_skip: bool = True
     colour_jitter: bool = True  # shuffle RGB of the decoder's image input in training
+    # Which named class an object pixel is, where a prompt names several: the strongest cross-attention
+    # map there ("attention"; k-fold over the K images 0.69 -> 0.85 mIoU) or the decoder's own argmax.
+    class_source: Literal["attention", "decoder"] = "attention"
     views: int = 8  # dihedral views of each labelled image: 1 (as is), 2 (+ flip) or 8 (+ rotations)
     steps: int = 400
     batch_size: int = 8

@@ -222,7 +222,7 @@ def annotate_batch(
     probs = out["semantic"]
     named = [[classes.index(c) for c in prompt_classes(p, backbone, classes)] for p in prompts]
     quality = quality_components(probs, attention, named)
-    labels = np.stack([clean_labels(x) for x in probs.argmax(1).to(torch.uint8).cpu().numpy()])
+    labels = np.stack([clean_labels(x) for x in out["labels"].to(torch.uint8).cpu().numpy()])
     pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     embeddings = features.pooled().cpu().numpy().astype(np.float16)
     batch = AnnotatedBatch(pixels, labels, quality, embeddings, object_class_probs(probs))

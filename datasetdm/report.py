@@ -51,25 +51,19 @@ def render_report(
         "",
         f"{metrics.get('num_images', '?')} held-out images, features from noised real images.",
         "",
-        "Semantic: the decoder as generation uses it (it chooses among the classes the caption names); "
-        "without that restriction; and the training-free cross-attention baseline (DiffuMask-style).",
+        "Semantic: the labels as generation makes them (the decoder finds the objects and, where the caption "
+        "names several classes, the cross-attention says which is which: `decoder.class_source`); the decoder "
+        "choosing the named class itself; the decoder with every class competing; and the training-free "
+        "cross-attention baseline (DiffuMask-style).",
         "",
-        "| label | decoder | decoder, all classes compete | attention only |",
-        "|---|---:|---:|---:|",
+        "| label | as generated | decoder's classes | decoder, all classes compete | attention only |",
+        "|---|---:|---:|---:|---:|",
     ]
-    columns = [
-        metrics.get(k, {}).get("per_class_iou", {}) for k in ("semantic", "semantic_unrestricted", "attention_only")
-    ]
+    kinds = ("semantic", "semantic_decoder_classes", "semantic_unrestricted", "attention_only")
+    columns = [metrics.get(k, {}).get("per_class_iou", {}) for k in kinds]
     for name in sem.get("per_class_iou", {}):
         lines.append(f"| {name} | " + " | ".join(_num(col.get(name)) for col in columns) + " |")
-    lines.append(
-        "| **mIoU** | "
-        + " | ".join(
-            f"**{_num(metrics.get(k, {}).get('mIoU'))}**"
-            for k in ("semantic", "semantic_unrestricted", "attention_only")
-        )
-        + " |"
-    )
+    lines.append("| **mIoU** | " + " | ".join(f"**{_num(metrics.get(k, {}).get('mIoU'))}**" for k in kinds) + " |")
     lines.append("")
     if "instances" in metrics:
         ins = metrics["instances"]

@@ -9,8 +9,8 @@ overrides of ``params.yaml``; the figures are means over folds.
     python scripts/decoder_kfold.py --folds 4 --out metrics/decoder_kfold.json \
         base steps=1200 "steps=1200 channels=96"
 
-Writes one JSON object: setting -> {semantic_mIoU, per-class IoU, instance AP, depth AbsRel,
-keypoint AP, seconds}.
+Writes one JSON object: setting -> {semantic_mIoU, per-class IoU (both also with the decoder's
+own classes: ``decoder.class_source``), instance AP, depth AbsRel, keypoint AP, seconds}.
 """
 
 from __future__ import annotations
@@ -72,9 +72,13 @@ def main() -> None:
             scored = evaluate_decoder(backbone, decoder, judged, params.backbone, min_score=params.filter.min_score)
             folds.append(scored)
         iou = {c: _mean([m["semantic"]["per_class_iou"][c] for m in folds]) for c in params.world.classes}
+        own = {c: _mean([m["semantic_decoder_classes"]["per_class_iou"][c] for m in folds]) for c in iou}
         results[text] = {
             "semantic_mIoU": _mean([m["semantic"]["mIoU"] for m in folds]),
             "iou": iou,
+            # the same folds' labels with the named class from the decoder's own argmax (decoder.class_source)
+            "semantic_mIoU_decoder_classes": _mean([m["semantic_decoder_classes"]["mIoU"] for m in folds]),
+            "iou_decoder_classes": own,
             "instance_AP": _mean([m["instances"]["AP"] for m in folds]),
             "depth_AbsRel": _mean([m["depth"]["abs_rel"] for m in folds if "depth" in m]),
             "keypoint_AP": _mean([m["keypoints"]["AP"] for m in folds if "keypoints" in m]),

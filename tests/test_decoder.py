@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datasetdm.backbones.base import Features
-from datasetdm.decoder.inputs import class_attention, prompt_classes
+from datasetdm.decoder.inputs import class_attention, prompt_classes, semantic_labels
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import predict, predict_semantic, train_decoder
 from datasetdm.errors import DatasetDMError
@@ -31,6 +31,28 @@ def test_class_attention_picks_named_classes(tiny_backbone):
     torch.testing.assert_close(out[0, 0], att[0, 3] / att[0, 3].max())  # "circles" is token 3
     assert out[0, 1].abs().sum() == 0 and out[0, 2].abs().sum() == 0
     assert prompt_classes("a blue square and a red circle", tiny_backbone, classes) == ["circle", "square"]
+
+
+def test_objects_from_the_decoder_classes_from_the_attention():
+    """Where a prompt names two classes, each object pixel takes the named class whose attention is strongest
+    there; background and one-class prompts are the decoder's; ``decoder`` keeps its argmax."""
+    probs = torch.zeros(3, 4, 8, 8)  # background + 3 classes
+    probs[:, 0] = 1.0
+    probs[:, 0, 2:6, 1:7] = 0.2  # an object across the middle
+    probs[:, 1, 2:6, 1:7] = 0.5  # the decoder calls all of it class 1 ...
+    probs[:, 2, 2:6, 1:7] = 0.3
+    attention = torch.zeros(3, 3, 4, 4)
+    attention[:, 0, :, :2] = 1.0  # ... the attention puts class 1 on the left half
+    attention[:, 1, :, 2:] = 1.0  # and class 2 on the right
+    attention[:, 2] = 5.0  # a class no prompt names never wins
+    named = torch.tensor([[True, True, True, False], [True, True, False, False], [False, False, False, False]])
+    named[2, 0] = True  # the third prompt names no class
+    labels = semantic_labels(probs, attention, named, "attention")
+    assert (labels[0, :2] == 0).all() and (labels[0, 6:] == 0).all()  # background stays
+    assert (labels[0, 2:6, 1:4] == 1).all() and (labels[0, 2:6, 4:7] == 2).all()
+    assert (labels[1] == probs[1].argmax(0)).all()  # one named class: the decoder's labels
+    assert (labels[2] == 0).all()
+    assert (semantic_labels(probs, attention, named, "decoder") == probs.argmax(1)).all()
 
 
 def test_training_lowers_the_loss_and_roundtrips(tiny_backbone, tiny_params, labelled, tmp_path):

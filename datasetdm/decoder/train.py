@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from datasetdm.backbones.base import Backbone, Features
 from datasetdm.config import BackboneConfig, DecoderConfig
-from datasetdm.decoder.inputs import class_attention, named_class_mask, restrict_logits
+from datasetdm.decoder.inputs import class_attention, named_class_mask, restrict_logits, semantic_labels
 from datasetdm.decoder.model import PDecoder
 from datasetdm.keypoints import render_heatmaps
 from datasetdm.realset import LabelledImage
@@ -54,6 +54,7 @@ def build_decoder(
             "image_skip": cfg.image_skip,
             "heads": list(cfg.heads),
             "image_size": image_size,
+            "class_source": cfg.class_source,
         }
     )
 
@@ -202,12 +203,14 @@ def predict(
     restrict: bool = True,
     attention: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Every head's output in user units: ``semantic`` class probabilities (B, 1 + C, H, W)
-    and, if the decoder has those heads, ``depth`` in metres and ``keypoints`` heatmap
-    probabilities (B, 2, H, W).
+    """Every head's output in user units: ``semantic`` class probabilities (B, 1 + C, H, W),
+    ``labels`` the class ids (B, H, W) generation stores (``semantic_labels``) and, if the
+    decoder has those heads, ``depth`` in metres and ``keypoints`` heatmap probabilities
+    (B, 2, H, W).
 
     With ``restrict`` (the default, as in training) only background and the classes
-    the prompt names can win. ``attention`` is ``class_attention(features, ...)`` when
+    the prompt names can win, and the decoder's ``class_source`` picks among them; without
+    it ``labels`` is the plain argmax. ``attention`` is ``class_attention(features, ...)`` when
     the caller already has it.
     """
     if attention is None:
@@ -215,8 +218,13 @@ def predict(
     out = decoder(features.maps, attention, images)
     logits = out["semantic"]
     if restrict:
-        logits = restrict_logits(logits, named_class_mask(features.prompts, backbone, classes))
-    result = {"semantic": logits.softmax(1)}
+        named = named_class_mask(features.prompts, backbone, classes)
+        probs = restrict_logits(logits, named).softmax(1)
+        labels = semantic_labels(probs, attention, named, decoder.config.get("class_source", "decoder"))
+    else:
+        probs = logits.softmax(1)
+        labels = probs.argmax(1)
+    result = {"semantic": probs, "labels": labels}
     if "depth" in out:
         result["depth"] = out["depth"].exp()
     if "keypoints" in out:

@@ -16,7 +16,13 @@ from tqdm import tqdm
 
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import BackboneConfig
-from datasetdm.decoder.inputs import class_attention, named_class_mask, prompt_classes, restrict_logits
+from datasetdm.decoder.inputs import (
+    class_attention,
+    named_class_mask,
+    prompt_classes,
+    restrict_logits,
+    semantic_labels,
+)
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import images_tensor
 from datasetdm.evaluate.depth import DepthMetrics
@@ -95,7 +101,9 @@ def evaluate_decoder(
     """Every head of the decoder on held-out real images, plus two references.
 
     ``semantic`` is the decoder as generation uses it (choosing among the classes the
-    caption names); ``semantic_unrestricted`` lets every class compete, and
+    caption names, by its ``class_source``: ``decoder.inputs.semantic_labels``);
+    ``semantic_decoder_classes`` takes the named class from the decoder's own argmax
+    whatever the source; ``semantic_unrestricted`` lets every class compete, and
     ``attention_only`` is the training-free DiffuMask-style baseline (each named
     class's cross-attention map thresholded at half its peak; the highest wins).
     ``instances`` is COCO mask AP of connected components of the semantic labels;
@@ -109,7 +117,8 @@ def evaluate_decoder(
     """
     classes = tuple(decoder.config["classes"])
     n = 1 + len(classes)
-    conf = {k: np.zeros((n, n), dtype=np.int64) for k in ("semantic", "semantic_unrestricted", "attention_only")}
+    kinds = ("semantic", "semantic_decoder_classes", "semantic_unrestricted", "attention_only")
+    conf = {k: np.zeros((n, n), dtype=np.int64) for k in kinds}
     depth = DepthMetrics() if "depth" in decoder.config["heads"] else None
     instances = InstanceAP(classes)
     keypoints = KeypointAP(classes) if "keypoints" in decoder.config["heads"] else None
@@ -127,8 +136,10 @@ def evaluate_decoder(
             out = decoder(feats.maps, attention, images)
         named = named_class_mask(feats.prompts, backbone, classes)
         restricted = restrict_logits(out["semantic"], named)
+        class_source = decoder.config.get("class_source", "decoder")
         preds = {
-            "semantic": restricted.argmax(1),
+            "semantic": semantic_labels(restricted.softmax(1), attention, named, class_source),
+            "semantic_decoder_classes": restricted.argmax(1),
             "semantic_unrestricted": out["semantic"].argmax(1),
             "attention_only": attention_masks(attention, named, images.shape[-2:], attention_threshold),
         }

@@ -4,7 +4,9 @@ The P-Decoder only knows the classes it was trained on, but the backbone knows e
 word of its vocabulary. For an unseen class the decoder still says *where objects
 are* (one minus background probability), and cross-attention says *which named
 word* each object pixel belongs to: a foreground pixel whose strongest named
-attention map is an unseen class's gets that class. Reported as the seed paper's
+attention map is an unseen class's gets that class. With ``decoder.class_source:
+attention`` (how generation labels) every foreground pixel takes its strongest named
+class, seen or unseen. Reported as the seed paper's
 table does: mIoU over seen classes, over unseen classes, and their harmonic mean.
 """
 
@@ -12,12 +14,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import BackboneConfig
-from datasetdm.decoder.inputs import class_attention, named_class_mask, restrict_logits
+from datasetdm.decoder.inputs import (
+    class_attention,
+    named_class_mask,
+    restrict_logits,
+    semantic_labels,
+    strongest_named,
+)
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import images_tensor
 from datasetdm.evaluate.semantic import confusion_matrix, iou_from_confusion
@@ -42,12 +49,12 @@ def zero_shot_labels(
     logits = decoder(feats.maps, class_attention(feats, backbone, seen), images)["semantic"]
     probs = restrict_logits(logits, named_class_mask(prompts, backbone, seen)).softmax(1)
     labels = probs.argmax(1)
-    attention = F.interpolate(
-        class_attention(feats, backbone, every), size=images.shape[-2:], mode="bilinear", align_corners=False
-    )
-    named = named_class_mask(prompts, backbone, every)[:, 1:]
-    attention = attention.masked_fill(~named[:, :, None, None], -1.0)
-    best = attention.argmax(1)  # index into ``every``
+    named = named_class_mask(prompts, backbone, every)
+    attention = class_attention(feats, backbone, every)
+    if decoder.config.get("class_source", "decoder") == "attention":
+        # as generation labels: every object pixel takes its strongest named class, seen or not
+        return semantic_labels(probs, attention, named, "attention")
+    best = strongest_named(attention, named[:, 1:], images.shape[-2:])  # index into ``every``
     foreground = probs[:, 0] < 0.5
     to_unseen = foreground & (best >= len(seen))
     return torch.where(to_unseen, best + 1, labels)
