@@ -48,6 +48,12 @@ class PDecoder(nn.Module):
         self.up2 = _block(d // 2 + skip, d // 2)
         self.heads = nn.ModuleDict({name: HEADS[name](d // 2, num_classes) for name in config["heads"]})
 
+    @property
+    def class_source(self) -> str:
+        """How its labels name the object pixels (``decoder.class_source``; a decoder saved before the key
+        existed took its own argmax)."""
+        return self.config.get("class_source", "decoder")
+
     def trunk(self, maps: list[torch.Tensor], attention: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         x = None
         for lat, smooth, m in zip(self.lateral, self.smooth, maps):

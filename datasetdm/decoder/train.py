@@ -220,7 +220,7 @@ def predict(
     if restrict:
         named = named_class_mask(features.prompts, backbone, classes)
         probs = restrict_logits(logits, named).softmax(1)
-        labels = semantic_labels(probs, attention, named, decoder.config.get("class_source", "decoder"))
+        labels = semantic_labels(probs, attention, named, decoder.class_source)
     else:
         probs = logits.softmax(1)
         labels = probs.argmax(1)

@@ -136,9 +136,8 @@ def evaluate_decoder(
             out = decoder(feats.maps, attention, images)
         named = named_class_mask(feats.prompts, backbone, classes)
         restricted = restrict_logits(out["semantic"], named)
-        class_source = decoder.config.get("class_source", "decoder")
         preds = {
-            "semantic": semantic_labels(restricted.softmax(1), attention, named, class_source),
+            "semantic": semantic_labels(restricted.softmax(1), attention, named, decoder.class_source),
             "semantic_decoder_classes": restricted.argmax(1),
             "semantic_unrestricted": out["semantic"].argmax(1),
             "attention_only": attention_masks(attention, named, images.shape[-2:], attention_threshold),

@@ -48,16 +48,15 @@ def zero_shot_labels(
     every = seen + unseen
     logits = decoder(feats.maps, class_attention(feats, backbone, seen), images)["semantic"]
     probs = restrict_logits(logits, named_class_mask(prompts, backbone, seen)).softmax(1)
-    labels = probs.argmax(1)
     named = named_class_mask(prompts, backbone, every)
     attention = class_attention(feats, backbone, every)
-    if decoder.config.get("class_source", "decoder") == "attention":
+    if decoder.class_source == "attention":
         # as generation labels: every object pixel takes its strongest named class, seen or not
         return semantic_labels(probs, attention, named, "attention")
     best = strongest_named(attention, named[:, 1:], images.shape[-2:])  # index into ``every``
     foreground = probs[:, 0] < 0.5
     to_unseen = foreground & (best >= len(seen))
-    return torch.where(to_unseen, best + 1, labels)
+    return torch.where(to_unseen, best + 1, probs.argmax(1))
 
 
 def evaluate_zero_shot(
