@@ -23,10 +23,16 @@ from datasetdm.config import Params
 from datasetdm.cost import read_costs
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import train_decoder
-from datasetdm.downstream.baseline import baseline_key, read_baseline, train_baseline
-from datasetdm.downstream.data import from_export, from_labelled
+from datasetdm.downstream.baseline import (
+    baseline_key,
+    read_baseline,
+    read_fixed_arms,
+    train_baseline,
+    uplift_fixed_key,
+)
+from datasetdm.downstream.data import ArraySet, from_export, from_labelled
 from datasetdm.downstream.models import TASKS
-from datasetdm.downstream.uplift import uplift_table
+from datasetdm.downstream.uplift import score_arms, uplift_table
 from datasetdm.errors import DatasetDMError
 from datasetdm.evaluate.regenerated import filter_on_regenerated
 from datasetdm.evaluate.semantic import evaluate_decoder, fit_attention_threshold
@@ -37,7 +43,7 @@ from datasetdm.filtering import filter_samples
 from datasetdm.generate import MANIFEST, generate, load_prompts, read_records
 from datasetdm.io import sha256_file, write_json, write_text
 from datasetdm.prompts import expand_prompts
-from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
+from datasetdm.realset import LabelledImage, load_real_set, real_set_split_dirs, write_real_set
 from datasetdm.report import render_report
 
 logger = logging.getLogger(__name__)
@@ -323,7 +329,7 @@ def downstream_stage(params: Params) -> dict:
     synthetic = from_export(params.export.out)
     test = load_real_set(test_dir, classes)
     known = read_baseline(cfg.baseline, baseline_key(train_dir, test_dir, classes, cfg))
-    results = uplift_table(real, synthetic, test, classes, cfg=cfg, known_real=known)
+    results = uplift_table(real, synthetic, test, classes, cfg=cfg, known=None if known is None else {"real": known})
     write_json(cfg.out, results["metrics"])
     write_json(cfg.plot, results["plot"])
     return results["metrics"]
@@ -334,38 +340,65 @@ def uplift_part_path(params: Params, model: str) -> Path:
     return Path(params.downstream.uplift_parts) / f"{model}.json"
 
 
+def fixed_arms_path(params: Params, model: str) -> Path:
+    """Where ``make uplift`` keeps one model's (a) and ceiling arms."""
+    return Path(params.downstream.uplift_parts) / "fixed" / f"{model}.json"
+
+
 def uplift_model_stage(params: Params, model: str) -> dict:
     """Stage ``uplift-<model>``: one downstream model's rows of the uplift table over ``downstream.uplift_seeds``
     seeds with the fully supervised ceiling row, trained ``downstream.uplift_steps.<model>`` steps.
 
     Each model is its own DVC stage because each takes most of an hour on 2 cores: a change
-    to one task's steps retrains that task only. The ceiling's labelled images are rendered
-    from their own seed range, never the held-out test images, and written and read as a
-    COCO set as any labelled set is.
+    to one task's steps retrains that task only, and the arms that never read the export
+    come from ``fixed_arms_path`` while the real sets, recipe and code are the same
+    (``_fixed_arms``), so a new export retrains the synthetic arms alone.
     """
     cfg = params.downstream
     train_dir, test_dir = real_set_split_dirs(params.real.dir)
     real = from_labelled(load_real_set(train_dir, params.world.classes))
-    synthetic = from_export(params.export.out)
     test = load_real_set(test_dir, params.world.classes)
-    ceiling = None
-    if cfg.ceiling_images:
-        with tempfile.TemporaryDirectory() as tmp:
-            write_real_set(params.world, Path(tmp) / "ceiling", cfg.ceiling_images, cfg.ceiling_seed)
-            ceiling = from_labelled(load_real_set(Path(tmp) / "ceiling", params.world.classes))
+    known = _fixed_arms(params, model, real, test)
     results = uplift_table(
         real,
-        synthetic,
+        from_export(params.export.out),
         test,
         params.world.classes,
         cfg=cfg,
         seeds=cfg.uplift_seeds,
-        ceiling=ceiling,
+        known=known,
+        num_ceiling=cfg.ceiling_images,
         steps=dataclasses.asdict(cfg.uplift_steps),
         tasks=(model,),
     )
     write_json(uplift_part_path(params, model), results["metrics"])
     return results["metrics"]
+
+
+def _fixed_arms(params: Params, model: str, real: ArraySet, test: list[LabelledImage]) -> dict[str, dict]:
+    """One model's (a) and ceiling arms: stored ones made from the same inputs, else trained now and stored
+    before the synthetic arms start, so a run stopped later keeps them.
+
+    The ceiling's labelled images are rendered from their own seed range, never the
+    held-out test images, and written and read as a COCO set as any labelled set is.
+    """
+    cfg, classes = params.downstream, params.world.classes
+    train_dir, test_dir = real_set_split_dirs(params.real.dir)
+    path = fixed_arms_path(params, model)
+    key = uplift_fixed_key(train_dir, test_dir, classes, cfg, params.world, model)
+    known = read_fixed_arms(path, key)
+    if known is not None:
+        return known
+    arms: dict[str, list[ArraySet]] = {"real": [real]}
+    with tempfile.TemporaryDirectory() as tmp:
+        if cfg.ceiling_images:
+            write_real_set(params.world, Path(tmp) / "ceiling", cfg.ceiling_images, cfg.ceiling_seed)
+            arms["ceiling"] = [from_labelled(load_real_set(Path(tmp) / "ceiling", classes))]
+        steps = dataclasses.asdict(cfg.uplift_steps)
+        scores = score_arms(arms, test, classes, cfg=cfg, seeds=cfg.uplift_seeds, steps=steps, tasks=(model,))
+    known = {name: {task: runs[name] for task, runs in scores.items() if name in runs} for name in arms}
+    write_json(path, {"key": key, "arms": known})
+    return known
 
 
 def uplift_stage(params: Params) -> dict:

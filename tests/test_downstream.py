@@ -171,6 +171,44 @@ def test_uplift_stages_write_one_part_per_model_and_join_them(exported):
     assert not Path(p.downstream.uplift_out).exists()
 
 
+def test_uplift_trains_the_arms_that_never_read_the_export_once(exported, caplog):
+    """(a) and the ceiling are stored beside a model's rows; reusing them gives the table byte for byte."""
+    p = dataclasses.replace(
+        exported,
+        downstream=dataclasses.replace(
+            exported.downstream, steps=2, batch_size=4, width=8, uplift_seeds=2, ceiling_images=6
+        ),
+    )
+    fixed, part = stages.fixed_arms_path(p, "semantic"), stages.uplift_part_path(p, "semantic")
+    fixed.unlink(missing_ok=True)
+    stages.STAGES["uplift-semantic"](p)
+    trained = part.read_bytes()
+    stored = json.loads(fixed.read_text())
+    assert list(stored["arms"]) == ["real", "ceiling"] and len(stored["arms"]["ceiling"]["semantic"]) == 2
+    assert stored["key"]["recipe"]["steps"] == 3 and stored["key"]["ceiling"]["images"] == 6  # uplift_steps.semantic
+    with caplog.at_level("INFO", logger="datasetdm.downstream.baseline"):
+        stages.STAGES["uplift-semantic"](p)
+    assert "reused" in caplog.text and part.read_bytes() == trained
+    table = json.loads(trained)["semantic"]
+    assert table["num_ceiling"] == 6 and list(k for k in table if k.endswith("_std")) == [
+        "mIoU_real_std",
+        "mIoU_synthetic_std",
+        "mIoU_real+synthetic_std",
+        "mIoU_ceiling_std",
+        "uplift_std",
+    ]
+    # other seeds: the stored arms are not used, and the file then holds the new ones
+    caplog.clear()
+    one_seed = dataclasses.replace(p, downstream=dataclasses.replace(p.downstream, uplift_seeds=1))
+    with caplog.at_level("INFO", logger="datasetdm.downstream.baseline"):
+        stages.STAGES["uplift-semantic"](one_seed)
+    assert "differ in seeds" in caplog.text and len(json.loads(fixed.read_text())["arms"]["real"]["semantic"]) == 1
+    fixed.write_text('{"key": {}}')
+    with pytest.raises(DatasetDMError) as e:
+        stages.STAGES["uplift-semantic"](p)
+    assert str(fixed) in str(e.value) and "arms" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_downstream_reuses_the_baseline_only_for_the_same_real_sets_and_recipe(exported, caplog):
     """The (a) arm from the baseline stage gives the downstream table byte for byte what training it there gives."""
     p = dataclasses.replace(
@@ -191,7 +229,7 @@ def test_downstream_reuses_the_baseline_only_for_the_same_real_sets_and_recipe(e
     other = dataclasses.replace(p, downstream=dataclasses.replace(p.downstream, steps=4))
     with caplog.at_level("INFO", logger="datasetdm.downstream.baseline"):
         stages.STAGES["downstream"](other)
-    assert "of other real sets or another recipe" in caplog.text
+    assert "differ in recipe" in caplog.text
     # a damaged file is one line naming it
     baseline.write_text("{not json")
     with pytest.raises(DatasetDMError) as e:

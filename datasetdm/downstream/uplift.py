@@ -136,32 +136,47 @@ def uplift_table(
     cfg: DownstreamConfig,
     seeds: int | None = None,
     ceiling: ArraySet | None = None,
-    known_real: dict[str, list[dict]] | None = None,
+    known: Mapping[str, Mapping[str, list[dict]]] | None = None,
+    num_ceiling: int | None = None,
     steps: Mapping[str, int] | None = None,
     tasks: Sequence[str] = TASKS,
 ) -> dict:
     """The uplift table: per task and training set, the held-out metric over ``seeds`` seeds; plus rows for the DVC
     plot.
 
-    ``known_real`` (task -> results per seed, ``datasetdm.downstream.baseline``) stands in
-    for training the (a) arm when the caller has checked it was made from the same real
-    sets and recipe. A task the synthetic set has no labels for (a decoder without that
-    head) gets the real-only row and no others. ``steps`` and ``tasks``: as ``score_arms`` takes them
-    (the rows of the models not in ``tasks`` are left out).
+    ``known`` (arm -> task -> results per seed, ``datasetdm.downstream.baseline``) stands
+    in for training the arms that never read the export, (a) ``real`` and ``ceiling``, when
+    the caller has checked they were made from the same real sets, recipe and seeds; a
+    known ceiling has ``num_ceiling`` images. A task the synthetic set has no labels for
+    (a decoder without that head) gets the real-only row and no others. ``steps`` and
+    ``tasks``: as ``score_arms`` takes them (the rows of the models not in ``tasks`` are left out).
     """
     seeds = seeds or cfg.seeds
+    known = known or {}
     counts = {"num_real": len(real), "num_synthetic": len(synthetic), "num_test": len(test), "seeds": seeds}
     if steps is not None:
         counts["steps"] = {task: steps.get(task, cfg.steps) for task in tasks}
-    if ceiling is not None:
-        counts["num_ceiling"] = len(ceiling)
+    if ceiling is not None or "ceiling" in known:
+        counts["num_ceiling"] = len(ceiling) if ceiling is not None else num_ceiling
     arms = _arms(real, synthetic, ceiling)
-    if known_real is not None:
-        del arms["real"]
-    scores = score_arms(arms, test, classes, cfg=cfg, seeds=seeds, steps=steps, tasks=tasks)
-    for task, results in (known_real or {}).items():
-        if task in scores:
-            scores[task] = {"real": results, **scores[task]}  # (a) first, as it is trained
+    trained = score_arms(
+        {name: sources for name, sources in arms.items() if name not in known},
+        test,
+        classes,
+        cfg=cfg,
+        seeds=seeds,
+        steps=steps,
+        tasks=tasks,
+    )
+    order = [*arms, *(name for name in known if name not in arms)]  # (a), (b), (c), ceiling: as they are trained
+    scores = {
+        task: {
+            name: known[name][task] if task in known.get(name, {}) else trained[task][name]
+            for name in order
+            if task in known.get(name, {}) or name in trained[task]
+        }
+        for task in trained
+    }
     metrics: dict = {}
     plot = []
     for task, model_task, key, label in TABLE:
