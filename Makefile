@@ -24,7 +24,7 @@ APP_PORT ?= 5151
 # naming the run that holds it; `make run WAIT=1` queues behind it instead.
 HOLD := python -m datasetdm hold-workspace $(if $(WAIT),--wait) --
 
-.PHONY: setup run flow test test-fast lint style pretrain inspector uplift bench clean serve serve-stop app app-screenshots plots bench-dask browser rounds steering
+.PHONY: setup run flow test test-fast lint style pretrain inspector uplift bench clean serve serve-stop app app-screenshots plots bench-dask browser rounds steering steering-scarce
 
 $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@test -x $(VENV)/bin/python || python3 -m venv $(VENV)
@@ -91,6 +91,10 @@ rounds: setup
 ## steering: steered vs uniform regeneration rounds over 3 seeds (metrics/steering.json; about 72 min on 2 cores)
 steering: setup
 	$(HOLD) dvc repro steering
+
+## steering-scarce: make steering where synthetic data is scarce (SAMPLES in round 0 and per round, default 100), in a clone of HEAD
+steering-scarce: setup
+	$(HOLD) scripts/steering_scarce.sh $(if $(SAMPLES),$(SAMPLES),100)
 
 bench: setup
 	python benchmarks/sd_overhead.py
