@@ -94,7 +94,7 @@ steering: setup
 
 ## steering-scarce: make steering where synthetic data is scarce (SAMPLES in round 0 and per round, default 100), in a clone of HEAD
 steering-scarce: setup
-	$(HOLD) scripts/steering_scarce.sh $(if $(SAMPLES),$(SAMPLES),100)
+	scripts/steering_scarce.sh $(if $(SAMPLES),$(SAMPLES),100)
 
 bench: setup
 	python benchmarks/sd_overhead.py
