@@ -7,11 +7,12 @@
 # per class are in the other regime. This runs the same experiment, same code and seeds, with
 # SAMPLES samples in round 0 (generate.num_samples) and in each round (steer.budget), in a
 # clone of HEAD that shares this project's DVC cache (the decoder, real sets and prompts come
-# from it; nothing in this workspace is touched but the two files it writes):
-#   metrics/steering_scarce.json       metrics/steering.json's fields, and the two sizes
+# from it; nothing in this workspace is touched but the files it writes):
+#   metrics/steering_scarce.json       metrics/steering.json's fields and round0_samples
 #   metrics/steering_scarce_plot.json  per-class held-out IoU by round, steered vs uniform
+#   metrics/steering_scarce_results.json  every scored model's held-out IoU (per arm, seed, round)
 #
-#     scripts/steering_scarce.sh [SAMPLES]     (default 100; about 70 min on 2 cores)
+#     scripts/steering_scarce.sh [SAMPLES]     (default 100; about 60 min on 2 cores)
 set -euo pipefail
 n=${1:-100}
 root=$(git rev-parse --show-toplevel)
@@ -40,4 +41,5 @@ n, root = int(sys.argv[1]), Path(sys.argv[2])
 metrics = json.loads(Path("metrics/steering.json").read_text())
 write_json(root / "metrics/steering_scarce.json", {"round0_samples": n, **metrics})
 write_json(root / "metrics/steering_scarce_plot.json", json.loads(Path("metrics/steering_plot.json").read_text()))
+write_json(root / "metrics/steering_scarce_results.json", json.loads(Path("data/steering/results.json").read_text()))
 PY
