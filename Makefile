@@ -92,9 +92,10 @@ rounds: setup
 steering: setup
 	$(HOLD) dvc repro steering
 
-## steering-scarce: make steering where synthetic data is scarce (SAMPLES in round 0 and per round, default 100), in a clone of HEAD
+## steering-scarce: make steering where synthetic data is scarce (SAMPLES in round 0 and per round, default 100;
+## CANDIDATES > 1: steered rounds draw up to that many images per weak slot and keep the best), in a clone of HEAD
 steering-scarce: setup
-	scripts/steering_scarce.sh $(if $(SAMPLES),$(SAMPLES),100)
+	scripts/steering_scarce.sh $(if $(SAMPLES),$(SAMPLES),100) $(if $(CANDIDATES),$(CANDIDATES),1)
 
 bench: setup
 	python benchmarks/sd_overhead.py

@@ -285,6 +285,9 @@ class SteerConfig:
     mode: Literal["steered", "uniform"] = "steered"
     budget: int = 400  # samples per round
     floor: float = 0.3  # share of a round spread evenly over the prompt pool
+    # steered only: images drawn per slot of the weakest prompt, the filter's best kept (1: one draw
+    # per slot, steering by quantity alone); weaker prompts get more (``steering.candidate_counts``)
+    candidates: int = 1
     seed: int = 1  # round r's sample seeds and its validation model's seed derive from (seed, r)
     # What the validation IoU per class is measured on (never the held-out set):
     # "synthetic": a model trained on the synthetic rounds alone, scored on all K labelled images;
@@ -421,6 +424,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "steer.experiment_rounds": _POSITIVE,
     "steer.experiment_seeds": _POSITIVE,
     "steer.floor": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "steer.candidates": (lambda v: 1 <= v <= 8, "must be between 1 and 8"),
     "steer.folds": (lambda v: v >= 2, "must be at least 2"),
     "curate.min_quality": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
     "curate.duplicate_threshold": (lambda v: 0 <= v <= 2, "must be in [0, 2] (cosine distance)"),

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from datasetdm import steering
 from datasetdm.backbones.base import Backbone
 from datasetdm.config import Params
 from datasetdm.decoder.model import PDecoder
@@ -212,24 +213,34 @@ def plan_round(params: Params, r: int) -> dict[str, Any]:
         floor=steer.floor,
         seed=1000 * steer.seed + r,
         validation_iou=validation,
+        candidates=steer.candidates,
     )
-    logger.info("round %d (%s): class shares %s", r, steer.mode, plan["class_shares"])
+    logger.info(
+        "round %d (%s): class shares %s, %d images for %d slots",
+        r,
+        steer.mode,
+        plan["class_shares"],
+        len(plan["samples"]),
+        steer.budget,
+    )
     return {
         "round": r,
         "mode": steer.mode,
         "budget": steer.budget,
         "floor": steer.floor,
+        "candidates": steer.candidates,
         "seed": steer.seed,
         "validation": steer.validation if steer.mode == "steered" else None,
         "signals": signals,
         "validation_iou": validation,
         "class_shares": plan["class_shares"],
         "prompts": [
-            {"prompt": p["prompt"], "layout": p["layout"], "samples": c}
-            for p, c in zip(prompt_records, plan["counts"])
+            {"prompt": p["prompt"], "layout": p["layout"], "samples": c, "candidates": k}
+            for p, c, k in zip(prompt_records, plan["counts"], plan["candidates"])
             if c
         ],
         "samples": plan["samples"],
+        "slots": plan["slots"],
     }
 
 
@@ -242,7 +253,7 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
     # 1. Plan from rounds 0..r-1 (kept across a killed run: the plan costs a model training).
     plan_file = d / "plan.json"
     plan = json.loads(plan_file.read_text()) if plan_file.is_file() else None
-    wanted = {k: getattr(params.steer, k) for k in ("mode", "budget", "floor", "seed")}
+    wanted = {k: getattr(params.steer, k) for k in ("mode", "budget", "floor", "candidates", "seed")}
     if plan is None or any(plan.get(k) != v for k, v in wanted.items()):
         plan = plan_round(params, r)
         write_json(plan_file, plan)
@@ -268,7 +279,19 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
 
     round_filter = dataclasses.replace(params.filter, out=str(m.filtered))
     filter_stage(dataclasses.replace(params, generate=gen, filter=round_filter))
-    recorded = ("round", "mode", "budget", "floor", "class_shares", "signals", "validation", "validation_iou")
+    if len(plan["slots"]) > len(set(plan["slots"])):
+        keep_best_candidates(m.filtered, plan["slots"])
+    recorded = (
+        "round",
+        "mode",
+        "budget",
+        "floor",
+        "candidates",
+        "class_shares",
+        "signals",
+        "validation",
+        "validation_iou",
+    )
     summary = {k: plan[k] for k in recorded}
     card = export_dataset(
         m.generated,
@@ -283,6 +306,7 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
         "round": r,
         "mode": params.steer.mode,
         "budget": params.steer.budget,
+        "candidates": params.steer.candidates,
         "generated": len(plan["samples"]),
         "kept": card["counts"]["kept"],
         "class_shares": plan["class_shares"],
@@ -294,19 +318,36 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
     return seal
 
 
+def keep_best_candidates(filtered: Path, slots: list[int]) -> None:
+    """Rewrite a round's filter decisions so each slot keeps only its best-scoring candidate
+    (``steering.best_per_slot``); samples are matched to slots by generation index (their id)."""
+    result = json.loads(filtered.read_text())
+    decisions = sorted(result["samples"], key=lambda d: int(d["id"]))
+    chosen = steering.best_per_slot(decisions, slots)
+    kept = sum(d["kept"] for d in chosen)
+    superseded = sum(bool(d.get("superseded")) for d in chosen)
+    logger.info(
+        "%d slots: %d kept (best of their candidates), %d candidates superseded", len(set(slots)), kept, superseded
+    )
+    write_json(
+        filtered, {**result, "kept": kept, "dropped": len(chosen) - kept, "superseded": superseded, "samples": chosen}
+    )
+
+
 def make_rounds(params: Params, backbone: Backbone, decoder: PDecoder, *, provenance: dict) -> list[dict]:
     """Rounds 1..steer.round, making those not sealed yet; a sealed round of another mode stops the run."""
     seals = []
     for r in range(1, params.steer.round + 1):
         seal = read_seal(params, r)
         if seal is not None:
-            if seal.get("mode") != params.steer.mode:
-                raise DatasetDMError(
-                    round_dir(params, r) / SEAL,
-                    "mode",
-                    f"round {r} was made {seal.get('mode')} but steer.mode is {params.steer.mode}; rounds are never "
-                    "rewritten: set steer.out to a new folder",
-                )
+            for field, made_with in (("mode", seal.get("mode")), ("candidates", seal.get("candidates", 1))):
+                if made_with != getattr(params.steer, field):
+                    raise DatasetDMError(
+                        round_dir(params, r) / SEAL,
+                        field,
+                        f"round {r} was made with {field} {made_with} but steer.{field} is "
+                        f"{getattr(params.steer, field)}; rounds are never rewritten: set steer.out to a new folder",
+                    )
             logger.info("round %d already made (%d kept): reused", r, seal["kept"])
         else:
             seal = make_round(params, r, backbone, decoder, provenance=provenance)

@@ -53,7 +53,8 @@ def weakness_signals(
         if shapes is None or d is None:
             unknown += 1
             continue
-        row = (float(d["score"]), bool(d["kept"]), float(r["quality"]["confidence"]))
+        # a candidate superseded by a better one of its slot passed the filter: not a failure
+        row = (float(d["score"]), bool(d["kept"] or d.get("superseded")), float(r["quality"]["confidence"]))
         for shape in shapes:
             groups[shape].append(row)
         for a, b in itertools.combinations(shapes, 2):
@@ -142,30 +143,80 @@ def steered_plan(
     floor: float,
     seed: int,
     validation_iou: dict[str, float | None] | None = None,
+    candidates: int = 1,
 ) -> dict[str, Any]:
     """Sample counts per prompt and the order to generate them in.
 
     Share of prompt p: ``floor / P + (1 - floor) * w_p / sum(w)`` (``prompt_weights``); with
-    ``signals`` None every prompt gets ``1 / P`` (the uniform arm). Returns ``counts`` (one
-    per prompt record), ``samples`` (prompt strings, shuffled with ``seed``) and
-    ``class_shares`` (the fraction of samples naming each class).
+    ``signals`` None every prompt gets ``1 / P`` (the uniform arm). Returns ``counts`` (slots
+    per prompt record), ``candidates`` (images drawn per slot of each prompt, see
+    ``candidate_counts``), ``samples`` (prompt strings to generate: each slot's candidates
+    side by side, slots shuffled with ``seed``), ``slots`` (the slot of each sample) and
+    ``class_shares`` (the fraction of slots naming each class).
     """
     n = len(prompt_records)
     uniform = np.full(n, 1.0 / n)
+    per_slot = np.ones(n, dtype=np.int64)
     if signals is None:
         shares = uniform
     else:
         w = prompt_weights(prompt_records, signals, validation_iou)
         shares = uniform if w.sum() <= 0 else floor * uniform + (1 - floor) * w / w.sum()
+        per_slot = candidate_counts(w, candidates)
     counts = allot(shares, budget)
-    flat = [r["prompt"] for r, c in zip(prompt_records, counts) for _ in range(int(c))]
+    flat = [(r["prompt"], int(k)) for r, c, k in zip(prompt_records, counts, per_slot) for _ in range(int(c))]
     order = np.random.default_rng(seed).permutation(len(flat))
+    samples, slots = [], []
+    for slot, i in enumerate(order):
+        prompt, k = flat[i]
+        samples += [prompt] * k
+        slots += [slot] * k
     class_counts: dict[str, int] = defaultdict(int)
     for r, c in zip(prompt_records, counts):
         for shape in {shape for shape, _ in r["layout"]}:
             class_counts[shape] += int(c)
     return {
         "counts": [int(c) for c in counts],
-        "samples": [flat[i] for i in order],
+        "candidates": [int(k) for k in per_slot],
+        "samples": samples,
+        "slots": slots,
         "class_shares": {k: round(v / budget, 4) for k, v in sorted(class_counts.items())},
     }
+
+
+def candidate_counts(weights: np.ndarray, candidates: int) -> np.ndarray:
+    """Images drawn per slot for each prompt: ``candidates`` for the weakest prompt, fewer in proportion
+    to weakness, at least 1 (``1 + round((candidates - 1) * w / max w)``).
+
+    Steering by quantity alone buys a weak class more samples of the same quality; in the
+    shapes world that bought little (``make steering-scarce``: 93 kept samples already gave
+    0.943 mIoU). Drawing several images for a weak prompt's slot and keeping the one the
+    filter scores best (``best_per_slot``) buys better samples of it instead, at the cost
+    of generation only, which is the cheap part of a round.
+    """
+    ones = np.ones(len(weights), dtype=np.int64)
+    if candidates <= 1 or len(weights) == 0 or weights.max() <= 0:
+        return ones
+    return ones + np.rint((candidates - 1) * weights / weights.max()).astype(np.int64)
+
+
+def best_per_slot(decisions: list[dict], slots: list[int]) -> list[dict]:
+    """The filter's decisions (in generation order, one per sample) with only the best-scoring kept
+    candidate of each slot still kept; the others are marked ``kept: False``, ``superseded: True``.
+
+    A slot none of whose candidates passed the filter keeps nothing, as a single draw would.
+    Ties go to the earlier candidate, so the choice is deterministic.
+    """
+    if len(decisions) != len(slots):
+        raise ValueError(f"{len(decisions)} decisions for {len(slots)} planned samples")
+    best: dict[int, int] = {}
+    for i, (d, slot) in enumerate(zip(decisions, slots)):
+        if d["kept"] and (slot not in best or d["score"] > decisions[best[slot]]["score"]):
+            best[slot] = i
+    chosen = set(best.values())
+    out = []
+    for i, d in enumerate(decisions):
+        if d["kept"] and i not in chosen:
+            d = {**d, "kept": False, "superseded": True}
+        out.append(d)
+    return out

@@ -68,9 +68,10 @@ def run_experiment(params: Params, backbone: Backbone, decoder: PDecoder) -> dic
 
     steps = params.downstream.uplift_steps.semantic
 
-    def scored(key: str, digest: str, p: Params, r: int) -> dict:
+    def scored(key: str, digest: str, p: Params, r: int, **made: int) -> dict:
         if {k: results.get(key, {}).get(k) for k in ("digest", "steps")} != {"digest": digest, "steps": steps}:
-            results[key] = {"digest": digest, "steps": steps, **heldout_iou(p, r, seed=p.downstream.seed, steps=steps)}
+            figures = heldout_iou(p, r, seed=p.downstream.seed, steps=steps)
+            results[key] = {"digest": digest, "steps": steps, **made, **figures}
             write_json(results_file, results)
         return results[key]
 
@@ -80,7 +81,8 @@ def run_experiment(params: Params, backbone: Backbone, decoder: PDecoder) -> dic
             p = arm_params(params, mode, k)
             seals = make_rounds(p, backbone, decoder, provenance={"experiment": f"{mode}, seed {k}"})
             last = len(seals)
-            scored(f"{mode}/seed{k}/round{last}", rounds_digest(p, seals), p, last)
+            made = {"generated": sum(x["generated"] for x in seals), "kept": sum(x["kept"] for x in seals)}
+            scored(f"{mode}/seed{k}/round{last}", rounds_digest(p, seals), p, last, **made)
             logger.info("%s seed %d round %d: %s", mode, k, last, results[f"{mode}/seed{k}/round{last}"])
     return summarize(results, params)
 
@@ -113,6 +115,7 @@ def summarize(results: dict, params: Params) -> dict:
         "rounds": last,
         "budget_per_round": steer.budget,
         "floor": steer.floor,
+        "candidates": steer.candidates,
         "model_steps": params.downstream.uplift_steps.semantic,
         "weakest_class": weakest,
         "weakest_class_round0_iou": base[weakest],
@@ -126,6 +129,9 @@ def summarize(results: dict, params: Params) -> dict:
         metrics[f"gain_{c}_mean"], metrics[f"gain_{c}_std"] = _mean(g), _std(g)
     for mode in ARMS:
         metrics[f"mIoU_{mode}_mean"] = _mean([final(mode, k)["mIoU"] for k in seeds])
+        # what the arm's rounds cost and bought: images generated (candidates included) and kept
+        for what in ("generated", "kept"):
+            metrics[f"{what}_{mode}_mean"] = _mean([final(mode, k).get(what, np.nan) for k in seeds])
     plot = []
     for mode in ARMS:
         for r in (0, last):

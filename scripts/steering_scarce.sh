@@ -12,9 +12,15 @@
 #   metrics/steering_scarce_plot.json  per-class held-out IoU by round, steered vs uniform
 #   metrics/steering_scarce_results.json  every scored model's held-out IoU (per arm, seed, round)
 #
-#     scripts/steering_scarce.sh [SAMPLES]     (default 100; about 60 min on 2 cores)
+#     scripts/steering_scarce.sh [SAMPLES] [CANDIDATES]   (default 100 and 1; about 60 min on 2 cores)
+#
+# CANDIDATES > 1 sets steer.candidates (steering by quality as well as quantity: the steered
+# rounds draw up to CANDIDATES images per slot of a weak prompt and keep the filter's best);
+# the files are then named metrics/steering_scarce_candidates<CANDIDATES>*.json.
 set -euo pipefail
 n=${1:-100}
+c=${2:-1}
+name=steering_scarce$([ "$c" = 1 ] || echo "_candidates$c")
 root=$(git rev-parse --show-toplevel)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -22,24 +28,25 @@ git clone -q "$root" "$work/repo"
 cd "$work/repo"
 dvc cache dir --local "$root/.dvc/cache"
 dvc checkout -q real-data train-decoder expand-prompts
-python - "$n" <<'PY'
+python - "$n" "$c" <<'PY'
 import sys
 import yaml
-n = int(sys.argv[1])
+n, c = int(sys.argv[1]), int(sys.argv[2])
 params = yaml.safe_load(open("params.yaml"))
 params["generate"]["num_samples"] = n
 params["steer"]["budget"] = n
+params["steer"]["candidates"] = c
 open("params.yaml", "w").write(yaml.safe_dump(params, sort_keys=False))
 PY
 dvc repro steering
-python - "$n" "$root" <<'PY'
+python - "$n" "$root" "$name" <<'PY'
 import json
 import sys
 from pathlib import Path
 from datasetdm.io import write_json
-n, root = int(sys.argv[1]), Path(sys.argv[2])
+n, root, name = int(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 metrics = json.loads(Path("metrics/steering.json").read_text())
-write_json(root / "metrics/steering_scarce.json", {"round0_samples": n, **metrics})
-write_json(root / "metrics/steering_scarce_plot.json", json.loads(Path("metrics/steering_plot.json").read_text()))
-write_json(root / "metrics/steering_scarce_results.json", json.loads(Path("data/steering/results.json").read_text()))
+write_json(root / f"metrics/{name}.json", {"round0_samples": n, **metrics})
+write_json(root / f"metrics/{name}_plot.json", json.loads(Path("metrics/steering_plot.json").read_text()))
+write_json(root / f"metrics/{name}_results.json", json.loads(Path("data/steering/results.json").read_text()))
 PY

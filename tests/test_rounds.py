@@ -131,3 +131,25 @@ def _arms(params: Params) -> dict[str, Params]:
     from datasetdm.steering_experiment import arm_params
 
     return {mode: arm_params(params, mode, 0) for mode in ("uniform", "steered")}
+
+
+def test_a_round_with_candidates_keeps_the_best_of_each_slot(finished):
+    own = {  # rounds of their own: the other tests' rounds were made with one draw per slot
+        "out": str(finished / "data/rounds-candidates"),
+        "metrics": str(finished / "metrics/rounds-candidates.json"),
+        "plot": str(finished / "metrics/rounds-candidates_plot.json"),
+        "budget": 4,
+    }
+    params = _params(finished, round=1, candidates=2, **own)
+    stages.rounds_stage(params)
+    plan = json.loads((rounds.round_dir(params, 1) / "plan.json").read_text())
+    seal = rounds.read_seal(params, 1)
+    assert plan["candidates"] == 2 and max(p["candidates"] for p in plan["prompts"]) == 2
+    assert seal["generated"] == len(plan["samples"]) > 4 and len(set(plan["slots"])) == 4
+    decisions = json.loads(rounds.made(params, 1).filtered.read_text())
+    kept_slots = [s for s, d in zip(plan["slots"], sorted(decisions["samples"], key=lambda d: d["id"])) if d["kept"]]
+    assert sorted(kept_slots) == [0, 1, 2, 3]  # tiny params pass every sample (min_score 0): one per slot
+    assert decisions["superseded"] == seal["generated"] - 4 and seal["kept"] == 4
+    # a round made with other candidates is never rewritten
+    with pytest.raises(DatasetDMError, match="candidates 2 but steer.candidates is 1"):
+        stages.rounds_stage(_params(finished, round=1, **own))

@@ -108,3 +108,43 @@ def test_colour_signals():
     )
     assert signals["per_colour"]["red"]["samples"] == 2 and signals["per_colour"]["blue"]["rejection_rate"] == 0.0
     assert signals["per_colour"]["red"]["rejection_rate"] == pytest.approx(0.5)
+
+
+def test_weak_prompts_draw_more_candidates_and_each_slot_keeps_its_best():
+    signals = _signals(star_rejected=0.6, circle_rejected=0.0, pair_rejected=0.1)
+    w = steering.prompt_weights(PROMPTS, signals)
+    assert list(steering.candidate_counts(w, 3)) == [3, 3, 2]  # star-only prompts are the weakest
+    assert list(steering.candidate_counts(w, 1)) == [1, 1, 1] and list(steering.candidate_counts(w * 0, 3)) == [
+        1,
+        1,
+        1,
+    ]
+
+    plan = steering.steered_plan(PROMPTS, signals, budget=30, floor=0.3, seed=0, candidates=3)
+    single = steering.steered_plan(PROMPTS, signals, budget=30, floor=0.3, seed=0)
+    assert plan["counts"] == single["counts"] and plan["class_shares"] == single["class_shares"]  # same slots
+    assert plan["candidates"] == [3, 3, 2] and single["candidates"] == [1, 1, 1] and single["slots"] == list(range(30))
+    assert len(plan["samples"]) == sum(c * k for c, k in zip(plan["counts"], plan["candidates"]))
+    assert sorted(set(plan["slots"])) == list(range(30)) and plan["slots"] == sorted(plan["slots"])
+    for slot in range(30):  # a slot's candidates share one prompt
+        assert len({p for p, s in zip(plan["samples"], plan["slots"]) if s == slot}) == 1
+    # the uniform arm never draws candidates
+    assert steering.steered_plan(PROMPTS, None, budget=30, floor=0.3, seed=0, candidates=3)["candidates"] == [1, 1, 1]
+
+    decisions = [
+        {"id": "000000", "score": 0.6, "kept": True},
+        {"id": "000001", "score": 0.9, "kept": True},
+        {"id": "000002", "score": 0.3, "kept": False},
+        {"id": "000003", "score": 0.4, "kept": False},
+        {"id": "000004", "score": 0.7, "kept": True},
+        {"id": "000005", "score": 0.7, "kept": True},
+    ]
+    chosen = steering.best_per_slot(decisions, [0, 0, 1, 1, 2, 2])
+    assert [d["kept"] for d in chosen] == [False, True, False, False, True, False]  # ties: the earlier
+    assert [bool(d.get("superseded")) for d in chosen] == [True, False, False, False, False, True]
+    with pytest.raises(ValueError, match="6 decisions for 2 planned samples"):
+        steering.best_per_slot(decisions, [0, 1])
+    # a superseded candidate passed the filter: it does not count as a rejection
+    records = [{"id": d["id"], "shard": "s", "prompt": "a red star", "quality": {"confidence": 0.9}} for d in chosen]
+    signals = weakness_signals(records, [{**d, "shard": "s"} for d in chosen], prompt_shapes(PROMPTS))
+    assert signals["per_class"]["star"]["rejection_rate"] == pytest.approx(2 / 6, abs=1e-4)
