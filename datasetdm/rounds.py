@@ -20,11 +20,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from datasetdm import steering
 from datasetdm.backbones.base import Backbone
@@ -38,6 +41,7 @@ from datasetdm.export.dataset import export_dataset
 from datasetdm.generate import generate, read_records
 from datasetdm.io import sha256_bytes, sha256_file, write_json
 from datasetdm.realset import LabelledImage, load_real_set, real_set_split_dirs
+from datasetdm.shape_prior import ShapePrior
 from datasetdm.steering import prompt_colours, prompt_shapes, steered_plan, weakness_signals
 
 logger = logging.getLogger(__name__)
@@ -280,7 +284,8 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
     round_filter = dataclasses.replace(params.filter, out=str(m.filtered))
     filter_stage(dataclasses.replace(params, generate=gen, filter=round_filter))
     if len(plan["slots"]) > len(set(plan["slots"])):
-        keep_best_candidates(m.filtered, plan["slots"])
+        judge = shape_judge(params, m.generated) if shape_checked(params) else None
+        keep_best_candidates(m.filtered, plan["slots"], shape=judge)
     recorded = (
         "round",
         "mode",
@@ -292,7 +297,7 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
         "validation",
         "validation_iou",
     )
-    summary = {k: plan[k] for k in recorded}
+    summary = {**{k: plan[k] for k in recorded}, "shape_check": shape_checked(params)}
     card = export_dataset(
         m.generated,
         m.filtered,
@@ -307,6 +312,7 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
         "mode": params.steer.mode,
         "budget": params.steer.budget,
         "candidates": params.steer.candidates,
+        "shape_check": shape_checked(params),
         "generated": len(plan["samples"]),
         "kept": card["counts"]["kept"],
         "class_shares": plan["class_shares"],
@@ -318,11 +324,40 @@ def make_round(params: Params, r: int, backbone: Backbone, decoder: PDecoder, *,
     return seal
 
 
-def keep_best_candidates(filtered: Path, slots: list[int]) -> None:
-    """Rewrite a round's filter decisions so each slot keeps only its best-scoring candidate
-    (``steering.best_per_slot``); samples are matched to slots by generation index (their id)."""
+def shape_checked(params: Params) -> bool:
+    """Whether this round's candidates are ranked by shape fidelity too (only a round that draws
+    candidates has any to rank)."""
+    return params.steer.shape_check and params.steer.candidates > 1
+
+
+def shape_judge(params: Params, generated: Path) -> Callable[[dict], float]:
+    """A filter decision -> its sample's shape fidelity, judged on the mask generation stored,
+    against the outlines of the K labelled images (``shape_prior``; the held-out set is not read)."""
+    classes = tuple(params.world.classes)
+    prior = ShapePrior.from_labelled(load_real_set(real_set_split_dirs(params.real.dir)[0], classes), classes)
+
+    def judge(decision: dict) -> float:
+        mask = generated / decision["shard"] / "semantic" / f"{decision['id']}.png"
+        return prior.fidelity(np.asarray(Image.open(mask)))
+
+    return judge
+
+
+def keep_best_candidates(filtered: Path, slots: list[int], *, shape: Callable[[dict], float] | None = None) -> None:
+    """Rewrite a round's filter decisions so each slot keeps only its best-ranked candidate
+    (``steering.best_per_slot``); samples are matched to slots by generation index (their id).
+
+    shape: a decision -> its sample's shape fidelity; given, every kept candidate of a slot
+    with more than one is judged and the fidelity recorded beside its score (``shape``).
+    """
     result = json.loads(filtered.read_text())
     decisions = sorted(result["samples"], key=lambda d: int(d["id"]))
+    if shape is not None:
+        drawn = Counter(slots)
+        decisions = [
+            {**d, "shape": round(shape(d), 6)} if d["kept"] and drawn[slot] > 1 else d
+            for d, slot in zip(decisions, slots)
+        ]
     chosen = steering.best_per_slot(decisions, slots)
     kept = sum(d["kept"] for d in chosen)
     superseded = sum(bool(d.get("superseded")) for d in chosen)
@@ -340,8 +375,14 @@ def make_rounds(params: Params, backbone: Backbone, decoder: PDecoder, *, proven
     for r in range(1, params.steer.round + 1):
         seal = read_seal(params, r)
         if seal is not None:
-            for field, made_with in (("mode", seal.get("mode")), ("candidates", seal.get("candidates", 1))):
-                if made_with != getattr(params.steer, field):
+            wanted = {
+                "mode": params.steer.mode,
+                "candidates": params.steer.candidates,
+                "shape_check": shape_checked(params),
+            }
+            for field, value in wanted.items():
+                made_with = seal.get(field, {"candidates": 1, "shape_check": False}.get(field))
+                if made_with != value:
                     raise DatasetDMError(
                         round_dir(params, r) / SEAL,
                         field,

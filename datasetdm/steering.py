@@ -200,9 +200,16 @@ def candidate_counts(weights: np.ndarray, candidates: int) -> np.ndarray:
     return ones + np.rint((candidates - 1) * weights / weights.max()).astype(np.int64)
 
 
+def candidate_rank(decision: dict) -> float:
+    """What a slot's candidates are ranked by: the filter's score, times the sample's shape
+    fidelity where it was judged (``shape_prior``; ``steer.shape_check``)."""
+    return decision["score"] * decision.get("shape", 1.0)
+
+
 def best_per_slot(decisions: list[dict], slots: list[int]) -> list[dict]:
-    """The filter's decisions (in generation order, one per sample) with only the best-scoring kept
-    candidate of each slot still kept; the others are marked ``kept: False``, ``superseded: True``.
+    """The filter's decisions (in generation order, one per sample) with only the best-ranked kept
+    candidate of each slot (``candidate_rank``) still kept; the others are marked ``kept: False``,
+    ``superseded: True``.
 
     A slot none of whose candidates passed the filter keeps nothing, as a single draw would.
     Ties go to the earlier candidate, so the choice is deterministic.
@@ -211,7 +218,7 @@ def best_per_slot(decisions: list[dict], slots: list[int]) -> list[dict]:
         raise ValueError(f"{len(decisions)} decisions for {len(slots)} planned samples")
     best: dict[int, int] = {}
     for i, (d, slot) in enumerate(zip(decisions, slots)):
-        if d["kept"] and (slot not in best or d["score"] > decisions[best[slot]]["score"]):
+        if d["kept"] and (slot not in best or candidate_rank(d) > candidate_rank(decisions[best[slot]])):
             best[slot] = i
     chosen = set(best.values())
     out = []

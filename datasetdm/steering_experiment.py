@@ -116,6 +116,7 @@ def summarize(results: dict, params: Params) -> dict:
         "budget_per_round": steer.budget,
         "floor": steer.floor,
         "candidates": steer.candidates,
+        "shape_check": steer.shape_check and steer.candidates > 1,
         "model_steps": params.downstream.uplift_steps.semantic,
         "weakest_class": weakest,
         "weakest_class_round0_iou": base[weakest],

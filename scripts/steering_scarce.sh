@@ -12,15 +12,17 @@
 #   metrics/steering_scarce_plot.json  per-class held-out IoU by round, steered vs uniform
 #   metrics/steering_scarce_results.json  every scored model's held-out IoU (per arm, seed, round)
 #
-#     scripts/steering_scarce.sh [SAMPLES] [CANDIDATES]   (default 100 and 1; about 60 min on 2 cores)
+#     scripts/steering_scarce.sh [SAMPLES] [CANDIDATES] [SHAPE]   (default 100, 1, 1; about 60 min on 2 cores)
 #
 # CANDIDATES > 1 sets steer.candidates (steering by quality as well as quantity: the steered
-# rounds draw up to CANDIDATES images per slot of a weak prompt and keep the filter's best);
-# the files are then named metrics/steering_scarce_candidates<CANDIDATES>*.json.
+# rounds draw up to CANDIDATES images per slot of a weak prompt and keep the best); SHAPE
+# (steer.shape_check) 1 ranks them by filter score x shape fidelity, 0 by the score alone.
+# The files are then named metrics/steering_scarce_candidates<CANDIDATES>[_shape]*.json.
 set -euo pipefail
 n=${1:-100}
 c=${2:-1}
-name=steering_scarce$([ "$c" = 1 ] || echo "_candidates$c")
+shape=${3:-1}
+name=steering_scarce$([ "$c" = 1 ] || echo "_candidates$c")$([ "$c" = 1 ] || [ "$shape" = 0 ] || echo "_shape")
 root=$(git rev-parse --show-toplevel)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -28,14 +30,15 @@ git clone -q "$root" "$work/repo"
 cd "$work/repo"
 dvc cache dir --local "$root/.dvc/cache"
 dvc checkout -q real-data train-decoder expand-prompts
-python - "$n" "$c" <<'PY'
+python - "$n" "$c" "$shape" <<'PY'
 import sys
 import yaml
-n, c = int(sys.argv[1]), int(sys.argv[2])
+n, c, shape = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
 params = yaml.safe_load(open("params.yaml"))
 params["generate"]["num_samples"] = n
 params["steer"]["budget"] = n
 params["steer"]["candidates"] = c
+params["steer"]["shape_check"] = shape
 open("params.yaml", "w").write(yaml.safe_dump(params, sort_keys=False))
 PY
 dvc repro steering

@@ -150,6 +150,17 @@ def test_a_round_with_candidates_keeps_the_best_of_each_slot(finished):
     kept_slots = [s for s, d in zip(plan["slots"], sorted(decisions["samples"], key=lambda d: d["id"])) if d["kept"]]
     assert sorted(kept_slots) == [0, 1, 2, 3]  # tiny params pass every sample (min_score 0): one per slot
     assert decisions["superseded"] == seal["generated"] - 4 and seal["kept"] == 4
-    # a round made with other candidates is never rewritten
+    # every candidate of a slot drawn more than once was judged by its shape, and the rank used it
+    drawn = {s: plan["slots"].count(s) for s in plan["slots"]}
+    ordered = sorted(decisions["samples"], key=lambda d: d["id"])
+    assert seal["shape_check"] is True
+    assert all(("shape" in d) == (drawn[s] > 1) for s, d in zip(plan["slots"], ordered))
+    for slot in range(4):
+        ranks = [d["score"] * d.get("shape", 1.0) for s, d in zip(plan["slots"], ordered) if s == slot]
+        kept = [d for s, d in zip(plan["slots"], ordered) if s == slot and d["kept"]]
+        assert kept[0]["score"] * kept[0].get("shape", 1.0) == max(ranks)
+    # a round made with other candidates, or ranked otherwise, is never rewritten
     with pytest.raises(DatasetDMError, match="candidates 2 but steer.candidates is 1"):
         stages.rounds_stage(_params(finished, round=1, **own))
+    with pytest.raises(DatasetDMError, match="shape_check True but steer.shape_check is False"):
+        stages.rounds_stage(_params(finished, round=1, candidates=2, shape_check=False, **own))
