@@ -93,10 +93,10 @@ steering: setup
 	$(HOLD) dvc repro steering
 
 ## steering-scarce: make steering where synthetic data is scarce (SAMPLES in round 0 and per round, default 100;
-## CANDIDATES > 1: steered rounds draw up to that many images per weak slot and keep the best; SHAPE=0 ranks
-## them by filter score alone, not score x shape fidelity), in a clone of HEAD
+## CANDIDATES > 1: steered rounds draw up to that many images per weak slot and keep the best; SHAPE=1 ranks
+## them by filter score x shape fidelity, not the score alone), in a clone of HEAD
 steering-scarce: setup
-	scripts/steering_scarce.sh $(if $(SAMPLES),$(SAMPLES),100) $(if $(CANDIDATES),$(CANDIDATES),1) $(if $(SHAPE),$(SHAPE),1)
+	scripts/steering_scarce.sh $(if $(SAMPLES),$(SAMPLES),100) $(if $(CANDIDATES),$(CANDIDATES),1) $(if $(SHAPE),$(SHAPE),0)
 
 bench: setup
 	python benchmarks/sd_overhead.py

@@ -12,7 +12,7 @@
 #   metrics/steering_scarce_plot.json  per-class held-out IoU by round, steered vs uniform
 #   metrics/steering_scarce_results.json  every scored model's held-out IoU (per arm, seed, round)
 #
-#     scripts/steering_scarce.sh [SAMPLES] [CANDIDATES] [SHAPE]   (default 100, 1, 1; about 60 min on 2 cores)
+#     scripts/steering_scarce.sh [SAMPLES] [CANDIDATES] [SHAPE]   (default 100, 1, 0; about 60 min on 2 cores)
 #
 # CANDIDATES > 1 sets steer.candidates (steering by quality as well as quantity: the steered
 # rounds draw up to CANDIDATES images per slot of a weak prompt and keep the best); SHAPE
@@ -21,7 +21,7 @@
 set -euo pipefail
 n=${1:-100}
 c=${2:-1}
-shape=${3:-1}
+shape=${3:-0}
 name=steering_scarce$([ "$c" = 1 ] || echo "_candidates$c")$([ "$c" = 1 ] || [ "$shape" = 0 ] || echo "_shape")
 root=$(git rev-parse --show-toplevel)
 work=$(mktemp -d)

@@ -140,7 +140,7 @@ def test_a_round_with_candidates_keeps_the_best_of_each_slot(finished):
         "plot": str(finished / "metrics/rounds-candidates_plot.json"),
         "budget": 4,
     }
-    params = _params(finished, round=1, candidates=2, **own)
+    params = _params(finished, round=1, candidates=2, shape_check=True, **own)
     stages.rounds_stage(params)
     plan = json.loads((rounds.round_dir(params, 1) / "plan.json").read_text())
     seal = rounds.read_seal(params, 1)
