@@ -58,10 +58,10 @@ ATTENTION_THRESHOLD = 0.5
 EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def _object_pieces(labels: np.ndarray) -> Iterator[tuple[tuple[slice, ...], np.ndarray, bool]]:
-    """Every 8-connected piece of every object class in ``labels``: a window around it (its bounding box
-    grown by one pixel), its mask in that window, and whether it touches the image border. Worked in the
-    window, not the whole image: this runs on every generated mask."""
+def object_pieces(labels: np.ndarray) -> Iterator[tuple[int, tuple[slice, ...], np.ndarray, bool]]:
+    """Every 8-connected piece of every object class in ``labels``: its class, a window around it (its
+    bounding box grown by one pixel), its mask in that window, and whether it touches the image border.
+    Worked in the window, not the whole image: this runs on every generated mask."""
     for k in np.unique(labels):
         if k == 0:
             continue
@@ -69,7 +69,7 @@ def _object_pieces(labels: np.ndarray) -> Iterator[tuple[tuple[slice, ...], np.n
         for j, box in enumerate(ndimage.find_objects(pieces), start=1):
             window = tuple(slice(max(b.start - 1, 0), min(b.stop + 1, dim)) for b, dim in zip(box, labels.shape))
             at_border = any(b.start == 0 or b.stop == dim for b, dim in zip(box, labels.shape))
-            yield window, pieces[window] == j, at_border
+            yield int(k), window, pieces[window] == j, at_border
 
 
 def _around(labels: np.ndarray, window: tuple[slice, ...], piece: np.ndarray) -> np.ndarray:
@@ -86,7 +86,7 @@ def remove_speckle(labels: np.ndarray, min_pixels: int = BLOB_PIXELS) -> np.ndar
     params still give the same bytes.
     """
     out = labels.copy()
-    for window, piece, _ in _object_pieces(labels):
+    for _, window, piece, _ in object_pieces(labels):
         if piece.sum() < min_pixels:
             around = _around(labels, window, piece)
             out[window][piece] = np.bincount(around).argmax() if around.size else 0
@@ -105,7 +105,7 @@ def relabel_enclosed(labels: np.ndarray) -> np.ndarray:
     overlapping shapes (63 of the 500).
     """
     out = labels.copy()
-    for window, piece, at_border in _object_pieces(labels):
+    for _, window, piece, at_border in object_pieces(labels):
         if at_border:
             continue  # what lies beyond the border is unknown
         ring = np.unique(_around(labels, window, piece))

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
+from datasetdm.filtering import object_pieces
 from datasetdm.realset import LabelledImage
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,6 @@ MIN_PIXELS = 40  # outlines of fewer pixels are too coarse to tell a triangle fr
 HARMONICS = 8  # radius-around-the-centre harmonics kept (the world's corners: 3, 4, 5 pointed stars)
 ANGLE_BINS = 64
 UNJUDGED = 0.5  # a sample with no outline to judge: the score's neutral point (5% of round 0's kept samples)
-_EIGHT = np.ones((3, 3), dtype=bool)
 
 
 def descriptor(mask: np.ndarray) -> np.ndarray:
@@ -68,21 +68,15 @@ def _hull_area(ys: np.ndarray, xs: np.ndarray) -> float:
         return float(len(ys))
 
 
-def _inside(box: tuple[slice, ...], shape: tuple[int, ...]) -> bool:
-    return not any(b.start == 0 or b.stop == dim for b, dim in zip(box, shape))
-
-
 def object_outlines(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
-    """(class id, mask) of every 8-connected labelled piece that can be judged: at least
-    MIN_PIXELS and clear of the image border (what lies beyond the border is unknown)."""
-    for k in np.unique(labels):
-        if k == 0:
-            continue
-        pieces, _ = ndimage.label(labels == k, structure=_EIGHT)
-        for j, box in enumerate(ndimage.find_objects(pieces), start=1):
-            piece = pieces == j
-            if _inside(box, labels.shape) and piece.sum() >= MIN_PIXELS:
-                yield int(k), piece
+    """(class id, mask) of every 8-connected labelled piece that can be judged (``filtering.object_pieces``):
+    at least MIN_PIXELS and clear of the image border (what lies beyond the border is unknown). The mask
+    is image-sized, so the descriptor's arithmetic (centroid, angles) is in image coordinates."""
+    for k, window, piece, at_border in object_pieces(labels):
+        if not at_border and piece.sum() >= MIN_PIXELS:
+            mask = np.zeros(labels.shape, dtype=bool)
+            mask[window] = piece
+            yield k, mask
 
 
 @dataclass(frozen=True)

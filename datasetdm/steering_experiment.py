@@ -30,7 +30,7 @@ from datasetdm.backbones.base import Backbone
 from datasetdm.config import Params
 from datasetdm.decoder.model import PDecoder
 from datasetdm.io import write_json
-from datasetdm.rounds import make_rounds, rounds_digest
+from datasetdm.rounds import make_rounds, rounds_digest, shape_checked
 from datasetdm.rounds_heldout import heldout_iou
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,7 @@ def summarize(results: dict, params: Params) -> dict:
         "budget_per_round": steer.budget,
         "floor": steer.floor,
         "candidates": steer.candidates,
-        "shape_check": steer.shape_check and steer.candidates > 1,
+        "shape_check": shape_checked(params),
         "model_steps": params.downstream.uplift_steps.semantic,
         "weakest_class": weakest,
         "weakest_class_round0_iou": base[weakest],

@@ -28,12 +28,11 @@ from datasetdm.config import load_params
 from datasetdm.decoder.inputs import class_attention, named_class_mask, restrict_logits, semantic_labels
 from datasetdm.decoder.train import images_tensor
 from datasetdm.evaluate.depth import DepthMetrics
-from datasetdm.filtering import clean_labels
+from datasetdm.filtering import EIGHT_CONNECTED, clean_labels
 from datasetdm.io import write_json
 from datasetdm.realset import load_real_set, write_real_set
 
 VALIDATION_SEED = 4_000_000
-_EIGHT = np.ones((3, 3), dtype=bool)
 
 
 def smooth_by_segment(depth: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -41,7 +40,7 @@ def smooth_by_segment(depth: np.ndarray, labels: np.ndarray) -> np.ndarray:
     log_depth = np.log(np.maximum(depth, 1e-3))
     out = log_depth.copy()
     for k in np.unique(labels):
-        pieces, n = ndimage.label(labels == k, structure=_EIGHT)
+        pieces, n = ndimage.label(labels == k, structure=EIGHT_CONNECTED)
         for j in range(1, n + 1):
             piece = pieces == j
             ys, xs = np.nonzero(piece)
