@@ -201,3 +201,36 @@ def test_bank_of_images_takes_exactly_those_images_rows(tiny_backbone, tiny_para
     for head in ("semantic", "depth", "keypoints"):
         torch.testing.assert_close(part[4][head], alone[4][head])
     assert [m.shape for m in part[0]] == [m.shape for m in alone[0]] and torch.equal(part[2], alone[2])
+
+
+@pytest.mark.parametrize("coords", [False, True])
+def test_depth_head_reads_the_ground_plane_only_from_coordinates(coords):
+    """Features that say nothing (constant) and a target that depends on the row alone, as the
+    ground plane's does: only the head that sees pixel coordinates can fit it."""
+    from datasetdm.decoder.heads import DepthHead
+
+    torch.manual_seed(0)
+    features = torch.ones(2, 8, 16, 16)
+    target = torch.linspace(10.0, 6.0, 16)[None, :, None].expand(2, 16, 16)
+    head = DepthHead(8, 2, coords=coords)
+    opt = torch.optim.Adam(head.parameters(), lr=3e-3)
+    for _ in range(400):
+        loss = DepthHead.loss(head(features), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        abs_rel = ((DepthHead.metres(head(features)) - target).abs() / target).mean().item()
+    assert (abs_rel < 0.03) if coords else (abs_rel > 0.08), abs_rel  # measured: 0.014 and 0.106
+
+
+def test_a_decoder_saved_before_depth_coordinates_loads_without_them(tmp_path):
+    config = {"map_channels": [8, 8], "classes": ["circle"], "channels": 16, "image_skip": False}
+    old = PDecoder({**config, "heads": ["semantic", "depth"], "image_size": 16})
+    assert "depth_coords" not in old.config and not old.heads["depth"].coords
+    old.save(tmp_path / "old")
+    assert not PDecoder.load(tmp_path / "old").heads["depth"].coords
+    new = PDecoder({**config, "heads": ["semantic", "depth"], "image_size": 16, "depth_coords": True})
+    new.save(tmp_path / "new")
+    loaded = PDecoder.load(tmp_path / "new")
+    assert loaded.heads["depth"].coords and loaded.fingerprint() == new.fingerprint()

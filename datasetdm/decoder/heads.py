@@ -42,13 +42,23 @@ class DepthHead(nn.Module):
 
     Log space makes the loss scale-aware in the way depth metrics are (AbsRel is a
     ratio): an error of 10 cm matters more at 1 m than at 5 m.
+
+    ``coords`` joins each pixel's (x, y) in [-1, 1] to the head's input (CoordConv, Liu et
+    al. 2018; camera-aware depth convolutions, Facil et al. 2019). Where a pixel sits in
+    the frame is a strong depth cue (the ground recedes upwards), and a convolution cannot
+    see it: without it, a head fitted to K = 20 images reads each image's depth level from
+    its texture instead, which does not carry over to new images.
     """
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+    def __init__(self, channels: int, num_classes: int, coords: bool = False) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, 1, 1))
+        self.coords = coords
+        cin = channels + (2 if coords else 0)
+        self.proj = nn.Sequential(nn.Conv2d(cin, channels, 3, padding=1), nn.GELU(), nn.Conv2d(channels, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.coords:
+            x = torch.cat([x, coordinate_grid(x)], 1)
         return self.proj(x)[:, 0]  # log metres
 
     @staticmethod
@@ -64,6 +74,15 @@ class DepthHead(nn.Module):
     @staticmethod
     def metres(log_depth: torch.Tensor) -> torch.Tensor:
         return log_depth.exp()
+
+
+def coordinate_grid(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W) pixel centres' x and y in [-1, 1], on ``x``'s device and dtype."""
+    b, _, h, w = x.shape
+    ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)
+    grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))
+    return grid[None].expand(b, -1, -1, -1)
 
 
 class KeypointHead(nn.Module):
@@ -89,7 +108,7 @@ class KeypointHead(nn.Module):
         return focal_loss(logits, target)
 
 
-HEADS: dict[str, Callable[[int, int], nn.Module]] = {
+HEADS: dict[str, Callable[..., nn.Module]] = {
     "semantic": SemanticHead,
     "depth": DepthHead,
     "keypoints": KeypointHead,

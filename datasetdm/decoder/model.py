@@ -46,7 +46,10 @@ class PDecoder(nn.Module):
         skip = 16 if config["image_skip"] else 0
         self.stem = _block(3, skip) if skip else None
         self.up2 = _block(d // 2 + skip, d // 2)
-        self.heads = nn.ModuleDict({name: HEADS[name](d // 2, num_classes) for name in config["heads"]})
+        options = {"depth": {"coords": bool(config.get("depth_coords", False))}}  # a decoder saved before: none
+        self.heads = nn.ModuleDict(
+            {name: HEADS[name](d // 2, num_classes, **options.get(name, {})) for name in config["heads"]}
+        )
 
     @property
     def class_source(self) -> str:

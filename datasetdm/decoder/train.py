@@ -55,6 +55,7 @@ def build_decoder(
             "heads": list(cfg.heads),
             "image_size": image_size,
             "class_source": cfg.class_source,
+            "depth_coords": cfg.depth_coords,
         }
     )
 
