@@ -142,6 +142,7 @@ class DecoderConfig:
     # map there ("attention"; k-fold over the K images 0.69 -> 0.85 mIoU) or the decoder's own argmax.
     class_source: Literal["attention", "decoder"] = "attention"
     depth_coords: bool = True  # join pixel coordinates to the depth head's input (CoordConv; decoder/heads.py)
+    rotated_object_depth: bool = True  # rotated views keep their objects' depth targets (decoder/train.py)
     views: int = 8  # dihedral views of each labelled image: 1 (as is), 2 (+ flip) or 8 (+ rotations)
     steps: int = 400
     batch_size: int = 8

@@ -57,17 +57,27 @@ def main() -> None:
     train_dir, _ = real_set_split_dirs(params.real.dir)  # the K labelled images only
     labelled = load_real_set(train_dir, params.world.classes)
     results = {}
-    banks: dict[int, tuple] = {}  # views -> the feature bank of all K images (a fold takes its images' rows)
+    banks: dict[
+        tuple, tuple
+    ] = {}  # (views, rotated object depth) -> the feature bank of all K images (a fold takes its images' rows)
     for text in args.settings:
         cfg = parse_setting(text, params.decoder)
         start = time.perf_counter()
-        if cfg.views not in banks:
-            banks[cfg.views] = feature_bank(backbone, labelled, params.backbone, params.world.classes, views=cfg.views)
+        key = (cfg.views, cfg.rotated_object_depth)
+        if key not in banks:
+            banks[key] = feature_bank(
+                backbone,
+                labelled,
+                params.backbone,
+                params.world.classes,
+                views=cfg.views,
+                rotated_objects=cfg.rotated_object_depth,
+            )
         folds = []
         for f in range(args.folds):
             seen, judged = kfold_split(labelled, args.folds, f)
             images = [i for i in range(len(labelled)) if i % args.folds != f]  # kfold_split's ``seen``, as indices
-            bank = bank_of_images(banks[cfg.views], images, views=cfg.views)
+            bank = bank_of_images(banks[key], images, views=cfg.views)
             decoder, _ = fit_decoder(bank, params.world.classes, cfg=cfg, num_images=len(seen))
             scored = evaluate_decoder(backbone, decoder, judged, params.backbone, min_score=params.filter.min_score)
             folds.append(scored)

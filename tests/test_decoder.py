@@ -234,3 +234,18 @@ def test_a_decoder_saved_before_depth_coordinates_loads_without_them(tmp_path):
     new.save(tmp_path / "new")
     loaded = PDecoder.load(tmp_path / "new")
     assert loaded.heads["depth"].coords and loaded.fingerprint() == new.fingerprint()
+
+
+def test_rotated_views_keep_only_their_objects_depth(labelled):
+    """The ground recedes upwards in every real image, so a rotated view's background gets no depth
+    target; its objects keep theirs when asked (a rolled camera sees them at the same distance)."""
+    from datasetdm.decoder.train import _depth_target, view
+
+    x = labelled[0]
+    assert (x.semantic > 0).any() and (x.semantic == 0).any()
+    np.testing.assert_array_equal(_depth_target(x, 1, False), view(x.depth, 1))
+    assert not _depth_target(x, 2, False).any()
+    rotated = _depth_target(x, 2, True)
+    objects = view(x.semantic, 2) > 0
+    np.testing.assert_array_equal(rotated[objects], view(x.depth, 2)[objects])
+    assert not rotated[~objects].any()

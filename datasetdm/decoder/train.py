@@ -67,15 +67,19 @@ def feature_bank(
     classes: tuple[str, ...],
     *,
     views: int = 2,
+    rotated_objects: bool = False,
     batch_size: int = 16,
 ):
     """Precompute (maps, class attention, named-class mask, image, targets) for every image x view x noise draw.
 
     ``targets`` maps a head name to its labels: ``semantic`` (N, H, W) class ids and
     ``depth`` (N, H, W) metres, 0 where unknown, and ``keypoints`` (N, 2, H, W) centre
-    and corner heatmaps (``datasetdm.keypoints``). Rotated views get no depth target:
-    the ground plane recedes *upwards* in every real image, and a rotated copy would
-    teach the decoder otherwise.
+    and corner heatmaps (``datasetdm.keypoints``). Rotated views get no depth target on
+    the background: the ground plane recedes *upwards* in every real image, and a rotated
+    copy would teach the decoder otherwise. Their objects keep theirs where
+    ``rotated_objects`` (``decoder.rotated_object_depth``): a rolled camera sees each
+    surface at the same distance, and the few labelled objects are the depth head's
+    scarcest examples.
     """
     maps_all, att_all, mask_all, img_all, sem_all, depth_all, heat_all = [], [], [], [], [], [], []
     items = [(x, v, draw) for x in labelled for v in range(views) for draw in range(NOISE_DRAWS)]
@@ -90,18 +94,7 @@ def feature_bank(
         mask_all.append(named_class_mask(prompts, backbone, classes))
         img_all.append(imgs)
         sem_all.append(torch.from_numpy(np.stack([view(x.semantic, v) for x, v, _ in chunk])))
-        depth_all.append(
-            torch.from_numpy(
-                np.stack(
-                    [
-                        view(x.depth, v).astype(np.float32)
-                        if x.depth is not None and v < 2
-                        else np.zeros(x.semantic.shape, np.float32)
-                        for x, v, _ in chunk
-                    ]
-                )
-            )
-        )
+        depth_all.append(torch.from_numpy(np.stack([_depth_target(x, v, rotated_objects) for x, v, _ in chunk])))
         heat_all.append(
             torch.from_numpy(
                 np.stack(
@@ -115,6 +108,14 @@ def feature_bank(
     maps = [torch.cat([m[i] for m in maps_all]) for i in range(len(maps_all[0]))]
     targets = {"semantic": torch.cat(sem_all), "depth": torch.cat(depth_all), "keypoints": torch.cat(heat_all)}
     return maps, torch.cat(att_all), torch.cat(mask_all), torch.cat(img_all), targets
+
+
+def _depth_target(x: LabelledImage, v: int, rotated_objects: bool) -> np.ndarray:
+    """View ``v``'s depth target in metres, 0 where unknown (``feature_bank``)."""
+    if x.depth is None or (v >= 2 and not rotated_objects):
+        return np.zeros(x.semantic.shape, np.float32)
+    depth = view(x.depth, v).astype(np.float32)
+    return depth if v < 2 else np.where(view(x.semantic, v) > 0, depth, 0).astype(np.float32)
 
 
 def bank_of_images(bank, images: list[int], *, views: int):
@@ -135,7 +136,7 @@ def train_decoder(
     bb: BackboneConfig,
 ) -> tuple[PDecoder, dict[str, float]]:
     """Train a P-Decoder from scratch; returns the model (eval mode) and loss figures."""
-    bank = feature_bank(backbone, labelled, bb, classes, views=cfg.views)
+    bank = feature_bank(backbone, labelled, bb, classes, views=cfg.views, rotated_objects=cfg.rotated_object_depth)
     return fit_decoder(bank, classes, cfg=cfg, num_images=len(labelled))
 
 
