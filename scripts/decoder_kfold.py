@@ -57,9 +57,8 @@ def main() -> None:
     train_dir, _ = real_set_split_dirs(params.real.dir)  # the K labelled images only
     labelled = load_real_set(train_dir, params.world.classes)
     results = {}
-    banks: dict[
-        tuple, tuple
-    ] = {}  # (views, rotated object depth) -> the feature bank of all K images (a fold takes its images' rows)
+    # (views, rotated object depth) -> the feature bank of all K images (a fold takes its images' rows)
+    banks: dict[tuple[int, bool], tuple] = {}
     for text in args.settings:
         cfg = parse_setting(text, params.decoder)
         start = time.perf_counter()
