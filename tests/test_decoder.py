@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from datasetdm.backbones.base import Features
+from datasetdm.decoder.heads import DepthHead
 from datasetdm.decoder.inputs import class_attention, prompt_classes, semantic_labels
 from datasetdm.decoder.model import PDecoder
-from datasetdm.decoder.train import predict, predict_semantic, train_decoder
+from datasetdm.decoder.train import _depth_target, predict, predict_semantic, train_decoder, view
 from datasetdm.errors import DatasetDMError
 from datasetdm.evaluate.instances import InstanceAP, instances_from_semantic
 from datasetdm.evaluate.semantic import confusion_matrix, evaluate_decoder, iou_from_confusion
@@ -207,8 +208,6 @@ def test_bank_of_images_takes_exactly_those_images_rows(tiny_backbone, tiny_para
 def test_depth_head_reads_the_ground_plane_only_from_coordinates(coords):
     """Features that say nothing (constant) and a target that depends on the row alone, as the
     ground plane's does: only the head that sees pixel coordinates can fit it."""
-    from datasetdm.decoder.heads import DepthHead
-
     torch.manual_seed(0)
     features = torch.ones(2, 8, 16, 16)
     target = torch.linspace(10.0, 6.0, 16)[None, :, None].expand(2, 16, 16)
@@ -239,8 +238,6 @@ def test_a_decoder_saved_before_depth_coordinates_loads_without_them(tmp_path):
 def test_rotated_views_keep_only_their_objects_depth(labelled):
     """The ground recedes upwards in every real image, so a rotated view's background gets no depth
     target; its objects keep theirs when asked (a rolled camera sees them at the same distance)."""
-    from datasetdm.decoder.train import _depth_target, view
-
     x = labelled[0]
     assert (x.semantic > 0).any() and (x.semantic == 0).any()
     np.testing.assert_array_equal(_depth_target(x, 1, False), view(x.depth, 1))
