@@ -143,6 +143,9 @@ class DecoderConfig:
     class_source: Literal["attention", "decoder"] = "attention"
     depth_coords: bool = True  # join pixel coordinates to the depth head's input (CoordConv; decoder/heads.py)
     rotated_object_depth: bool = True  # rotated views keep their objects' depth targets (decoder/train.py)
+    # background pixels' depth labels: the K images' mean background surface, not the head (decoder/heads.py)
+    depth_background_prior: bool = True
+    depth_head_background: bool = True  # the depth head also learns the background's depth
     views: int = 8  # dihedral views of each labelled image: 1 (as is), 2 (+ flip) or 8 (+ rotations)
     steps: int = 400
     batch_size: int = 8

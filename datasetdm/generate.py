@@ -227,7 +227,8 @@ def annotate_batch(
     embeddings = features.pooled().cpu().numpy().astype(np.float16)
     batch = AnnotatedBatch(pixels, labels, quality, embeddings, object_class_probs(probs))
     if "depth" in out:
-        batch.depth = depth_to_png(out["depth"].cpu().numpy())
+        depth = decoder.depth_labels(out["depth"], torch.from_numpy(labels).to(out["depth"].device))
+        batch.depth = depth_to_png(depth.cpu().numpy())
     if "keypoints" in out:
         batch.keypoints = [
             {name: np.round(p.astype(np.float64), 3).tolist() for name, p in zip(CHANNELS, find_peaks(h))}

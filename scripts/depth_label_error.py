@@ -5,7 +5,10 @@ decoder's depth head. This script asks what kind of error that is, on a **valida
 rendered from its own seed range** (4,000,000+, as the label-cleaning rules were chosen;
 never the held-out test set):
 
-* AbsRel over all pixels, over background pixels and over object pixels;
+* AbsRel of the depth labels generation stores (``PDecoder.depth_labels``, on the
+  decoder's cleaned class ids) over all pixels, over background pixels and over object
+  pixels, and of the depth head's own output on the background (``head_background``:
+  what ``decoder.depth_background_prior`` replaces);
 * AbsRel after smoothing each labelled segment (objects: their median log depth, the
   background: a least-squares plane in log depth), with the decoder's own labels and with
   the true ones. Noise within a segment is what smoothing removes; what stays is the
@@ -65,7 +68,7 @@ def main() -> None:
         images = load_real_set(f"{tmp}/validation", classes)
     backbone = stages.load_backbone(params)
     decoder = stages.load_decoder(params, backbone)
-    kinds = ("all", "background", "objects", "smoothed_decoder_labels", "smoothed_true_labels")
+    kinds = ("all", "background", "objects", "head_background", "smoothed_decoder_labels", "smoothed_true_labels")
     metrics = {k: DepthMetrics() for k in kinds}
     for start in range(0, len(images), 16):
         chunk = images[start : start + 16]
@@ -80,14 +83,15 @@ def main() -> None:
         labels = semantic_labels(
             restrict_logits(out["semantic"], named).softmax(1), attention, named, decoder.class_source
         )
-        for depth, predicted, x in zip(out["depth"].exp().cpu().numpy(), labels.cpu().numpy(), chunk):
+        cleaned = torch.from_numpy(np.stack([clean_labels(p) for p in labels.to(torch.uint8).cpu().numpy()]))
+        stored = decoder.depth_labels(out["depth"].exp(), cleaned)  # as generation writes them
+        for depth, head, predicted, x in zip(stored.numpy(), out["depth"].exp().numpy(), cleaned.numpy(), chunk):
             background = x.semantic == 0
             metrics["all"].update(depth, x.depth)
+            metrics["head_background"].update(head, np.where(background, x.depth, 0))
             metrics["background"].update(depth, np.where(background, x.depth, 0))
             metrics["objects"].update(depth, np.where(background, 0, x.depth))
-            metrics["smoothed_decoder_labels"].update(
-                smooth_by_segment(depth, clean_labels(predicted.astype(np.uint8))), x.depth
-            )
+            metrics["smoothed_decoder_labels"].update(smooth_by_segment(depth, predicted), x.depth)
             metrics["smoothed_true_labels"].update(smooth_by_segment(depth, x.semantic), x.depth)
     result = {
         "validation_set": {"num": args.num, "seed": VALIDATION_SEED},

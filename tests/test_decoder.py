@@ -121,6 +121,10 @@ def test_depth_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled
     assert out["depth"].shape == (2, 32, 32) and bool((out["depth"] > 0).all())
     depth = evaluate_decoder(tiny_backbone, decoder, labelled, tiny_params.backbone)["depth"]
     assert depth["abs_rel"] >= 0 and 0 <= depth["delta1"] <= 1 and np.isfinite(depth["rmse"])
+    # decoder.depth_background_prior (default on): the surface is fitted to the labelled backgrounds
+    surface = decoder.heads["depth"].background_surface(32, 32)
+    ground = np.concatenate([x.depth[x.semantic == 0] for x in labelled])
+    assert ground.min() * 0.9 < surface.mean().item() < ground.max() * 1.1, (surface.mean(), ground.mean())
 
 
 def test_keypoint_head_trains_and_is_evaluated(tiny_backbone, tiny_params, labelled):
@@ -246,3 +250,45 @@ def test_rotated_views_keep_only_their_objects_depth(labelled):
     objects = view(x.semantic, 2) > 0
     np.testing.assert_array_equal(rotated[objects], view(x.depth, 2)[objects])
     assert not rotated[~objects].any()
+
+
+def _ground(levels: list[float], size: int = 16) -> torch.Tensor:
+    """Ground planes (N, H, W) metres, far at the top row, each ``level`` metres off the mean plane."""
+    rows = torch.linspace(10.0, 6.0, size)[:, None].expand(size, size)
+    return torch.stack([rows + level for level in levels])
+
+
+def test_background_prior_is_the_mean_ground_surface_on_background_pixels_only():
+    """Each image's ground level is invisible, so the prior is the mean surface of the labelled
+    backgrounds; objects and unknown pixels take no part in it, and only pixels labelled
+    background are replaced."""
+    depth = _ground([-1.0, 0.0, 1.0])
+    semantic = torch.zeros(3, 16, 16, dtype=torch.long)
+    semantic[:, 4:8, 4:8] = 1
+    depth[:, 4:8, 4:8] = 50.0  # an object: not ground, must not pull the fit
+    depth[1, 12:, :] = 0  # unknown (on the mean-level image, so the mean stays 0 there)
+    head = DepthHead(8, 2, background_prior=True)
+    head.fit_background(depth, semantic)
+    torch.testing.assert_close(head.background_surface(16, 16), _ground([0.0])[0], atol=1e-3, rtol=0)
+    head_out = torch.full((1, 16, 16), 3.0)
+    labels = torch.zeros(1, 16, 16, dtype=torch.long)
+    labels[0, :, :8] = 2
+    stored = head.depth_labels(head_out, labels)
+    assert bool((stored[0, :, :8] == 3.0).all())
+    torch.testing.assert_close(stored[0, :, 8:], _ground([0.0])[0][:, 8:], atol=1e-3, rtol=0)
+    assert torch.equal(DepthHead(8, 2).depth_labels(head_out, labels), head_out)  # without the prior: the head's
+
+
+def test_background_prior_round_trips_and_old_decoders_load_without_it(tmp_path):
+    config = {"map_channels": [8, 8], "classes": ["circle"], "channels": 16, "image_skip": False}
+    old = PDecoder({**config, "heads": ["semantic", "depth"], "image_size": 16})
+    old.save(tmp_path / "old")
+    assert not PDecoder.load(tmp_path / "old").heads["depth"].background_prior
+    new = PDecoder({**config, "heads": ["semantic", "depth"], "image_size": 16, "depth_background_prior": True})
+    new.heads["depth"].fit_background(_ground([0.5, -0.5]), torch.zeros(2, 16, 16, dtype=torch.long))
+    new.save(tmp_path / "new")
+    loaded = PDecoder.load(tmp_path / "new")
+    torch.testing.assert_close(
+        loaded.heads["depth"].background_surface(8, 8), new.heads["depth"].background_surface(8, 8)
+    )
+    assert loaded.fingerprint() == new.fingerprint()

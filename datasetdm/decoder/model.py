@@ -46,7 +46,13 @@ class PDecoder(nn.Module):
         skip = 16 if config["image_skip"] else 0
         self.stem = _block(3, skip) if skip else None
         self.up2 = _block(d // 2 + skip, d // 2)
-        options = {"depth": {"coords": bool(config.get("depth_coords", False))}}  # a decoder saved before: none
+        # A decoder saved before a key existed was built without that option: the default False.
+        options = {
+            "depth": {
+                "coords": bool(config.get("depth_coords", False)),
+                "background_prior": bool(config.get("depth_background_prior", False)),
+            }
+        }
         self.heads = nn.ModuleDict(
             {name: HEADS[name](d // 2, num_classes, **options.get(name, {})) for name in config["heads"]}
         )
@@ -56,6 +62,11 @@ class PDecoder(nn.Module):
         """How its labels name the object pixels (``decoder.class_source``; a decoder saved before the key
         existed took its own argmax)."""
         return self.config.get("class_source", "decoder")
+
+    def depth_labels(self, metres: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The depth maps (B, H, W) to store for images whose class ids are ``labels``
+        (``DepthHead.depth_labels``)."""
+        return self.heads["depth"].depth_labels(metres, labels)
 
     def trunk(self, maps: list[torch.Tensor], attention: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         x = None

@@ -56,6 +56,7 @@ def build_decoder(
             "image_size": image_size,
             "class_source": cfg.class_source,
             "depth_coords": cfg.depth_coords,
+            "depth_background_prior": cfg.depth_background_prior,
         }
     )
 
@@ -115,7 +116,7 @@ def _depth_target(x: LabelledImage, v: int, rotated_objects: bool) -> np.ndarray
     if x.depth is None or (v >= 2 and not rotated_objects):
         return np.zeros(x.semantic.shape, np.float32)
     depth = view(x.depth, v).astype(np.float32)
-    return depth if v < 2 else np.where(view(x.semantic, v) > 0, depth, 0).astype(np.float32)
+    return depth if v < 2 else np.where(view(x.semantic, v) > 0, depth, np.float32(0))
 
 
 def bank_of_images(bank, images: list[int], *, views: int):
@@ -169,12 +170,18 @@ def fit_decoder(bank, classes: tuple[str, ...], *, cfg: DecoderConfig, num_image
             [m[idx] for m in maps], att[idx], _permute_colours(imgs[idx], rng) if cfg.colour_jitter else imgs[idx]
         )
         out["semantic"] = restrict_logits(out["semantic"], named[idx])
-        per_head = {name: decoder.heads[name].loss(out[name], targets[name][idx]) for name in out}
+        wanted = {name: targets[name][idx] for name in out}
+        if "depth" in wanted and not cfg.depth_head_background:
+            wanted["depth"] = torch.where(targets["semantic"][idx] > 0, wanted["depth"], 0)
+        per_head = {name: decoder.heads[name].loss(out[name], wanted[name]) for name in out}
         loss = sum(per_head.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         losses.append([loss.item(), *(v.item() for v in per_head.values())])
+    if cfg.depth_background_prior and "depth" in decoder.heads:
+        decoder.heads["depth"].fit_background(targets["depth"], targets["semantic"])
+        logger.info("depth background prior: %s", decoder.heads["depth"].surface.numpy().round(3).tolist())
     curve = np.array(losses)
     stats = {"first_loss": float(curve[:10, 0].mean()), "final_loss": float(curve[-20:, 0].mean())}
     for j, name in enumerate(decoder.heads, start=1):  # ModuleDict order = the order of ``out``

@@ -161,7 +161,8 @@ def evaluate_decoder(
         wanted = [[classes.index(c) for c in prompt_classes(prompt, backbone, classes)] for prompt in feats.prompts]
         scores += [quality_score(q) for q in quality_components(torch.from_numpy(probs), attention.cpu(), wanted)]
         if depth is not None:
-            for p, x in zip(out["depth"].exp().cpu().numpy(), chunk):
+            metres = decoder.depth_labels(out["depth"].exp(), preds["semantic"])  # as generation stores them
+            for p, x in zip(metres.cpu().numpy(), chunk):
                 if x.depth is not None:
                     depth.update(p, x.depth)
     metrics: dict = {k: semantic_metrics(c, classes) for k, c in conf.items()}
