@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datasetdm.backbones.base import Features
-from datasetdm.decoder.heads import DepthHead
+from datasetdm.decoder.heads import DepthHead, coordinate_grid
 from datasetdm.decoder.inputs import class_attention, prompt_classes, semantic_labels
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import _depth_target, predict, predict_semantic, train_decoder, view
@@ -277,6 +277,24 @@ def test_background_prior_is_the_mean_ground_surface_on_background_pixels_only()
     assert bool((stored[0, :, :8] == 3.0).all())
     torch.testing.assert_close(stored[0, :, 8:], _ground([0.0])[0][:, 8:], atol=1e-3, rtol=0)
     assert torch.equal(DepthHead(8, 2).depth_labels(head_out, labels), head_out)  # without the prior: the head's
+
+
+def test_background_prior_is_the_least_squares_fit_over_every_background_pixel():
+    """``fit_background`` sums the normal equations per pixel position to keep its memory at one
+    image's; the surface must be the one least squares over all the bank's pixels gives."""
+    gen = torch.Generator().manual_seed(0)
+    depth = torch.rand(12, 20, 24, generator=gen) * 4 + 6
+    depth[3, :5] = 0  # unknown
+    semantic = (torch.rand(12, 20, 24, generator=gen) < 0.3).long()
+    known = (semantic == 0) & (depth > 0)
+    x, y = coordinate_grid(depth[:, None]).double().unbind(1)
+    terms = torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y])[:, known]
+    direct = torch.linalg.lstsq(terms.T, depth[known].double()[:, None]).solution[:, 0]
+    head = DepthHead(8, 2, background_prior=True)
+    head.fit_background(depth, semantic)
+    torch.testing.assert_close(head.surface, direct.float(), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="no background pixel"):
+        head.fit_background(depth, torch.ones_like(semantic))
 
 
 def test_background_prior_round_trips_and_old_decoders_load_without_it(tmp_path):
