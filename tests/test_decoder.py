@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from datasetdm.backbones.base import Features
-from datasetdm.decoder.heads import DepthHead, coordinate_grid
+from datasetdm.decoder.heads import DepthHead, _surface_terms, coordinate_grid
 from datasetdm.decoder.inputs import class_attention, prompt_classes, semantic_labels
 from datasetdm.decoder.model import PDecoder
 from datasetdm.decoder.train import _depth_target, predict, predict_semantic, train_decoder, view
@@ -287,8 +287,7 @@ def test_background_prior_is_the_least_squares_fit_over_every_background_pixel()
     depth[3, :5] = 0  # unknown
     semantic = (torch.rand(12, 20, 24, generator=gen) < 0.3).long()
     known = (semantic == 0) & (depth > 0)
-    x, y = coordinate_grid(depth[:, None]).double().unbind(1)
-    terms = torch.stack([torch.ones_like(x), x, y, x * x, x * y, y * y])[:, known]
+    terms = _surface_terms(coordinate_grid(depth[:, None]).double())[:, known]  # (T, pixels)
     direct = torch.linalg.lstsq(terms.T, depth[known].double()[:, None]).solution[:, 0]
     head = DepthHead(8, 2, background_prior=True)
     head.fit_background(depth, semantic)
