@@ -121,7 +121,12 @@ def filter_signals(params: Params, upto: int, prompt_records: list[dict]) -> dic
 
 def synthetic_union(params: Params, upto: int) -> ArraySet:
     """The kept samples of rounds 0..upto, as one training set (each export checked against its card)."""
-    parts = [from_export(made(params, r).export) for r in range(upto + 1)]
+    return joined_sets([from_export(made(params, r).export) for r in range(upto + 1)])
+
+
+def joined_sets(parts: list[ArraySet]) -> ArraySet:
+    """One training source of ``parts`` (a label a part lacks is dropped from the whole), as a round's
+    samples join the earlier rounds' in one source rather than taking a share of every batch of their own."""
 
     def cat(field: str) -> np.ndarray | None:
         values = [getattr(p, field) for p in parts]

@@ -34,10 +34,10 @@ from pathlib import Path
 import numpy as np
 
 from datasetdm.config import load_params
-from datasetdm.downstream.data import ArraySet, from_export, from_labelled
+from datasetdm.downstream.data import from_export, from_labelled
 from datasetdm.io import write_json
 from datasetdm.realset import load_real_set, real_set_split_dirs, write_real_set
-from datasetdm.rounds import semantic_scores
+from datasetdm.rounds import joined_sets, semantic_scores
 
 ORACLE_SEED = 8_000_000
 ARMS = ("base", "uniform", "weakest")
@@ -72,15 +72,17 @@ def main() -> None:
 
     # 2. perfect samples: one render, two ways of choosing a round from it
     uniform, steered = perfect_rounds(params, args.num, weakest)
+    with_uniform, with_steered = joined_sets([synthetic, uniform]), joined_sets([synthetic, steered])
 
     # 3. the arms, seed by seed (the pair that compares steering first)
     for k in range(args.seeds):
-        run(results, results_file, f"uniform/seed{k}", params, [real, joined(synthetic, uniform)], test, k, steps)
-        run(results, results_file, f"weakest/seed{k}", params, [real, joined(synthetic, steered)], test, k, steps)
+        run(results, results_file, f"uniform/seed{k}", params, [real, with_uniform], test, k, steps)
+        run(results, results_file, f"weakest/seed{k}", params, [real, with_steered], test, k, steps)
         run(results, results_file, f"base/seed{k}", params, [real, synthetic], test, k, steps)
 
-    write_json(args.out, summarize(results, classes, weakest, args.seeds, args.num, steps))
-    print(json.dumps(json.loads(Path(args.out).read_text()), indent=1))
+    summary = summarize(results, classes, weakest, args.seeds, args.num, steps)
+    write_json(args.out, summary)
+    print(json.dumps(summary, indent=1))
 
 
 def perfect_rounds(params, num: int, weakest: str):
@@ -93,12 +95,6 @@ def perfect_rounds(params, num: int, weakest: str):
     if len(holding) < num:
         raise SystemExit(f"only {len(holding)} of {len(scenes)} rendered scenes hold a {weakest}")
     return from_labelled(scenes[:num]), from_labelled(holding[:num])
-
-
-def joined(a: ArraySet, b: ArraySet) -> ArraySet:
-    """One training source of both sets, as a round's samples join the export (``rounds.synthetic_union``)."""
-    fields = ("images", "semantic", "depth", "heatmaps")
-    return ArraySet(*(np.concatenate([getattr(a, f), getattr(b, f)]) for f in fields))
 
 
 def run(results, results_file, key, params, sources, test, k, steps) -> None:
