@@ -1,0 +1,214 @@
+"""Does self-attention at the 16x16 latent lift prompt fidelity? A warm-started, controlled test.
+
+The shipped UNet has attention at 8x8 and 4x4 only (``pretrain.full_res_attention: false``:
+it cost 1.7x the training step on 2 CPU cores). Retraining from scratch with it would be
+another ~6 hours, so this script asks the question cheaply, as a controlled pair:
+
+* **attention**: the shipped weights loaded into the same UNet with attention added at
+  16x16; each new transformer's ``proj_out`` starts at zero, so at step 0 the model is
+  the shipped one exactly (checked below), and training decides what the new layers add;
+* **control**: the shipped UNet as it is, trained the same steps with the same draws.
+
+Both go on from the shipped EMA weights for ``--steps`` steps (one cosine, peak ``--lr``,
+fresh AdamW, the pretraining loss and pool, draws seeded by ``--seed``), and each snapshot
+is read by the inspector on prompts and image seeds of this script's own range
+(7,500,000+), never the audit's (``inspect.fidelity_seed``), so whatever is adopted later is
+still measured unbiased by ``inspect``. Nothing here changes what the factory ships.
+
+    python scripts/attention_finetune.py --steps 4000 --work /work/scratch/attn \\
+        --out metrics/attention_finetune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from datasetdm.backbones.pretrain_sd import (
+    VAE_FINAL,
+    build_components,
+    encode_pool,
+    render_pool,
+    snapshot_components,
+    snapshots,
+    train_unet,
+)
+from datasetdm.backbones.sd import StableDiffusionBackbone
+from datasetdm.backbones.sd_folder import load_components, resolve_folder
+from datasetdm.config import Params, load_params
+from datasetdm.evaluate.backbone import fidelity_layouts, generate_layouts, prompt_fidelity
+from datasetdm.evaluate.inspector import Inspector
+from datasetdm.io import write_json
+
+logger = logging.getLogger("attention_finetune")
+EVAL_SEED = 7_500_000
+
+
+def arm_params(params: Params, *, attention: bool, steps: int, lr: float, seed: int, work: Path) -> Params:
+    """Pretrain settings of one arm: one cosine of ``steps`` at peak ``lr``, checkpoints in ``work``."""
+    pretrain = dataclasses.replace(
+        params.pretrain,
+        full_res_attention=attention,
+        steps=steps,
+        cycle_steps=steps,
+        lr=lr,
+        seed=seed,
+        out=str(work / "model"),
+    )
+    return dataclasses.replace(params, pretrain=pretrain)
+
+
+def warm_components(params: Params, shipped: dict) -> dict:
+    """Fresh components of ``params`` holding the shipped weights; new attention layers start as the identity."""
+    components = build_components(params)
+    unet = components["unet"]
+    missing, unexpected = unet.load_state_dict(shipped["unet"].state_dict(), strict=False)
+    if unexpected or any(".attentions." not in k for k in missing):
+        raise RuntimeError(
+            f"shipped UNet does not map onto this one: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    added = sorted({k.split(".attentions.")[0] for k in missing})
+    for name, module in unet.named_modules():
+        if name.endswith("proj_out") and any(name.startswith(a + ".attentions.") for a in added):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+    components["text_encoder"].load_state_dict(shipped["text_encoder"].state_dict())
+    components["vae"] = shipped["vae"]
+    logger.info("warm start: %d new tensors (%s), their proj_out zeroed", len(missing), ", ".join(added) or "none")
+    _check_same_function(unet, shipped["unet"], params)
+    return components
+
+
+@torch.no_grad()
+def _check_same_function(unet: torch.nn.Module, shipped: torch.nn.Module, params: Params) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, params.world.image_size // 4, params.world.image_size // 4, generator=gen)
+    text = torch.randn(2, params.pretrain.max_length, params.pretrain.text_dim, generator=gen)
+    t = torch.tensor([100, 700])
+    a = unet.eval()(x, t, encoder_hidden_states=text).sample
+    b = shipped.eval()(x, t, encoder_hidden_states=text).sample
+    err = (a - b).abs().max().item()
+    if err > 1e-4:
+        raise RuntimeError(f"warm-started UNet differs from the shipped one by {err}")
+    logger.info("warm-started UNet matches the shipped one (max difference %.1e)", err)
+
+
+@torch.no_grad()
+def branch_sizes(unet: torch.nn.Module, params: Params) -> dict[str, dict[str, float]]:
+    """Per attention block: its ``proj_out`` weight norm, and its output's norm relative to its input's on random
+    latents (how much of the block's residual the attention branch writes; near 0: still the identity)."""
+    sizes: dict[str, dict[str, float]] = {}
+    hooks = []
+    for name, module in unet.named_modules():
+        if name.endswith("proj_out"):
+            block = name.removesuffix(".proj_out")
+            sizes[block] = {"proj_out_norm": round(module.weight.norm().item(), 3)}
+
+            def record(mod, inp, out, block=block):  # noqa: ANN001
+                sizes[block]["output_over_input"] = round((out.norm() / inp[0].norm()).item(), 3)
+
+            hooks.append(module.register_forward_hook(record))
+    gen = torch.Generator().manual_seed(0)
+    side = params.world.image_size // 4
+    x = torch.randn(4, 4, side, side, generator=gen)
+    text = torch.randn(4, params.pretrain.max_length, params.pretrain.text_dim, generator=gen)
+    unet.eval()(x, torch.tensor([100, 300, 600, 900]), encoder_hidden_states=text)
+    for h in hooks:
+        h.remove()
+    return sizes
+
+
+def fidelity(backbone: StableDiffusionBackbone, inspector: Inspector, params: Params, num: int) -> dict:
+    row = {}
+    for n, key in ((1, "single_object"), (2, "two_objects")):
+        layouts = fidelity_layouts(inspector.classes, params.world.colours, num=num, num_objects=n, seed=EVAL_SEED)
+        images = generate_layouts(backbone, layouts, seed=EVAL_SEED + 10_000 * n, params=params)
+        row[key] = prompt_fidelity(inspector, images, layouts)[0]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--lr", type=float, default=2.5e-4, help="peak learning rate of the one cosine")
+    parser.add_argument("--seed", type=int, default=1, help="seeds the steps' draws (pretraining used 0)")
+    parser.add_argument("--num", type=int, default=300, help="prompts per group at each snapshot")
+    parser.add_argument("--read-every", type=int, default=2000, help="read every this many steps, and the last")
+    parser.add_argument("--arms", default="attention,control")
+    parser.add_argument(
+        "--probe-only", action="store_true", help="only add branch_sizes of the finished arms to --out"
+    )
+    parser.add_argument("--pool", type=int, default=None, help="pool size (default: pretrain.pool_size)")
+    parser.add_argument("--work", default="/work/scratch/attention-finetune")
+    parser.add_argument("--out", default="metrics/attention_finetune.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(2)
+
+    params = load_params(args.params)
+    if args.probe_only:
+        result = json.loads(Path(args.out).read_text())
+        for arm in args.arms.split(","):
+            p = arm_params(
+                params,
+                attention=arm == "attention",
+                steps=args.steps,
+                lr=args.lr,
+                seed=args.seed,
+                work=Path(args.work) / arm,
+            )
+            unet = snapshot_components(p, snapshots(p)[-1][1])["unet"]
+            result[f"{arm}_branch_sizes"] = branch_sizes(unet, p)
+        write_json(args.out, result)
+        return
+    inspector = Inspector.load(params.inspect.model)
+    folder = resolve_folder(params.backbone.model)
+    shipped = load_components(folder, torch.float32)
+    # 1. the shipped model, read once on this script's prompts (step 0 of both arms)
+    start = time.perf_counter()
+    base = fidelity(StableDiffusionBackbone(dict(shipped)), inspector, params, args.num)
+    logger.info("shipped model: %s (%.0f s)", base, time.perf_counter() - start)
+    result: dict = {"eval_seed": EVAL_SEED, "num_per_group": args.num, "steps": args.steps, "lr": args.lr}
+    result["shipped"] = base
+    # 2. the pretraining pool (seed 0, as pretraining drew it), encoded by the shipped VAE
+    images, captions = render_pool(params, args.pool or params.pretrain.pool_size, params.pretrain.seed)
+    means, stds = encode_pool(shipped["vae"], images, torch.device("cpu"))
+    for arm in args.arms.split(","):
+        work = Path(args.work) / arm
+        p = arm_params(params, attention=arm == "attention", steps=args.steps, lr=args.lr, seed=args.seed, work=work)
+        components = warm_components(p, load_components(folder, torch.float32))
+        vae_dir = work / "model.work" / VAE_FINAL
+        if not vae_dir.is_dir():
+            components["vae"].save_pretrained(vae_dir, safe_serialization=True)  # snapshot_components reads it here
+        _, _, log, _ = train_unet(
+            p,
+            components,
+            means=means,
+            stds=stds,
+            captions=captions,
+            work=work / "model.work",
+            device=torch.device("cpu"),
+        )
+        rows = [{"step": 0, "minutes": 0.0, **base}]
+        for step, snap in snapshots(p):
+            if step % args.read_every and step != args.steps:
+                continue
+            row = fidelity(StableDiffusionBackbone(snapshot_components(p, snap)), inspector, p, args.num)
+            minutes = next(r["minutes"] for r in log if r["step"] == step)
+            rows.append({"step": step, "minutes": round(minutes, 1), **row})
+            logger.info("%s step %d: %s", arm, step, row)
+        result[arm] = rows
+        result[f"{arm}_branch_sizes"] = branch_sizes(snapshot_components(p, snapshots(p)[-1][1])["unet"], p)
+        write_json(args.out, result)
+    print(result, flush=True)
+
+
+if __name__ == "__main__":
+    main()
