@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from datasetdm.config import Params, load_params
 from datasetdm.downstream.data import ArraySet, from_export, from_labelled
 from datasetdm.downstream.evaluate import evaluate_model
@@ -80,6 +82,13 @@ def main() -> None:
     ap.add_argument("--val-seed", type=int, default=3_000_000)
     ap.add_argument("--seed", type=int, default=0, help="training seed (downstream.seed + this)")
     ap.add_argument("--task", choices=TASKS, default="semantic")
+    ap.add_argument(
+        "--synthetic-depth",
+        choices=("all", "background"),
+        default="all",
+        help="background: train on the synthetic depth labels' background pixels only (where they are good, "
+        "metrics/depth_labels.json), object levels from the real images alone",
+    )
     ap.add_argument("--out", default=None, help="default: metrics/downstream_steps.json (semantic), _<task> otherwise")
     args = ap.parse_args()
     args.out = args.out or f"metrics/downstream_steps{'' if args.task == 'semantic' else '_' + args.task}.json"
@@ -92,6 +101,8 @@ def main() -> None:
         "training_seed": cfg.seed + args.seed,
         "recipe": {"batch_size": cfg.batch_size, "lr": cfg.lr, "width": cfg.width, "jitter": cfg.colour_jitter},
     }
+    if args.synthetic_depth != "all":
+        header["synthetic_depth"] = args.synthetic_depth
     annotations = Path(params.export.out) / "annotations.json"
     export_digest = sha256_file(annotations)[:16] if annotations.is_file() else ""
     train_dir, _ = real_set_split_dirs(params.real.dir)
@@ -104,6 +115,9 @@ def main() -> None:
         sources = {"real": [real]}
         if {"synthetic", "real+synthetic"} & set(args.arms):
             synthetic = from_export(params.export.out)
+            if args.synthetic_depth == "background" and synthetic.depth is not None:
+                # 0 is "unknown" to the depth loss: object pixels of synthetic images teach nothing
+                synthetic = dataclasses.replace(synthetic, depth=np.where(synthetic.semantic > 0, 0, synthetic.depth))
             sources |= {"synthetic": [synthetic], "real+synthetic": [real, synthetic]}
         if "ceiling" in args.arms:
             write_real_set(params.world, Path(tmp) / "ceiling", cfg.ceiling_images, cfg.ceiling_seed)
