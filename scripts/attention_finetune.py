@@ -145,6 +145,7 @@ def main() -> None:
     parser.add_argument(
         "--probe-only", action="store_true", help="only add branch_sizes of the finished arms to --out"
     )
+    parser.add_argument("--model", default=None, help="pipeline folder to go on from (default: backbone.model)")
     parser.add_argument("--pool", type=int, default=None, help="pool size (default: pretrain.pool_size)")
     parser.add_argument("--work", default="/work/scratch/attention-finetune")
     parser.add_argument("--out", default="metrics/attention_finetune.json")
@@ -169,14 +170,15 @@ def main() -> None:
         write_json(args.out, result)
         return
     inspector = Inspector.load(params.inspect.model)
-    folder = resolve_folder(params.backbone.model)
+    folder = resolve_folder(args.model or params.backbone.model)
     shipped = load_components(folder, torch.float32)
-    # 1. the shipped model, read once on this script's prompts (step 0 of both arms)
+    # 1. the model gone on from (the shipped one unless --model), read once (step 0 of every arm)
     start = time.perf_counter()
     base = fidelity(StableDiffusionBackbone(dict(shipped)), inspector, params, args.num)
-    logger.info("shipped model: %s (%.0f s)", base, time.perf_counter() - start)
+    logger.info("the model gone on from (step 0): %s (%.0f s)", base, time.perf_counter() - start)
     result: dict = {"eval_seed": EVAL_SEED, "num_per_group": args.num, "steps": args.steps, "lr": args.lr}
-    result["shipped"] = base
+    result["start"] = base
+    result["start_model"] = str(args.model or params.backbone.model)
     # 2. the pretraining pool (seed 0, as pretraining drew it), encoded by the shipped VAE
     images, captions = render_pool(params, args.pool or params.pretrain.pool_size, params.pretrain.seed)
     means, stds = encode_pool(shipped["vae"], images, torch.device("cpu"))
