@@ -85,14 +85,27 @@ def warm_components(params: Params, shipped: dict) -> dict:
     return components
 
 
+def _probe_inputs(params: Params, timesteps: list[int]) -> dict[str, torch.Tensor]:
+    """UNet inputs for checks (random latents and text states, seed 0), one per timestep."""
+    gen = torch.Generator().manual_seed(0)
+    n, side = len(timesteps), params.world.image_size // 4
+    return {
+        "sample": torch.randn(n, 4, side, side, generator=gen),
+        "encoder_hidden_states": torch.randn(n, params.pretrain.max_length, params.pretrain.text_dim, generator=gen),
+        "timestep": torch.tensor(timesteps),
+    }
+
+
+def last_unet(params: Params) -> torch.nn.Module:
+    """The EMA UNet of an arm's last snapshot."""
+    return snapshot_components(params, snapshots(params)[-1][1])["unet"]
+
+
 @torch.no_grad()
 def _check_same_function(unet: torch.nn.Module, shipped: torch.nn.Module, params: Params) -> None:
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, params.world.image_size // 4, params.world.image_size // 4, generator=gen)
-    text = torch.randn(2, params.pretrain.max_length, params.pretrain.text_dim, generator=gen)
-    t = torch.tensor([100, 700])
-    a = unet.eval()(x, t, encoder_hidden_states=text).sample
-    b = shipped.eval()(x, t, encoder_hidden_states=text).sample
+    inputs = _probe_inputs(params, [100, 700])
+    a = unet.eval()(**inputs).sample
+    b = shipped.eval()(**inputs).sample
     err = (a - b).abs().max().item()
     if err > 1e-4:
         raise RuntimeError(f"warm-started UNet differs from the shipped one by {err}")
@@ -114,11 +127,7 @@ def branch_sizes(unet: torch.nn.Module, params: Params) -> dict[str, dict[str, f
                 sizes[block]["output_over_input"] = round((out.norm() / inp[0].norm()).item(), 3)
 
             hooks.append(module.register_forward_hook(record))
-    gen = torch.Generator().manual_seed(0)
-    side = params.world.image_size // 4
-    x = torch.randn(4, 4, side, side, generator=gen)
-    text = torch.randn(4, params.pretrain.max_length, params.pretrain.text_dim, generator=gen)
-    unet.eval()(x, torch.tensor([100, 300, 600, 900]), encoder_hidden_states=text)
+    unet.eval()(**_probe_inputs(params, [100, 300, 600, 900]))
     for h in hooks:
         h.remove()
     return sizes
@@ -154,19 +163,15 @@ def main() -> None:
     torch.set_num_threads(2)
 
     params = load_params(args.params)
+
+    def arm_of(arm: str) -> Params:
+        kw = {"steps": args.steps, "lr": args.lr, "seed": args.seed, "work": Path(args.work) / arm}
+        return arm_params(params, attention=arm == "attention", **kw)
+
     if args.probe_only:
         result = json.loads(Path(args.out).read_text())
         for arm in args.arms.split(","):
-            p = arm_params(
-                params,
-                attention=arm == "attention",
-                steps=args.steps,
-                lr=args.lr,
-                seed=args.seed,
-                work=Path(args.work) / arm,
-            )
-            unet = snapshot_components(p, snapshots(p)[-1][1])["unet"]
-            result[f"{arm}_branch_sizes"] = branch_sizes(unet, p)
+            result[f"{arm}_branch_sizes"] = branch_sizes(last_unet(arm_of(arm)), arm_of(arm))
         write_json(args.out, result)
         return
     inspector = Inspector.load(params.inspect.model)
@@ -183,8 +188,7 @@ def main() -> None:
     images, captions = render_pool(params, args.pool or params.pretrain.pool_size, params.pretrain.seed)
     means, stds = encode_pool(shipped["vae"], images, torch.device("cpu"))
     for arm in args.arms.split(","):
-        work = Path(args.work) / arm
-        p = arm_params(params, attention=arm == "attention", steps=args.steps, lr=args.lr, seed=args.seed, work=work)
+        work, p = Path(args.work) / arm, arm_of(arm)
         components = warm_components(p, load_components(folder, torch.float32))
         vae_dir = work / "model.work" / VAE_FINAL
         if not vae_dir.is_dir():
@@ -207,7 +211,7 @@ def main() -> None:
             rows.append({"step": step, "minutes": round(minutes, 1), **row})
             logger.info("%s step %d: %s", arm, step, row)
         result[arm] = rows
-        result[f"{arm}_branch_sizes"] = branch_sizes(snapshot_components(p, snapshots(p)[-1][1])["unet"], p)
+        result[f"{arm}_branch_sizes"] = branch_sizes(last_unet(p), p)
         write_json(args.out, result)
     print(result, flush=True)
 
