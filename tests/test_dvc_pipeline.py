@@ -3,6 +3,7 @@ orchestrator takes from DVC (``datasetdm/dvc_pipeline.py``), on real DVC repos."
 
 from __future__ import annotations
 
+import ast
 import shutil
 
 import pytest
@@ -11,6 +12,7 @@ import yaml
 from datasetdm import dvc_pipeline
 from datasetdm.errors import DatasetDMError
 from datasetdm.generate import load_prompts
+from datasetdm.stages import STAGES
 from tests.conftest import REPO
 from tests.dvc_repo import make_tiny_repo, run
 
@@ -46,6 +48,35 @@ def test_stage_order_is_dvcs_graph_dependencies_first():
         s for s in order if s in {"real-data", "train-decoder", "expand-prompts", "generate", "filter"}
     ]
     assert not any(s.startswith("uplift") for s in dvc_pipeline.stage_order(REPO, ["curate", "report"]))
+
+
+def _stage_functions_reaching(name: str) -> set[str]:
+    """The ``datasetdm.stages`` functions that reference ``name`` themselves or through the module's own helpers."""
+    tree = ast.parse((REPO / "datasetdm" / "stages.py").read_text())
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    refs = {f: {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} for f, node in funcs.items()}
+
+    def reaches(f: str, seen: frozenset = frozenset()) -> bool:
+        return name in refs[f] or any(g in funcs and g not in seen and reaches(g, seen | {f}) for g in refs[f])
+
+    return {f for f in funcs if reaches(f)}
+
+
+def test_every_stage_that_loads_the_backbone_depends_on_its_code_weights_and_settings():
+    # A change to the sampler (datasetdm/backbones) must restale every stage that samples or
+    # captures features, even when the decoder it retrains comes out byte-identical.
+    loading = _stage_functions_reaching("load_backbone")
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    checked = []
+    for name, fn in STAGES.items():
+        fn = getattr(fn, "func", fn)
+        if fn.__name__ not in loading:
+            continue
+        stage = stages[name] if name in stages else stages[name.split("-")[0] + "-model"]["do"]
+        assert {"datasetdm/backbones", "${backbone.model}"} <= set(stage["deps"]), name
+        assert "backbone" in stage["params"], name
+        checked.append(name)
+    assert {"train-decoder", "generate", "evaluate", "inspect", "rounds", "steering"} <= set(checked), checked
 
 
 def test_unknown_stage_is_one_line_naming_the_stages():
