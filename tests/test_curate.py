@@ -41,6 +41,17 @@ def fiftyone_env(tmp_path_factory):
                 os.environ[k] = v
 
 
+def test_fiftyone_imports_in_a_process_that_imported_dask_first(tmp_path):
+    # dask imports importlib_metadata, whose finder then answers the stdlib's metadata lookups;
+    # from version 8 a missing field raises KeyError, and FiftyOne's eta reads one ("author")
+    # at import. constraints.txt holds importlib_metadata below 8.
+    env = {**os.environ, "FIFTYONE_DATABASE_DIR": str(tmp_path / "db"), "FIFTYONE_DO_NOT_TRACK": "true"}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import dask, fiftyone"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 @pytest.fixture
 def exported(tiny_params):
     p = tiny_params
