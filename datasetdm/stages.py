@@ -368,7 +368,7 @@ def uplift_model_stage(params: Params, model: str) -> dict:
         seeds=cfg.uplift_seeds,
         known=known,
         num_ceiling=cfg.ceiling_images,
-        steps=dataclasses.asdict(cfg.uplift_steps),
+        steps={model: getattr(cfg.uplift_steps, model)},  # this model's steps only, the one setting its stage lists
         tasks=(model,),
     )
     write_json(uplift_part_path(params, model), results["metrics"])
@@ -394,7 +394,7 @@ def _fixed_arms(params: Params, model: str, real: ArraySet, test: list[LabelledI
         if cfg.ceiling_images:
             write_real_set(params.world, Path(tmp) / "ceiling", cfg.ceiling_images, cfg.ceiling_seed)
             arms["ceiling"] = [from_labelled(load_real_set(Path(tmp) / "ceiling", classes))]
-        steps = dataclasses.asdict(cfg.uplift_steps)
+        steps = {model: getattr(cfg.uplift_steps, model)}
         scores = score_arms(arms, test, classes, cfg=cfg, seeds=cfg.uplift_seeds, steps=steps, tasks=(model,))
     known = {name: {task: runs[name] for task, runs in scores.items() if name in runs} for name in arms}
     write_json(path, {"key": key, "arms": known})

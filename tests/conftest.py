@@ -24,7 +24,7 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
     return {
         "world": {"image_size": 32, "classes": ["circle", "square"], "colours": ["red", "blue"], "max_objects": 2},
         "real": {"dir": str(tmp / "data/real"), "num_train": 4, "num_test": 4},
-        "backbone": {"model": str(backbone_path), "steps": 3, "guidance_scale": 2.0},
+        "backbone": {"kind": "stable-diffusion", "model": str(backbone_path), "steps": 3, "guidance_scale": 2.0},
         "decoder": {"out": str(tmp / "models/decoder"), "channels": 16, "steps": 6, "batch_size": 4},
         "prompts": {"out": str(tmp / "data/prompts.json"), "num_prompts": 6},
         "generate": {"out": str(tmp / "data/generated"), "num_samples": 6, "batch_size": 4, "shard_size": 4},
@@ -78,6 +78,11 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
             "budget": 4,
             "floor": 0.3,
             "seed": 1,
+            # the rounds stage lists these one by one (the config's defaults, written out for DVC)
+            "candidates": 1,
+            "shape_check": False,
+            "validation": "synthetic",
+            "folds": 4,
             "experiment_out": str(tmp / "data/steering"),
             "experiment_metrics": str(tmp / "metrics/steering.json"),
             "experiment_plot": str(tmp / "metrics/steering_plot.json"),
