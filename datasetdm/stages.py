@@ -368,11 +368,16 @@ def uplift_model_stage(params: Params, model: str) -> dict:
         seeds=cfg.uplift_seeds,
         known=known,
         num_ceiling=cfg.ceiling_images,
-        steps={model: getattr(cfg.uplift_steps, model)},  # this model's steps only, the one setting its stage lists
+        steps=_model_steps(params, model),
         tasks=(model,),
     )
     write_json(uplift_part_path(params, model), results["metrics"])
     return results["metrics"]
+
+
+def _model_steps(params: Params, model: str) -> dict[str, int]:
+    """``{model: downstream.uplift_steps.<model>}``: one model's steps only, the one steps setting its stage lists."""
+    return {model: getattr(params.downstream.uplift_steps, model)}
 
 
 def _fixed_arms(params: Params, model: str, real: ArraySet, test: list[LabelledImage]) -> dict[str, dict]:
@@ -394,7 +399,7 @@ def _fixed_arms(params: Params, model: str, real: ArraySet, test: list[LabelledI
         if cfg.ceiling_images:
             write_real_set(params.world, Path(tmp) / "ceiling", cfg.ceiling_images, cfg.ceiling_seed)
             arms["ceiling"] = [from_labelled(load_real_set(Path(tmp) / "ceiling", classes))]
-        steps = {model: getattr(cfg.uplift_steps, model)}
+        steps = _model_steps(params, model)
         scores = score_arms(arms, test, classes, cfg=cfg, seeds=cfg.uplift_seeds, steps=steps, tasks=(model,))
     known = {name: {task: runs[name] for task, runs in scores.items() if name in runs} for name in arms}
     write_json(path, {"key": key, "arms": known})
@@ -408,7 +413,7 @@ def uplift_stage(params: Params) -> dict:
     for model in TASKS:
         path = uplift_part_path(params, model)
         part = _read_json(path)
-        want = {"seeds": cfg.uplift_seeds, "steps": {model: getattr(cfg.uplift_steps, model)}}
+        want = {"seeds": cfg.uplift_seeds, "steps": _model_steps(params, model)}
         for task, entry in part.items():
             for key, value in want.items():
                 if entry.get(key) != value:
