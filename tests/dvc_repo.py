@@ -46,3 +46,17 @@ def make_tiny_repo(tmp_path: Path) -> tuple[Path, dict]:
     raw = tiny_raw(Path("."), Path("models/tiny-backbone"))
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     return root, raw
+
+
+def dvc_stage(name: str) -> dict:
+    """One stage of this repo's ``dvc.yaml`` under the name DVC gives it (``uplift-model@depth``: the
+    ``foreach`` body with ``${item}`` filled in)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    base, _, item = name.partition("@")
+    spec = stages[base]["do"] if "foreach" in stages[base] else stages[base]
+    return yaml.safe_load(yaml.safe_dump(spec).replace("${item}", item))
+
+
+def stage_command(name: str) -> str:
+    """What a DVC stage runs, ``python -m datasetdm <command>``: its key in ``datasetdm.stages.STAGES``."""
+    return dvc_stage(name)["cmd"].split()[-1]

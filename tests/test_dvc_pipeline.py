@@ -14,7 +14,7 @@ from datasetdm.errors import DatasetDMError
 from datasetdm.generate import load_prompts
 from datasetdm.stages import STAGES
 from tests.conftest import REPO
-from tests.dvc_repo import make_tiny_repo, run
+from tests.dvc_repo import dvc_stage, make_tiny_repo, run, stage_command
 
 
 def project_copy(tmp_path):
@@ -66,13 +66,12 @@ def test_every_stage_that_loads_the_backbone_depends_on_its_code_weights_and_set
     # A change to the sampler (datasetdm/backbones) must restale every stage that samples or
     # captures features, even when the decoder it retrains comes out byte-identical.
     loading = _stage_functions_reaching("load_backbone")
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     checked = []
-    for name, fn in STAGES.items():
-        fn = getattr(fn, "func", fn)
-        if fn.__name__ not in loading:
+    for name in dvc_pipeline.stage_order(REPO):
+        fn = STAGES[stage_command(name)]
+        if getattr(fn, "func", fn).__name__ not in loading:
             continue
-        stage = stages[name] if name in stages else stages[name.split("-")[0] + "-model"]["do"]
+        stage = dvc_stage(name)
         assert {"datasetdm/backbones", "${backbone.model}"} <= set(stage["deps"]), name
         assert "backbone" in stage["params"], name
         checked.append(name)

@@ -20,6 +20,7 @@ from datasetdm import stages
 from datasetdm.config import Params, params_from_dict
 from datasetdm.dvc_pipeline import stage_order
 from tests.conftest import REPO, tiny_raw
+from tests.dvc_repo import dvc_stage, stage_command
 
 # Read by stages but not what they make: where the work runs (results are the same on any
 # device, up to float rounding).
@@ -80,15 +81,9 @@ def _record_reads(monkeypatch: pytest.MonkeyPatch, params: Params) -> set[str]:
 
 def _tracked(stage: str) -> tuple[set[str], set[str]]:
     """The params a ``dvc.yaml`` stage lists and the settings its deps and outs are templated from."""
-    raw = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    name, _, item = stage.partition("@")
-    spec = raw[name]["do"] if "foreach" in raw[name] else raw[name]
-    text = yaml.safe_dump(spec).replace("${item}", item)
-    spec = yaml.safe_load(text)
-    params = {p for p in spec.get("params", [])}
+    spec = dvc_stage(stage)
     files = yaml.safe_dump({k: spec.get(k) for k in ("deps", "outs", "metrics", "plots")})
-    paths = set(re.findall(r"\$\{([a-z_.]+)\}", files))
-    return params, paths
+    return set(spec.get("params", [])), set(re.findall(r"\$\{([a-z_.]+)\}", files))
 
 
 def _covered(key: str, params: set[str], paths: set[str]) -> bool:
@@ -114,7 +109,7 @@ def test_every_setting_a_stage_reads_is_tracked_by_its_dvc_stage(tmp_path, tiny_
     reads = _record_reads(monkeypatch, params)
     for stage in order:
         reads.clear()
-        stages.STAGES[stage.replace("uplift-model@", "uplift-")](params)
+        stages.STAGES[stage_command(stage)](params)
         assert reads, f"{stage} read no setting: the recording is broken"
         tracked, paths = _tracked(stage)
         missing = sorted(k for k in reads - READ_UNUSED.get(stage, set()) if not _covered(k, tracked, paths))
