@@ -171,7 +171,8 @@ def main() -> None:
     if args.probe_only:
         result = json.loads(Path(args.out).read_text())
         for arm in args.arms.split(","):
-            result[f"{arm}_branch_sizes"] = branch_sizes(last_unet(arm_of(arm)), arm_of(arm))
+            p = arm_of(arm)
+            result[f"{arm}_branch_sizes"] = branch_sizes(last_unet(p), p)
         write_json(args.out, result)
         return
     inspector = Inspector.load(params.inspect.model)

@@ -46,13 +46,13 @@ def main() -> None:
             pieces, n = ndimage.label(scene.semantic == k, structure=EIGHT_CONNECTED)
             for j in range(1, n + 1):
                 piece = pieces == j
-                owners = int((scene.instances & piece).any(axis=(1, 2)).sum())
+                owners, size = int((scene.instances & piece).any(axis=(1, 2)).sum()), int(piece.sum())
                 objects += owners
-                object_pixels += int(piece.sum())
+                object_pixels += size
                 if owners > 1:
                     found = True
                     merged += owners
-                    merged_pixels += int(piece.sum())
+                    merged_pixels += size
                     depth = scene.depth[piece]
                     level = np.exp(np.median(np.log(depth)))
                     merged_abs_rel.append(float(np.mean(np.abs(level - depth) / depth)))
