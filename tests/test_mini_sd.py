@@ -105,3 +105,23 @@ def test_a_decoder_sharpening_pass_changes_the_vae_decoder_alone(tmp_path):
     old, new = before["vae/diffusion_pytorch_model"], load_file(out / "vae/diffusion_pytorch_model.safetensors")
     moved = {k for k in new if not torch.equal(new[k], old[k])}
     assert moved and all(k.startswith(("decoder.", "post_quant_conv.")) for k in moved)
+
+
+def test_lr_scales_hold_a_prefix_at_its_own_rate_and_refuse_a_prefix_that_names_nothing(tmp_path):
+    """A warm start's new layers may learn at a rate of their own (``scripts/attention_finetune.py``): here a scale
+    of 0 keeps one block exactly where it started while every other layer moves."""
+    from datasetdm.backbones.pretrain_sd import build_components, encode_pool, render_pool, train_unet
+
+    params = params_from_dict(tiny_pretrain(tmp_path, "scaled"), source="test")
+    components = build_components(params)
+    images, captions = render_pool(params, 8, 0)
+    means, stds = encode_pool(components["vae"], images, torch.device("cpu"))
+    start = {k: v.clone() for k, v in components["unet"].state_dict().items()}
+    kw = {"means": means, "stds": stds, "captions": captions, "device": torch.device("cpu"), "until_step": 2}
+    held = "down_blocks.0."
+    train_unet(params, components, work=tmp_path / "work", lr_scales={held: 0.0}, **kw)
+    now = components["unet"].state_dict()
+    assert all(torch.equal(now[k], start[k]) for k in now if k.startswith(held))
+    assert any(not torch.equal(now[k], start[k]) for k in now if not k.startswith(held))
+    with pytest.raises(ValueError, match="no_such_block"):
+        train_unet(params, components, work=tmp_path / "other", lr_scales={"no_such_block.": 2.0}, **kw)

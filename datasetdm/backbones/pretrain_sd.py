@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -326,11 +327,16 @@ def train_unet(
     work: Path,
     device: torch.device,
     until_step: int | None = None,
+    lr_scales: Mapping[str, float] | None = None,
 ) -> tuple[torch.nn.Module, torch.nn.Module, list[dict], int]:
     """Stage 2: UNet + text encoder on scaled latents; resumable; returns the EMA modules, the loss log and the step
     reached.
 
     ``until_step`` stops early (after checkpointing there), to split the job across sessions.
+    ``lr_scales``: UNet parameter-name prefixes whose learning rate is that multiple of the
+    schedule's, for layers added to a trained model (``scripts/attention_finetune.py``): the
+    trained ones go on gently while the new ones learn at a from-scratch rate. Resume with the
+    same scales (the checkpoint's settings key does not record them).
     """
     from diffusers import DDPMScheduler
 
@@ -342,7 +348,7 @@ def train_unet(
     )
     ema = [copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(text).eval().requires_grad_(False)]
     trainable = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=0.01)
+    opt = torch.optim.AdamW(_param_groups(unet, text, lr_scales or {}), lr=cfg.lr, weight_decay=0.01)
     noise_sched = DDPMScheduler.from_config(components["scheduler"].config)
     alphas = noise_sched.alphas_cumprod.to(device)
     scale = float(components["vae"].config.scaling_factor)
@@ -364,7 +370,7 @@ def train_unet(
     while step < stop:
         lr = _lr(cfg.lr, step, cfg.cycle_steps, restart_decay=cfg.restart_decay)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         rng, gen = _step_rng(cfg.seed, step)
         idx = torch.from_numpy(rng.integers(0, len(captions), size=cfg.batch_size))
         prompts = ["" if rng.random() < cfg.caption_dropout else captions[i] for i in idx.tolist()]
@@ -420,6 +426,24 @@ def train_unet(
             )
     bar.close()
     return ema[0], ema[1], log, step
+
+
+def _param_groups(
+    unet: torch.nn.Module, text: torch.nn.Module, lr_scales: Mapping[str, float]
+) -> list[dict[str, Any]]:
+    """AdamW groups, one per learning-rate scale; with no scales, one group holding the UNet's parameters then the
+    text encoder's, in the order (and so the optimizer-state layout) of every checkpoint before scales existed."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    used: set[str] = set()
+    for name, param in unet.named_parameters():
+        prefix = next((p for p in lr_scales if name.startswith(p)), None)
+        if prefix is not None:
+            used.add(prefix)
+        groups.setdefault(1.0 if prefix is None else float(lr_scales[prefix]), []).append(param)
+    if unused := sorted(set(lr_scales) - used):
+        raise ValueError(f"lr_scales prefixes name no UNet parameter: {unused}")
+    groups.setdefault(1.0, []).extend(text.parameters())
+    return [{"params": params, "lr_scale": scale} for scale, params in groups.items()]
 
 
 def _ema_tensors(ema: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
