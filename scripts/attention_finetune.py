@@ -64,8 +64,9 @@ def arm_params(params: Params, *, attention: bool, steps: int, lr: float, seed: 
     return dataclasses.replace(params, pretrain=pretrain)
 
 
-def warm_components(params: Params, shipped: dict) -> dict:
-    """Fresh components of ``params`` holding the shipped weights; new attention layers start as the identity."""
+def warm_components(params: Params, shipped: dict) -> tuple[dict, list[str]]:
+    """Fresh components of ``params`` holding the shipped weights, and the prefixes of the attention layers added
+    (``<block>.attentions.``); the new layers start as the identity."""
     components = build_components(params)
     unet = components["unet"]
     missing, unexpected = unet.load_state_dict(shipped["unet"].state_dict(), strict=False)
@@ -82,7 +83,7 @@ def warm_components(params: Params, shipped: dict) -> dict:
     components["vae"] = shipped["vae"]
     logger.info("warm start: %d new tensors (%s), their proj_out zeroed", len(missing), ", ".join(added) or "none")
     _check_same_function(unet, shipped["unet"], params)
-    return components
+    return components, [f"{a}.attentions." for a in added]
 
 
 def _probe_inputs(params: Params, timesteps: list[int]) -> dict[str, torch.Tensor]:
@@ -152,6 +153,12 @@ def main() -> None:
     parser.add_argument("--read-every", type=int, default=2000, help="read every this many steps, and the last")
     parser.add_argument("--arms", default="attention,control")
     parser.add_argument(
+        "--new-lr-scale",
+        type=float,
+        default=1.0,
+        help="the added attention layers' learning rate as a multiple of --lr (the trained layers keep --lr)",
+    )
+    parser.add_argument(
         "--probe-only", action="store_true", help="only add branch_sizes of the finished arms to --out"
     )
     parser.add_argument("--model", default=None, help="pipeline folder to go on from (default: backbone.model)")
@@ -183,6 +190,8 @@ def main() -> None:
     base = fidelity(StableDiffusionBackbone(dict(shipped)), inspector, params, args.num)
     logger.info("the model gone on from (step 0): %s (%.0f s)", base, time.perf_counter() - start)
     result: dict = {"eval_seed": EVAL_SEED, "num_per_group": args.num, "steps": args.steps, "lr": args.lr}
+    result["new_lr_scale"] = args.new_lr_scale
+    result["pool"] = args.pool or params.pretrain.pool_size
     result["start"] = base
     result["start_model"] = str(args.model or params.backbone.model)
     # 2. the pretraining pool (seed 0, as pretraining drew it), encoded by the shipped VAE
@@ -190,7 +199,7 @@ def main() -> None:
     means, stds = encode_pool(shipped["vae"], images, torch.device("cpu"))
     for arm in args.arms.split(","):
         work, p = Path(args.work) / arm, arm_of(arm)
-        components = warm_components(p, load_components(folder, torch.float32))
+        components, added = warm_components(p, load_components(folder, torch.float32))
         vae_dir = work / "model.work" / VAE_FINAL
         if not vae_dir.is_dir():
             components["vae"].save_pretrained(vae_dir, safe_serialization=True)  # snapshot_components reads it here
@@ -202,6 +211,7 @@ def main() -> None:
             captions=captions,
             work=work / "model.work",
             device=torch.device("cpu"),
+            lr_scales={prefix: args.new_lr_scale for prefix in added} if args.new_lr_scale != 1.0 else None,
         )
         rows = [{"step": 0, "minutes": 0.0, **base}]
         for step, snap in snapshots(p):
