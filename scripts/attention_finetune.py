@@ -211,7 +211,7 @@ def main() -> None:
             captions=captions,
             work=work / "model.work",
             device=torch.device("cpu"),
-            lr_scales={prefix: args.new_lr_scale for prefix in added} if args.new_lr_scale != 1.0 else None,
+            lr_scales={prefix: args.new_lr_scale for prefix in added},  # at 1.0: one group, as with none
         )
         rows = [{"step": 0, "minutes": 0.0, **base}]
         for step, snap in snapshots(p):
