@@ -14,56 +14,37 @@ timestep and latent draw, so the sets differ in their scenes alone.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from datasetdm.backbones.pretrain_sd import encode_pool
+from datasetdm.backbones.pretrain_sd import encode_pool, render_pool, v_loss
 from datasetdm.backbones.sd_folder import load_components, resolve_folder
-from datasetdm.config import Params, load_params
+from datasetdm.config import load_params
 from datasetdm.io import write_json
-from datasetdm.worlds.shapes import render_scene
 
 logger = logging.getLogger("pool_fit")
-# scene indices of each set (scene seed = pretrain.seed * 10_000_019 + index, as render_pool draws them)
+# the first scene index of each set in render_pool's order (the pool is indices 0 .. pool_size - 1)
 SETS = {"pool": 0, "unseen_a": 16_000, "unseen_b": 100_000}
-
-
-def scenes(params: Params, first: int, num: int) -> tuple[torch.Tensor, list[str]]:
-    world = dataclasses.replace(params.world, classes=params.pretrain.classes)
-    rendered = [render_scene(world, params.pretrain.seed * 10_000_019 + first + i) for i in range(num)]
-    images = torch.from_numpy(np.stack([s.image for s in rendered])).permute(0, 3, 1, 2).contiguous()
-    return images, [s.caption for s in rendered]
 
 
 @torch.no_grad()
 def losses(components: dict, images: torch.Tensor, captions: list[str], draws: dict, gamma: float) -> torch.Tensor:
-    """Per-scene weighted v-prediction loss, as pretraining computes it."""
+    """Per-scene pretraining loss (``v_loss``, what ``train_unet`` minimises)."""
     from diffusers import DDPMScheduler
 
     sched = DDPMScheduler.from_config(components["scheduler"].config)
     scale = float(components["vae"].config.scaling_factor)
-    unet, text, tokenizer = components["unet"].eval(), components["text_encoder"].eval(), components["tokenizer"]
+    for name in ("unet", "text_encoder"):
+        components[name].eval()
     means, stds = encode_pool(components["vae"], images, torch.device("cpu"))
     out = []
     for i in range(0, len(captions), 128):
         part = slice(i, i + 128)
         x0 = (means[part] + stds[part] * draws["latent"][part]) * scale
-        t, noise = draws["t"][part], draws["noise"][part]
-        ids = tokenizer(
-            captions[part],
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=text(ids)[0]).sample
-        snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
-        weight = torch.clamp(snr, max=gamma) / (snr + 1)
-        out.append(weight * F.mse_loss(pred, sched.get_velocity(x0, noise, t), reduction="none").mean(dim=(1, 2, 3)))
+        out.append(
+            v_loss(components, sched, x0, draws["noise"][part], draws["t"][part], captions[part], min_snr_gamma=gamma)
+        )
     return torch.cat(out)
 
 
@@ -86,7 +67,7 @@ def main() -> None:
     }
     result: dict = {"model": params.backbone.model, "pool_size": params.pretrain.pool_size, "num": args.num}
     for name, first in SETS.items():
-        images, captions = scenes(params, first, args.num)
+        images, captions = render_pool(params, args.num, params.pretrain.seed, first=first)
         values = losses(components, images, captions, draws, params.pretrain.min_snr_gamma)
         result[name] = {
             "first_index": first,

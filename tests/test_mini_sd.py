@@ -4,16 +4,18 @@ weights."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from datasetdm.backbones.pretrain_sd import pretrain_sd, snapshots, work_dir
 from datasetdm.backbones.sd import StableDiffusionBackbone
 from datasetdm.backbones.sd_folder import folder_fingerprint
 from datasetdm.config import params_from_dict
+from datasetdm.errors import DatasetDMError
 
 pytestmark = pytest.mark.slow
 
@@ -125,3 +127,29 @@ def test_lr_scales_hold_a_prefix_at_its_own_rate_and_refuse_a_prefix_that_names_
     assert any(not torch.equal(now[k], start[k]) for k in now if not k.startswith(held))
     with pytest.raises(ValueError, match="no_such_block"):
         train_unet(params, components, work=tmp_path / "other", lr_scales={"no_such_block.": 2.0}, **kw)
+
+
+def test_a_checkpoint_carried_in_parts_resumes_to_the_unbroken_weights_and_a_changed_part_is_refused(tmp_path):
+    """A pretraining run longer than a session goes on elsewhere from the parts ``export_state`` writes (each
+    under git hosts' 100 MB limit): rebuilt, it resumes exactly; a part changed in transit is not resumed from."""
+    from datasetdm.backbones.pretrain_sd import export_state, import_state
+
+    unbroken = params_from_dict(tiny_pretrain(tmp_path, "unbroken"), source="test")
+    pretrain_sd(unbroken, preview=False)
+    split = params_from_dict(tiny_pretrain(tmp_path, "split"), source="test")
+    pretrain_sd(split, preview=False, until_step=4)
+    state = work_dir(split) / "unet-state"
+    parts = export_state(state, tmp_path / "carried")
+    assert {"unet", "ema_unet", "opt-exp_avg", "opt-exp_avg_sq"} <= set(parts)
+    shutil.rmtree(state)
+    assert import_state(tmp_path / "carried", state) == 4
+    pretrain_sd(split, preview=False)
+    a, b = (load_file(Path(p.pretrain.out) / "unet/diffusion_pytorch_model.safetensors") for p in (unbroken, split))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ema = tmp_path / "carried" / "ema_unet.safetensors"
+    tensors = load_file(ema)
+    first = next(iter(tensors))
+    save_file({**tensors, first: tensors[first] + 1}, ema)
+    with pytest.raises(DatasetDMError, match="sha256"):
+        import_state(tmp_path / "carried", tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()

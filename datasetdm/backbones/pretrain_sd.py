@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,14 +48,15 @@ VAE_DIR, DECODER_DIR, SHARPEN_DIR = "vae", "vae-decoder", "vae-decoder-sharpen"
 VAE_FINAL, UNET_STATE, SNAPSHOTS = "vae-final", "unet-state", "snapshots"
 
 
-def render_pool(params: Params, size: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def render_pool(params: Params, size: int, seed: int, *, first: int = 0) -> tuple[torch.Tensor, list[str]]:
     """Pre-render ``size`` scenes as uint8 (N, 3, H, W) plus captions (rendering per step would cost more than the
-    UNet)."""
+    UNet). ``first`` skips that many of the seed's scenes: a pool's own scenes start at 0, so scenes from
+    ``pool_size`` on are ones pretraining never saw (``scripts/pool_fit.py``)."""
     world = dataclasses.replace(params.world, classes=params.pretrain.classes)
     images = np.empty((size, world.image_size, world.image_size, 3), dtype=np.uint8)
     captions = []
     for i in tqdm(range(size), desc="render shapes world", unit="img", mininterval=2):
-        scene = render_scene(world, seed * 10_000_019 + i)
+        scene = render_scene(world, seed * 10_000_019 + first + i)
         images[i] = scene.image
         captions.append(scene.caption)
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), captions
@@ -350,7 +352,6 @@ def train_unet(
     trainable = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(_param_groups(unet, text, lr_scales or {}), lr=cfg.lr, weight_decay=0.01)
     noise_sched = DDPMScheduler.from_config(components["scheduler"].config)
-    alphas = noise_sched.alphas_cumprod.to(device)
     scale = float(components["vae"].config.scaling_factor)
     state_dir, snapshots, key = work / UNET_STATE, work / SNAPSHOTS, settings_key(params, "unet")
     step, log = 0, []
@@ -380,15 +381,15 @@ def train_unet(
         x0 = (z * scale).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
-        xt = noise_sched.add_noise(x0, noise, t)
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(device)
-        pred = unet(xt, t, encoder_hidden_states=text(ids)[0]).sample
-        target = noise_sched.get_velocity(x0, noise, t)
-        snr = alphas[t] / (1 - alphas[t])
-        weight = torch.clamp(snr, max=cfg.min_snr_gamma) / (snr + 1)  # Min-SNR-gamma for v-prediction
-        loss = (weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))).mean()
+        loss = v_loss(
+            {"unet": unet, "text_encoder": text, "tokenizer": tokenizer},
+            noise_sched,
+            x0,
+            noise,
+            t,
+            prompts,
+            min_snr_gamma=cfg.min_snr_gamma,
+        ).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -428,6 +429,30 @@ def train_unet(
     return ema[0], ema[1], log, step
 
 
+def v_loss(
+    components: Mapping[str, Any],
+    sched: Any,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    t: torch.Tensor,
+    prompts: list[str],
+    *,
+    min_snr_gamma: float,
+) -> torch.Tensor:
+    """Per-sample pretraining loss: v-prediction error, Min-SNR-gamma weighted. One definition, so what
+    ``scripts/pool_fit.py`` measures is what training minimises."""
+    unet, text, tokenizer = components["unet"], components["text_encoder"], components["tokenizer"]
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(x0.device)
+    pred = unet(sched.add_noise(x0, noise, t), t, encoder_hidden_states=text(ids)[0]).sample
+    target = sched.get_velocity(x0, noise, t)
+    alphas = sched.alphas_cumprod.to(x0.device)[t]
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)
+    return weight * F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+
+
 def _param_groups(
     unet: torch.nn.Module, text: torch.nn.Module, lr_scales: Mapping[str, float]
 ) -> list[dict[str, Any]]:
@@ -448,6 +473,50 @@ def _param_groups(
 
 def _ema_tensors(ema: list[torch.nn.Module]) -> dict[str, torch.Tensor]:
     return {**_flat("ema_unet", ema[0].state_dict()), **_flat("ema_text", ema[1].state_dict())}
+
+
+def _part_of(key: str) -> str:
+    """Which part a checkpoint tensor travels in: its module (``unet``, ``ema_unet``, ...), or for AdamW's state
+    its kind (``opt-exp_avg``, ...), so no part is bigger than about one UNet."""
+    head, _, rest = key.partition(".")
+    return f"opt-{rest.split('.', 1)[1]}" if head == "opt" else head
+
+
+def export_state(folder: Path, dest: Path) -> list[str]:
+    """Write a resumable checkpoint (``train_unet``'s state folder) to ``dest`` as several safetensors files,
+    each under git hosts' 100 MB limit (one UNet's weights, its EMA, each AdamW moment), plus its ``meta.json``.
+
+    A pretraining run longer than a session moves to the next machine through git this way;
+    ``import_state`` puts it back, checked against the hash the checkpoint recorded.
+    """
+    if (loaded := _load_state(folder)) is None:
+        raise DatasetDMError(folder, "meta.json", "no checkpoint here to export")
+    tensors, meta = loaded
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        parts.setdefault(_part_of(key), {})[key] = value
+    with atomic_path(dest) as tmp:
+        tmp.mkdir()
+        for name, part in sorted(parts.items()):
+            save_file({k: v.contiguous() for k, v in part.items()}, tmp / f"{name}.safetensors")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    logger.info("exported step %s to %s in %d parts", meta.get("step"), dest, len(parts))
+    return sorted(parts)
+
+
+def import_state(src: Path, folder: Path) -> int:
+    """Rebuild the checkpoint ``export_state`` split into ``src`` at ``folder``; returns its step. The rebuilt file
+    must hash to what the original recorded, so a part lost or changed in transit is refused, not resumed from."""
+    meta = json.loads((src / "meta.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for part in sorted(src.glob("*.safetensors")):
+        tensors.update(load_file(part))
+    _save_state(folder, tensors, {k: v for k, v in meta.items() if k != "sha256"})
+    rebuilt = json.loads((folder / "meta.json").read_text())["sha256"]
+    if rebuilt != meta.get("sha256"):
+        shutil.rmtree(folder)
+        raise DatasetDMError(src, "sha256", "the parts do not rebuild the exported checkpoint; export it again")
+    return int(meta["step"])
 
 
 def snapshot_components(params: Params, snapshot: Path) -> dict[str, Any]:
