@@ -129,36 +129,32 @@ def main() -> None:
     shipped_curve = {row["step"]: row for row in json.loads(Path(base.pretrain.curve).read_text())}
     found = snapshots(params)
     last = found[-1][0] if found else 0
-    read_before = _rows_read_before(Path(args.out), args.num)
-    rows = []
+    # A snapshot never changes once written, so an earlier reading stands, even where its snapshot stayed on
+    # another machine (a run carried on with --import-state).
+    rows = _rows_read_before(Path(args.out), args.num)
     for step, snap in found:
-        if step % args.read_every and step != last:
-            continue
-        if step in read_before:  # a snapshot never changes once written: its reading stands
-            rows.append(read_before[step])
+        if (step % args.read_every and step != last) or step in rows:
             continue
         meta = json.loads((snap / "meta.json").read_text())
         row = fidelity(StableDiffusionBackbone(snapshot_components(params, snap)), inspector, params, args.num)
         shipped_row = shipped_curve.get(step, {})
-        rows.append(
-            {
-                "step": step,
-                "minutes": round(meta["minutes"], 1),
-                "loss": meta["loss"],
-                **row,
-                "shipped_design": {k: shipped_row.get(k) for k in ("loss", "single_object", "two_objects")},
-            }
-        )
-        logger.info("step %d: %s (shipped design at this step: %s)", step, row, rows[-1]["shipped_design"])
+        rows[step] = {
+            "step": step,
+            "minutes": round(meta["minutes"], 1),
+            "loss": meta["loss"],
+            **row,
+            "shipped_design": {k: shipped_row.get(k) for k in ("loss", "single_object", "two_objects")},
+        }
+        logger.info("step %d: %s (shipped design at this step: %s)", step, row, rows[step]["shipped_design"])
     result = {
         "eval_seed": EVAL_SEED,
         "num_per_group": args.num,
         "change": "pretrain.full_res_attention: true (all else as params.pretrain)",
         "shipped_design_curve": base.pretrain.curve,
         "shipped_design_curve_caveat": "48 prompts a group, audit seeds, VAE decoder before its sharpening pass",
-        "reached": last,
+        "reached": max([last, *rows]),
         "of_steps": params.pretrain.steps,
-        "rows": rows,
+        "rows": [rows[step] for step in sorted(rows)],
     }
     write_json(args.out, result)
     print(json.dumps(result, indent=1), flush=True)
