@@ -86,6 +86,36 @@ def warm_components(params: Params, shipped: dict) -> tuple[dict, list[str]]:
     return components, [f"{a}.attentions." for a in added]
 
 
+def train_arm(
+    params: Params,
+    components: dict,
+    pool: tuple[torch.Tensor, torch.Tensor, list[str]],
+    work: Path,
+    *,
+    lr_scales: dict[str, float] | None = None,
+    until_step: int | None = None,
+) -> list[dict]:
+    """``train_unet`` for one arm in ``work/model.work`` on the pool's encoded latents (``means, stds, captions``),
+    with the arm's VAE saved there first (``snapshot_components`` reads it); returns the loss log."""
+    vae_dir = work / "model.work" / VAE_FINAL
+    if not vae_dir.is_dir():
+        components["vae"].save_pretrained(vae_dir, safe_serialization=True)
+    means, stds, captions = pool
+    _, _, log, reached = train_unet(
+        params,
+        components,
+        means=means,
+        stds=stds,
+        captions=captions,
+        work=work / "model.work",
+        device=torch.device("cpu"),
+        lr_scales=lr_scales,
+        until_step=until_step,
+    )
+    logger.info("reached step %d", reached)
+    return log
+
+
 def _probe_inputs(params: Params, timesteps: list[int]) -> dict[str, torch.Tensor]:
     """UNet inputs for checks (random latents and text states, seed 0), one per timestep."""
     gen = torch.Generator().manual_seed(0)
@@ -200,17 +230,11 @@ def main() -> None:
     for arm in args.arms.split(","):
         work, p = Path(args.work) / arm, arm_of(arm)
         components, added = warm_components(p, load_components(folder, torch.float32))
-        vae_dir = work / "model.work" / VAE_FINAL
-        if not vae_dir.is_dir():
-            components["vae"].save_pretrained(vae_dir, safe_serialization=True)  # snapshot_components reads it here
-        _, _, log, _ = train_unet(
+        log = train_arm(
             p,
             components,
-            means=means,
-            stds=stds,
-            captions=captions,
-            work=work / "model.work",
-            device=torch.device("cpu"),
+            (means, stds, captions),
+            work,
             lr_scales={prefix: args.new_lr_scale for prefix in added},  # at 1.0: one group, as with none
         )
         rows = [{"step": 0, "minutes": 0.0, **base}]

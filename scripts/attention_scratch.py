@@ -31,11 +31,10 @@ import time
 from pathlib import Path
 
 import torch
-from attention_finetune import EVAL_SEED, fidelity
+from attention_finetune import EVAL_SEED, fidelity, train_arm
 
 from datasetdm.backbones.pretrain_sd import (
     UNET_STATE,
-    VAE_FINAL,
     build_components,
     encode_pool,
     export_state,
@@ -43,7 +42,6 @@ from datasetdm.backbones.pretrain_sd import (
     render_pool,
     snapshot_components,
     snapshots,
-    train_unet,
 )
 from datasetdm.backbones.sd import StableDiffusionBackbone
 from datasetdm.backbones.sd_folder import load_components, resolve_folder
@@ -68,22 +66,8 @@ def train(params: Params, shipped_vae: torch.nn.Module, work: Path, until: int) 
     # 2. fresh UNet and text encoder of the new design (seeded as pretraining seeds them)
     components = build_components(params)
     components["vae"] = shipped_vae
-    vae_dir = work / "model.work" / VAE_FINAL
-    if not vae_dir.is_dir():
-        shipped_vae.save_pretrained(vae_dir, safe_serialization=True)  # snapshot_components reads it here
     # 3. train (resumes from the state in ``work``)
-    _, _, log, reached = train_unet(
-        params,
-        components,
-        means=means,
-        stds=stds,
-        captions=captions,
-        work=work / "model.work",
-        device=torch.device("cpu"),
-        until_step=until,
-    )
-    logger.info("reached step %d", reached)
-    return log
+    return train_arm(params, components, (means, stds, captions), work, until_step=until)
 
 
 def _rows_read_before(out: Path, num: int) -> dict[int, dict]:

@@ -343,11 +343,8 @@ def train_unet(
     from diffusers import DDPMScheduler
 
     cfg = params.pretrain
-    unet, text, tokenizer = (
-        components["unet"].to(device).train(),
-        components["text_encoder"].to(device).train(),
-        components["tokenizer"],
-    )
+    # moved in place: ``components`` holds these very modules, which ``v_loss`` reads from it
+    unet, text = components["unet"].to(device).train(), components["text_encoder"].to(device).train()
     ema = [copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(text).eval().requires_grad_(False)]
     trainable = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(_param_groups(unet, text, lr_scales or {}), lr=cfg.lr, weight_decay=0.01)
@@ -381,15 +378,7 @@ def train_unet(
         x0 = (z * scale).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.batch_size,), generator=gen).to(device)
-        loss = v_loss(
-            {"unet": unet, "text_encoder": text, "tokenizer": tokenizer},
-            noise_sched,
-            x0,
-            noise,
-            t,
-            prompts,
-            min_snr_gamma=cfg.min_snr_gamma,
-        ).mean()
+        loss = v_loss(components, noise_sched, x0, noise, t, prompts, min_snr_gamma=cfg.min_snr_gamma).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
