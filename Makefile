@@ -71,9 +71,11 @@ test-fast: setup
 	python -m pytest -q -m "not slow"
 
 ## pretrain: retrain the embedded miniature SD into models/mini-sd (resumable; DEVICE=cuda on a GPU), then its fidelity curve
+##   VAE_FROM=models/mini-sd keeps that folder's VAE and trains the UNet + text encoder alone
 DEVICE ?= cpu
+VAE_FROM ?=
 pretrain: setup
-	python -m datasetdm pretrain --device $(DEVICE)
+	python -m datasetdm pretrain --device $(DEVICE) $(if $(VAE_FROM),--vae-from $(VAE_FROM))
 	python -m datasetdm pretrain-curve
 
 ## inspector: retrain the inspector that audits generated data into datasetdm/assets/inspector

@@ -36,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         "--until-step", type=int, default=None, help="pretrain only: stop (checkpointed) after this UNet step"
     )
     parser.add_argument(
+        "--vae-from",
+        default=None,
+        metavar="FOLDER",
+        help="pretrain only: train the UNet on this finished pipeline folder's VAE, skipping the VAE stages",
+    )
+    parser.add_argument(
         "-v",
         "--verbose",
         action="store_true",
@@ -71,7 +77,7 @@ def _run(args: argparse.Namespace, stages) -> int:
         if args.stage == "pretrain":
             from datasetdm.backbones.pretrain_sd import pretrain_sd
 
-            result = pretrain_sd(params, device=args.device, until_step=args.until_step)
+            result = pretrain_sd(params, device=args.device, until_step=args.until_step, vae_from=args.vae_from)
         elif args.stage == "train-inspector":
             result = stages.train_inspector_stage(params)
         elif args.stage == "pretrain-curve":

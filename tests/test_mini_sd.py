@@ -153,3 +153,24 @@ def test_a_checkpoint_carried_in_parts_resumes_to_the_unbroken_weights_and_a_cha
     with pytest.raises(DatasetDMError, match="sha256"):
         import_state(tmp_path / "carried", tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_unet_pretrained_on_a_finished_folders_vae_is_the_one_trained_beside_that_vae(tmp_path):
+    """``vae_from`` skips the VAE stages yet gives the UNet the very latents it had (same encoder, same scaling
+    factor), so a run carried to another machine, where retrained VAE checkpoints could differ, ends bit for bit
+    where it would have; a folder whose VAE has another shape, or no VAE, is refused by name."""
+    first = params_from_dict(tiny_pretrain(tmp_path, "first"), source="test")
+    made = pretrain_sd(first, preview=False)
+    again = params_from_dict(tiny_pretrain(tmp_path, "again"), source="test")
+    result = pretrain_sd(again, preview=False, vae_from=first.pretrain.out)
+    assert result["scaling_factor"] == made["scaling_factor"]
+    assert not (work_dir(again) / "vae").exists()  # no VAE stage ran
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "vae/diffusion_pytorch_model"):
+        a, b = (load_file(Path(p.pretrain.out) / f"{part}.safetensors") for p in (first, again))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    vae = tiny_pretrain(tmp_path, "x")["pretrain"]["vae"]
+    other = params_from_dict(tiny_pretrain(tmp_path, "other", vae={**vae, "block_out_channels": [32, 16, 16]}), "test")
+    with pytest.raises(DatasetDMError, match=r"vae: .*shape .*not this config's VAE"):
+        pretrain_sd(other, preview=False, vae_from=first.pretrain.out)
+    with pytest.raises(DatasetDMError, match="no VAE there"):
+        pretrain_sd(again, preview=False, vae_from=tmp_path / "nowhere")

@@ -528,6 +528,24 @@ def snapshots(params: Params) -> list[tuple[int, Path]]:
     return [(int(meta["step"]), f) for meta, f in metas if meta.get("settings") == key]
 
 
+def vae_of_folder(vae: torch.nn.Module, folder: Path) -> tuple[torch.nn.Module, float]:
+    """``vae`` (built from ``params.pretrain.vae``) holding the weights of ``folder``'s VAE, and that VAE's scaling
+    factor; a folder whose VAE has another shape is refused, naming the first differing tensor."""
+    from diffusers import AutoencoderKL
+
+    src = folder / "vae"
+    if not (src / "config.json").is_file():
+        raise DatasetDMError(src, "config.json", "no VAE there: pass a pipeline folder `make pretrain` wrote")
+    found = AutoencoderKL.from_pretrained(src, use_safetensors=True)
+    want, have = vae.state_dict(), found.state_dict()
+    keys = sorted(want.keys() | have.keys())
+    if bad := next((k for k in keys if k not in have or k not in want or have[k].shape != want[k].shape), None):
+        got, built = (tuple(d[bad].shape) if bad in d else "none" for d in (have, want))
+        raise DatasetDMError(src, bad, f"shape {got}, params.pretrain.vae builds {built}: not this config's VAE")
+    vae.load_state_dict(have)
+    return vae.eval(), float(found.config.scaling_factor)
+
+
 def work_dir(params: Params) -> Path:
     """Checkpoints live beside the output folder, never inside what ships."""
     out = Path(params.pretrain.out)
@@ -546,11 +564,17 @@ def pretrain_sd(
     device: str = "cpu",
     preview: bool = True,
     until_step: int | None = None,
+    vae_from: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train the miniature SD (VAE, then UNet + text encoder) and save it as a pipeline folder at ``out``.
 
     With ``until_step`` below ``pretrain.steps`` it stops there, checkpointed, and saves nothing
     to ``out``: run it again (with or without ``until_step``) to go on from that step.
+    ``vae_from`` (a pipeline folder this function wrote, ``out`` itself allowed) skips the VAE
+    stages and trains the UNet on that folder's VAE: VAE checkpoints stay on the machine that
+    trained them, and retraining them on another CPU may give other bytes, so a UNet carried on
+    elsewhere (``import_state``) or a new UNet design compared at matched latents needs the
+    very VAE that shipped.
     """
     if until_step is not None and until_step < 1:
         raise ValueError(f"until_step must be >= 1, got {until_step}")
@@ -558,17 +582,28 @@ def pretrain_sd(
     out = Path(out or cfg.out)
     dev = torch.device(device)
     work = work_dir(params)
-    work.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
-    # 1. data and fresh modules
-    images, captions = render_pool(params, cfg.pool_size, cfg.seed)
+    # 1. fresh modules (a VAE from ``vae_from`` checked before any work: rendering the pool takes a while), data
     components = build_components(params)
-    # 2. the VAE, and its scaling factor from the pool's latents
-    vae = train_vae(params, components["vae"], images, work=work, device=dev)
-    means, stds = encode_pool(vae, images, dev)
-    for run in decoder_passes(params):
-        vae = finetune_decoder(params, vae, images, run=run, means=means, stds=stds, work=work, device=dev)
-    scaling = float(1.0 / means.std().item())
+    taken = vae_of_folder(components["vae"], Path(vae_from)) if vae_from is not None else None
+    work.mkdir(parents=True, exist_ok=True)
+    images, captions = render_pool(params, cfg.pool_size, cfg.seed)
+    # 2. the VAE (trained here, or taken whole from a finished folder), its pool latents and scaling factor
+    if taken is None:
+        vae = train_vae(params, components["vae"], images, work=work, device=dev)
+        means, stds = encode_pool(vae, images, dev)
+        for run in decoder_passes(params):
+            vae = finetune_decoder(params, vae, images, run=run, means=means, stds=stds, work=work, device=dev)
+        scaling = float(1.0 / means.std().item())
+    else:
+        vae, scaling = taken
+        means, stds = encode_pool(vae.to(dev), images, dev)
+        logger.info(
+            "VAE from %s (scaling_factor %.5f; the pool's latents give %.5f)",
+            vae_from,
+            scaling,
+            1.0 / means.std().item(),
+        )
     vae.register_to_config(scaling_factor=scaling)
     components["vae"] = vae.cpu().eval()
     components["vae"].save_pretrained(work / VAE_FINAL, safe_serialization=True)  # snapshots are measured with it
@@ -593,7 +628,7 @@ def pretrain_sd(
         preview_grid(StableDiffusionBackbone.load(str(out)), out / "preview.png")
     return {
         "steps": cfg.steps,
-        "vae_steps": cfg.vae.steps,
+        "vae_steps": cfg.vae.steps if vae_from is None else f"from {vae_from}",
         "minutes": (time.monotonic() - start) / 60,
         "final_loss": log[-1]["loss"] if log else None,
         "scaling_factor": scaling,
