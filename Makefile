@@ -71,7 +71,7 @@ test-fast: setup
 	python -m pytest -q -m "not slow"
 
 ## pretrain: retrain the embedded miniature SD into models/mini-sd (resumable; DEVICE=cuda on a GPU), then its fidelity curve
-##   VAE_FROM=models/mini-sd keeps that folder's VAE and trains the UNet + text encoder alone
+##   VAE_FROM=datasetdm/assets/mini-sd keeps that folder's VAE and trains the UNet + text encoder alone
 DEVICE ?= cpu
 VAE_FROM ?=
 pretrain: setup
