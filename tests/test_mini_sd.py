@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from datasetdm.backbones.pretrain_sd import pretrain_sd, snapshots, work_dir
 from datasetdm.backbones.sd import StableDiffusionBackbone
 from datasetdm.backbones.sd_folder import folder_fingerprint
-from datasetdm.config import params_from_dict
+from datasetdm.config import Params, params_from_dict
 from datasetdm.errors import DatasetDMError
 
 pytestmark = pytest.mark.slow
@@ -42,6 +42,13 @@ def tiny_pretrain(tmp_path: Path, name: str, **over) -> dict:
         **over,
     }
     return {"world": {"image_size": 32}, "pretrain": cfg}
+
+
+def assert_same_weights(*runs: Params) -> None:
+    """The pipeline folders two pretraining runs wrote hold bit-identical UNet, text-encoder and VAE weights."""
+    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "vae/diffusion_pytorch_model"):
+        a, b = (load_file(Path(p.pretrain.out) / f"{part}.safetensors") for p in runs)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
 def test_pretrain_writes_a_pipeline_stable_diffusion_loads(tmp_path):
@@ -81,9 +88,7 @@ def test_stopped_and_resumed_pretraining_gives_the_weights_of_an_unbroken_run(tm
     assert stopped["stopped_at"] == 4 and not Path(split.pretrain.out).exists()
     assert (work_dir(split) / "unet-state" / "meta.json").is_file()
     pretrain_sd(split, preview=False)
-    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "vae/diffusion_pytorch_model"):
-        a, b = (load_file(Path(p.pretrain.out) / f"{part}.safetensors") for p in (unbroken, split))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert_same_weights(unbroken, split)
     assert [s for s, _ in snapshots(split)] == [s for s, _ in snapshots(unbroken)] == [3, 6]
     with pytest.raises(ValueError, match="until_step"):
         pretrain_sd(split, preview=False, until_step=0)
@@ -165,9 +170,7 @@ def test_a_unet_pretrained_on_a_finished_folders_vae_is_the_one_trained_beside_t
     result = pretrain_sd(again, preview=False, vae_from=first.pretrain.out)
     assert result["scaling_factor"] == made["scaling_factor"]
     assert not (work_dir(again) / "vae").exists()  # no VAE stage ran
-    for part in ("unet/diffusion_pytorch_model", "text_encoder/model", "vae/diffusion_pytorch_model"):
-        a, b = (load_file(Path(p.pretrain.out) / f"{part}.safetensors") for p in (first, again))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    assert_same_weights(first, again)
     vae = tiny_pretrain(tmp_path, "x")["pretrain"]["vae"]
     other = params_from_dict(tiny_pretrain(tmp_path, "other", vae={**vae, "block_out_channels": [32, 16, 16]}), "test")
     with pytest.raises(DatasetDMError, match=r"vae: .*shape .*not this config's VAE"):
