@@ -32,9 +32,10 @@ MINI_SD_SCHEDULER: dict[str, Any] = {
 def mini_sd_configs(cfg: PretrainConfig, image_size: int) -> dict[str, dict[str, Any]]:
     """Component configs for ``build_sd_components``: every width and depth comes from ``cfg``.
 
-    Attention (self + cross) sits at every level but, unless ``full_res_attention``,
-    the finest: on two CPU cores attention at the 16x16 latent cost 1.7x the training
-    step (measured 0.73 s vs 0.44 s at batch 32), and steps were the scarcer resource.
+    Attention (self + cross) sits at every level, the finest (the 16x16 latent) only with
+    ``full_res_attention`` (the default): it costs 1.4-1.7x the training step on two CPU cores
+    and 1.74x a sampling batch, but the layout of a scene is decided at that resolution, and
+    trained from step 0 it passed the former design's final prompt fidelity by 18,000 steps.
     """
     vocab, _ = clip_bpe()
     n = len(cfg.block_out_channels)
