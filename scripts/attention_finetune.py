@@ -1,7 +1,10 @@
 """Does self-attention at the 16x16 latent lift prompt fidelity? A warm-started, controlled test.
 
-The shipped UNet has attention at 8x8 and 4x4 only (``pretrain.full_res_attention: false``:
-it cost 1.7x the training step on 2 CPU cores). Retraining from scratch with it would be
+The UNet it was written for, shipped until 2026-12-07 (the asset of commit 09d2d5f), has
+attention at 8x8 and 4x4 only (``pretrain.full_res_attention: false``: it cost 1.7x the
+training step on 2 CPU cores). Its answer (no gain) led to ``attention_scratch.py``, whose
+model ships now. Rerunning this one needs that former asset (``--model``, a checkout of it).
+Retraining from scratch with it would be
 another ~6 hours, so this script asks the question cheaply, as a controlled pair:
 
 * **attention**: the shipped weights loaded into the same UNet with attention added at
