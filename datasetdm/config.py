@@ -120,9 +120,7 @@ class PretrainConfig:
     # architecture
     block_out_channels: tuple[int, ...] = (64, 128, 128)
     layers_per_block: int = 1
-    # Attention at the latent's full resolution (16x16) too, where shapes are decided: 1.4-1.7x the
-    # step time on CPU, and worth it (trained from step 0 it passed the former design's 28,000-step
-    # prompt fidelity by 18,000 steps; README). Added late to a trained UNet, it gained nothing.
+    # Attention at the latent's full resolution (16x16) too; its cost and why it pays: mini_sd_configs.
     full_res_attention: bool = True
     attention_head_dim: int = 8
     text_dim: int = 64

@@ -3,9 +3,9 @@
 The UNet it was written for, shipped until 2026-12-07 (the asset of commit 09d2d5f), has
 attention at 8x8 and 4x4 only (``pretrain.full_res_attention: false``: it cost 1.7x the
 training step on 2 CPU cores). Its answer (no gain) led to ``attention_scratch.py``, whose
-model ships now. Rerunning this one needs that former asset (``--model``, a checkout of it).
-Retraining from scratch with it would be
-another ~6 hours, so this script asks the question cheaply, as a controlled pair:
+model ships now. Rerunning this one needs that former asset (``--model``, a checkout of it;
+the new one is refused by ``warm_components``). Retraining from scratch with attention at
+16x16 was another ~6 hours, so this script asked the question cheaply, as a controlled pair:
 
 * **attention**: the shipped weights loaded into the same UNet with attention added at
   16x16; each new transformer's ``proj_out`` starts at zero, so at step 0 the model is
