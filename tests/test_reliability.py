@@ -88,12 +88,19 @@ def progress(gen_dir: Path, ignore: set[Path], since: float) -> tuple[int, int]:
     """(shards finished after ``since``, images in this run's shard temporary) -- what a kill interrupts.
 
     ``ignore``: temporaries an earlier killed run left (the new run deletes them).
+    The run renames and deletes folders while this reads them, so a read that loses a
+    folder under it is simply taken again (CI once lost a shard temporary mid-glob).
     """
-    if not gen_dir.is_dir():
-        return 0, 0
-    done = sum(1 for p in gen_dir.glob("shard-*") if p.is_dir() and p.stat().st_mtime >= since)
-    partial = sum(1 for t in temporaries(gen_dir) - ignore for _ in t.glob("shard-*/images/*.png"))
-    return done, partial
+    while True:
+        try:
+            if not gen_dir.is_dir():
+                return 0, 0
+            done = sum(1 for p in gen_dir.glob("shard-*") if p.is_dir() and p.stat().st_mtime >= since)
+            temps = temporaries(gen_dir) - ignore
+            partial = sum(1 for t in temps for _ in t.glob("shard-*/images/*.png"))
+            return done, partial
+        except FileNotFoundError:
+            continue
 
 
 # ------------------------------------------------------------------------- crash safety
