@@ -120,16 +120,27 @@ def render_report(
         ]
     if downstream:
         any_task = next(iter(downstream.values()), {})
+        # (b) is trained only where downstream.synthetic_arm (make uplift always trains it)
+        arms = ("real", "synthetic", "real+synthetic")
+        if not any(f"{key}_synthetic" in row for row in downstream.values() for key in ("mIoU", "AP", "abs_rel")):
+            arms = ("real", "real+synthetic")
+        trained = (
+            f"(a) {any_task.get('num_real', '?')} real images, (b) {any_task.get('num_synthetic', '?')} synthetic "
+            "images, (c) both"
+            if "synthetic" in arms
+            else f"(a) {any_task.get('num_real', '?')} real images, (c) those and "
+            f"{any_task.get('num_synthetic', '?')} synthetic images"
+        )
         lines += [
             "## Downstream uplift",
             "",
-            f"One small model per task trained on (a) {any_task.get('num_real', '?')} real images, (b) "
-            f"{any_task.get('num_synthetic', '?')} synthetic images, (c) both; scored on "
-            f"{any_task.get('num_test', '?')} "
+            f"One small model per task trained on {trained}; scored on {any_task.get('num_test', '?')} "
             "held-out real images. Depth: AbsRel (lower is better).",
             "",
-            "| task | metric | (a) real | (b) synthetic | (c) real + synthetic | (c) vs (a) |",
-            "|---|---|---:|---:|---:|---:|",
+            "| task | metric | (a) real |"
+            + (" (b) synthetic |" if "synthetic" in arms else "")
+            + " (c) real + synthetic | (c) vs (a) |",
+            "|---|---|" + "---:|" * (len(arms) + 1),
         ]
         for task, metric, key in (
             ("semantic", "mIoU", "mIoU"),
@@ -146,7 +157,7 @@ def render_report(
                 change = f"{row['uplift'] * 100:+.1f} points" if "uplift" in row else "n/a"
             lines.append(
                 f"| {task} | {metric} | "
-                + " | ".join(_num(row.get(f"{key}_{name}")) for name in ("real", "synthetic", "real+synthetic"))
+                + " | ".join(_num(row.get(f"{key}_{name}")) for name in arms)
                 + f" | {change} |"
             )
         lines.append("")

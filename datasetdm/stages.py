@@ -318,8 +318,9 @@ def downstream_stage(params: Params) -> dict:
     """Stage ``downstream``: the uplift a synthetic set gives; write ``downstream.out`` and ``downstream.plot``.
 
     Reads the labelled and held-out sets in ``real.dir`` and ``export.out``; trains one
-    small model per task on real, synthetic and real + synthetic data and scores each on
-    held-out real images, the measure of whether the factory's output is worth using.
+    small model per task on real + synthetic data (and on synthetic alone with
+    ``downstream.synthetic_arm``) and scores each on held-out real images, the measure of
+    whether the factory's output is worth using.
     The real-only models come from ``downstream.baseline`` when it was made from the same
     real sets and recipe (the ``baseline`` stage), and are trained here otherwise.
     """
@@ -329,7 +330,15 @@ def downstream_stage(params: Params) -> dict:
     synthetic = from_export(params.export.out)
     test = load_real_set(test_dir, classes)
     known = read_baseline(cfg.baseline, baseline_key(train_dir, test_dir, classes, cfg))
-    results = uplift_table(real, synthetic, test, classes, cfg=cfg, known=None if known is None else {"real": known})
+    results = uplift_table(
+        real,
+        synthetic,
+        test,
+        classes,
+        cfg=cfg,
+        known=None if known is None else {"real": known},
+        synthetic_arm=cfg.synthetic_arm,
+    )
     write_json(cfg.out, results["metrics"])
     write_json(cfg.plot, results["plot"])
     return results["metrics"]

@@ -18,6 +18,7 @@ from datasetdm.downstream.models import _batch, task_loss, train_model
 from datasetdm.downstream.uplift import uplift_table
 from datasetdm.errors import DatasetDMError
 from datasetdm.realset import load_real_set, write_real_set
+from datasetdm.report import render_report
 
 WORLD = WorldConfig(image_size=32, classes=("circle", "square"), colours=("red", "blue"), max_objects=2)
 
@@ -241,3 +242,27 @@ def test_export_without_card_is_one_line(tmp_path):
     with pytest.raises(DatasetDMError) as e:
         from_export(tmp_path)
     assert "dataset.json" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_make_runs_audit_trains_b_only_when_asked_and_the_report_shows_what_was_trained(exported):
+    """``downstream.synthetic_arm`` off (make run's default): (a) and (c) and the uplift, no (b) row or column;
+    on: (b) too, with the same (a) and (c) results (every arm trains from its own seed)."""
+    quick = dataclasses.replace(exported.downstream, steps=3, batch_size=4, width=8)
+    out = Path(exported.downstream.out)
+    tables, reports = {}, {}
+    for synthetic_arm in (False, True):
+        p = dataclasses.replace(exported, downstream=dataclasses.replace(quick, synthetic_arm=synthetic_arm))
+        stages.STAGES["downstream"](p)
+        tables[synthetic_arm] = json.loads(out.read_text())
+        reports[synthetic_arm] = render_report({}, {}, p, downstream=tables[synthetic_arm])
+    without, with_b = tables[False], tables[True]
+
+    def of_b(key: str) -> bool:  # mIoU_synthetic, abs_rel_synthetic_std, ... (not num_synthetic, the set's size)
+        return "_synthetic" in key and key != "num_synthetic"
+
+    assert not any(of_b(key) for row in without.values() for key in row) and without["semantic"]["num_synthetic"]
+    assert {"mIoU_synthetic", "uplift"} <= set(with_b["semantic"]) and "abs_rel_reduction" in without["depth"]
+    for task, row in without.items():
+        assert {k: v for k, v in with_b[task].items() if not of_b(k)} == row
+    assert "(b) synthetic" not in reports[False] and "| (a) real | (c) real + synthetic |" in reports[False]
+    assert "| (a) real | (b) synthetic | (c) real + synthetic |" in reports[True]

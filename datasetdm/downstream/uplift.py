@@ -32,8 +32,12 @@ TABLE = (
 )
 
 
-def _arms(real: ArraySet, synthetic: ArraySet, ceiling: ArraySet | None) -> dict[str, list[ArraySet]]:
+def _arms(
+    real: ArraySet, synthetic: ArraySet, ceiling: ArraySet | None, synthetic_arm: bool = True
+) -> dict[str, list[ArraySet]]:
     arms = {"real": [real], "synthetic": [synthetic], "real+synthetic": [real, synthetic]}
+    if not synthetic_arm:
+        del arms["synthetic"]
     if ceiling is not None:
         arms["ceiling"] = [ceiling]
     return arms
@@ -140,6 +144,7 @@ def uplift_table(
     num_ceiling: int | None = None,
     steps: Mapping[str, int] | None = None,
     tasks: Sequence[str] = TASKS,
+    synthetic_arm: bool = True,
 ) -> dict:
     """The uplift table: per task and training set, the held-out metric over ``seeds`` seeds; plus rows for the DVC
     plot.
@@ -150,6 +155,8 @@ def uplift_table(
     known ceiling has ``num_ceiling`` images. A task the synthetic set has no labels for
     (a decoder without that head) gets the real-only row and no others. ``steps`` and
     ``tasks``: as ``score_arms`` takes them (the rows of the models not in ``tasks`` are left out).
+    ``synthetic_arm``: whether (b), the synthetic set alone, is trained (make run's quick audit
+    leaves it out unless ``downstream.synthetic_arm``; its rows then have no ``*_synthetic`` fields).
     """
     seeds = seeds or cfg.seeds
     known = known or {}
@@ -158,7 +165,7 @@ def uplift_table(
         counts["steps"] = {task: steps.get(task, cfg.steps) for task in tasks}
     if ceiling is not None or "ceiling" in known:
         counts["num_ceiling"] = len(ceiling) if ceiling is not None else num_ceiling
-    arms = _arms(real, synthetic, ceiling)
+    arms = _arms(real, synthetic, ceiling, synthetic_arm)
     trained = score_arms(
         {name: sources for name, sources in arms.items() if name not in known},
         test,
