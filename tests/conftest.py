@@ -43,6 +43,7 @@ def tiny_raw(tmp: Path, backbone_path: Path) -> dict:
             "seed": 0,
             "colour_jitter": True,
             "seeds": 1,
+            "synthetic_arm": False,
             "uplift_out": str(tmp / "metrics/uplift.json"),
             "uplift_parts": str(tmp / "metrics/uplift"),
             "uplift_seeds": 2,
