@@ -120,26 +120,23 @@ def render_report(
         ]
     if downstream:
         any_task = next(iter(downstream.values()), {})
-        # (b) is trained only where downstream.synthetic_arm (make uplift always trains it)
-        arms = ("real", "synthetic", "real+synthetic")
-        if not any(f"{key}_synthetic" in row for row in downstream.values() for key in ("mIoU", "AP", "abs_rel")):
-            arms = ("real", "real+synthetic")
+        num_real, num_synthetic = any_task.get("num_real", "?"), any_task.get("num_synthetic", "?")
+        # (b) is trained only where downstream.synthetic_arm (make uplift always trains it): read it off the rows
+        with_b = any(f"{key}_synthetic" in row for row in downstream.values() for key in ("mIoU", "AP", "abs_rel"))
+        arms = ("real", "synthetic", "real+synthetic") if with_b else ("real", "real+synthetic")
         trained = (
-            f"(a) {any_task.get('num_real', '?')} real images, (b) {any_task.get('num_synthetic', '?')} synthetic "
-            "images, (c) both"
-            if "synthetic" in arms
-            else f"(a) {any_task.get('num_real', '?')} real images, (c) those and "
-            f"{any_task.get('num_synthetic', '?')} synthetic images"
+            f"(a) {num_real} real images, (b) {num_synthetic} synthetic images, (c) both"
+            if with_b
+            else f"(a) {num_real} real images, (c) those and {num_synthetic} synthetic images"
         )
+        columns = {"real": "(a) real", "synthetic": "(b) synthetic", "real+synthetic": "(c) real + synthetic"}
         lines += [
             "## Downstream uplift",
             "",
             f"One small model per task trained on {trained}; scored on {any_task.get('num_test', '?')} "
             "held-out real images. Depth: AbsRel (lower is better).",
             "",
-            "| task | metric | (a) real |"
-            + (" (b) synthetic |" if "synthetic" in arms else "")
-            + " (c) real + synthetic | (c) vs (a) |",
+            "| task | metric | " + " | ".join(columns[name] for name in arms) + " | (c) vs (a) |",
             "|---|---|" + "---:|" * (len(arms) + 1),
         ]
         for task, metric, key in (
