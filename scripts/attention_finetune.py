@@ -12,6 +12,9 @@ the new one is refused by ``warm_components``). Retraining from scratch with att
   the shipped one exactly (checked below), and training decides what the new layers add;
 * **control**: the shipped UNet as it is, trained the same steps with the same draws.
 
+On the model shipped since 2026-12-07 (attention at 16x16 from the start) only ``--arms control``
+applies: one more cycle of the shipped design, the compute lever on its own.
+
 Both go on from the shipped EMA weights for ``--steps`` steps (one cosine, peak ``--lr``,
 fresh AdamW, the pretraining loss and pool, draws seeded by ``--seed``), and each snapshot
 is read by the inspector on prompts and image seeds of this script's own range
@@ -206,7 +209,10 @@ def main() -> None:
 
     def arm_of(arm: str) -> Params:
         kw = {"steps": args.steps, "lr": args.lr, "seed": args.seed, "work": Path(args.work) / arm}
-        return arm_params(params, attention=arm == "attention", **kw)
+        # control keeps the design of the model gone on from (params' setting): on the shipped
+        # model, attention at 16x16 already, so its control is a plain further cycle of it
+        attention = arm == "attention" or params.pretrain.full_res_attention
+        return arm_params(params, attention=attention, **kw)
 
     if args.probe_only:
         result = json.loads(Path(args.out).read_text())
