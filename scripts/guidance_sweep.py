@@ -8,6 +8,7 @@ unbiased reading of whatever setting is chosen. The inspector reads the images, 
 audit does; nothing here changes what the factory generates.
 
     python scripts/guidance_sweep.py --num 300 --out metrics/guidance_sweep.json
+    python scripts/guidance_sweep.py --settings 3x10,5x10,3x8,3x6 --out metrics/guidance_sweep_shipped.json
 """
 
 from __future__ import annotations
@@ -26,18 +27,33 @@ SWEEP_SEED = 7_000_000
 SETTINGS = ((3.0, 10), (5.0, 10), (7.5, 10), (10.0, 10), (5.0, 20))  # (guidance scale, DDIM steps)
 
 
+def parse_setting(item: str) -> tuple[float, int]:
+    """``"3x10"`` -> (3.0, 10); a malformed item stops with one line naming it."""
+    try:
+        guidance, steps = item.strip().split("x")
+        return float(guidance), int(steps)
+    except ValueError:
+        raise SystemExit(f"error: --settings: {item!r} is not GUIDANCExSTEPS, e.g. 3x10") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--num", type=int, default=300, help="prompts per group (one object, two objects)")
     parser.add_argument("--out", default="metrics/guidance_sweep.json")
+    parser.add_argument(
+        "--settings",
+        default=",".join(f"{g:g}x{n}" for g, n in SETTINGS),
+        help="comma-separated GUIDANCExSTEPS pairs, e.g. 3x10,3x8,3x6",
+    )
     args = parser.parse_args()
+    settings = [parse_setting(item) for item in args.settings.split(",")]
 
     params = load_params(args.params)
     backbone = stages.load_backbone(params)
     inspector = Inspector.load(params.inspect.model)
     rows = []
-    for guidance, steps in SETTINGS:
+    for guidance, steps in settings:
         setting = dataclasses.replace(params.backbone, guidance_scale=guidance, steps=steps)
         row: dict = {"guidance_scale": guidance, "steps": steps}
         start = time.perf_counter()
@@ -55,7 +71,8 @@ def main() -> None:
         row["seconds"] = round(time.perf_counter() - start, 1)
         print(row, flush=True)
         rows.append(row)
-    write_json(args.out, {"num_per_group": args.num, "seed": SWEEP_SEED, "settings": rows})
+    result = {"num_per_group": args.num, "seed": SWEEP_SEED, "model": params.backbone.model, "settings": rows}
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
