@@ -41,7 +41,6 @@ from datasetdm.evaluate.backbone import (
     fidelity_grid,
     fidelity_layouts,
     generate_layouts,
-    prompt_fidelity,
     to_uint8,
 )
 from datasetdm.evaluate.inspector import Inspector
@@ -74,9 +73,8 @@ def error_kind(reading: Counter, layout: Layout, pieces: int) -> str:
     return "fewer" if read < asked else "other"
 
 
-def colour_pieces(inspector: Inspector, image: np.ndarray) -> int:
+def colour_pieces(inspector: Inspector, image: np.ndarray, labels: np.ndarray) -> int:
     """Pieces of one palette colour the inspector counts as objects, its shape classes ignored (all one class)."""
-    labels = inspector.segment(image[None])[0]
     return sum(inspector.read_objects(image, (labels > 0).astype(labels.dtype)).values())
 
 
@@ -115,16 +113,16 @@ def main() -> None:
     generated = generate_layouts(backbone, layouts, seed=EVAL_SEED + 20_000, params=params)
     world = dataclasses.replace(params.world, classes=inspector.classes)
     rendered = np.stack([render_scene(world, EVAL_SEED + i, layout=lay).image for i, lay in enumerate(layouts)])
-    with torch.no_grad():
-        codec = to_uint8(backbone.autoencode(images_tensor(rendered)), params.world.image_size)
-    # 2. the inspector's reading of each, classed
+    codec = to_uint8(backbone.autoencode(images_tensor(rendered)), params.world.image_size)
+    # 2. the inspector's reading of each (one segmentation serves both readings), classed
     verdicts, readings_of = {}, {}
     for source, images in (("generated", generated), ("rendered", rendered), ("codec", codec)):
-        score, _, readings = prompt_fidelity(inspector, images, layouts)
-        pieces = [colour_pieces(inspector, img) for img in images]
+        labels = inspector.segment(images)
+        readings = [inspector.read_objects(img, lab) for img, lab in zip(images, labels)]
+        pieces = [colour_pieces(inspector, img, lab) for img, lab in zip(images, labels)]
         verdicts[source] = [error_kind(r, lay, n) for r, lay, n in zip(readings, layouts, pieces)]
         readings_of[source] = readings
-        logger.info("%s: %.3f", source, score)
+        logger.info("%s: %.3f", source, verdicts[source].count("ok") / len(layouts))
     result = {"eval_seed": EVAL_SEED, "num": args.num, "model": str(args.model or params.backbone.model)}
     result["by_pair"] = summarise(layouts, verdicts)
     write_json(args.out, result)
